@@ -1,0 +1,3 @@
+from vergeai.cli import main
+
+main()

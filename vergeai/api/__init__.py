@@ -1,0 +1,1 @@
+"""The HTTP API: Starlette routes, request parsing and response shapes."""

@@ -1,0 +1,112 @@
+"""create_app: the Starlette application, with no module-level state."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from vergeai.api.chat import chat_completions
+from vergeai.api.http import error_response
+from vergeai.api.models import get_model, list_models
+from vergeai.api.ops import health
+from vergeai.errors import InvalidRequest, ModelNotFound, VergeError
+from vergeai.service import Service
+
+access_log = logging.getLogger("vergeai.access")
+log = logging.getLogger("vergeai.app")
+
+
+async def on_verge_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, VergeError)
+    return error_response(exc)
+
+
+async def on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        err: VergeError = ModelNotFound(f"no route for {request.url.path}")
+        err.code = "not_found"
+        err.message = f"Not Found: {request.method} {request.url.path}"
+    else:
+        err = InvalidRequest(str(exc.detail))
+        err.status = exc.status_code
+    return error_response(err)
+
+
+async def on_unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    err = VergeError("internal error; see the server log")
+    return error_response(err)
+
+
+class AccessLog:
+    """One line per request; never the Authorization header."""
+
+    def __init__(self, app: ASGIApp, service: Service) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+        counters = self.service.counters
+        counters.in_flight += 1
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            counters.in_flight -= 1
+            counters.requests += 1
+            if status >= 500:
+                counters.errors += 1
+            info: dict[str, Any] = scope.get("state", {})
+            usage = info.get("usage") or {}
+            access_log.info(
+                "%s %s %d assistant=%s user=%s prompt_tokens=%s completion_tokens=%s %.1fms",
+                scope["method"],
+                scope["path"],
+                status,
+                info.get("assistant", "-"),
+                info.get("user", "-"),
+                usage.get("prompt_tokens", "-"),
+                usage.get("completion_tokens", "-"),
+                (time.perf_counter() - start) * 1000.0,
+            )
+
+
+def create_app(service: Service) -> Starlette:
+    routes = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{name:path}", get_model, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(AccessLog, service=service)],
+        exception_handlers={
+            VergeError: on_verge_error,
+            HTTPException: on_http_error,
+            Exception: on_unexpected,
+        },
+    )
+    app.state.service = service
+    return app

@@ -1,0 +1,81 @@
+"""HTTP plumbing shared by the routes: bounded JSON bodies, errors, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from vergeai.errors import BodyTooLarge, InvalidRequest, VergeError, error_body
+
+MAX_BODY = 1024 * 1024
+
+
+def error_response(err: VergeError) -> JSONResponse:
+    return JSONResponse(error_body(err), status_code=err.status, headers=err.headers)
+
+
+async def read_json(request: Request, limit: int = MAX_BODY) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"the request body is over the limit of {limit} bytes")
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise BodyTooLarge(f"the request body is over the limit of {limit} bytes")
+    except ClientDisconnect:
+        raise InvalidRequest("the client went away before sending the whole body") from None
+    if not body:
+        raise InvalidRequest("the request body is empty; expected a JSON object")
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns once the client has gone; for use after the body was read."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that stop as soon as the client disconnects.
+
+    Starlette trusts the server to raise on send after a disconnect for
+    ASGI 2.4; we always race the stream against ``http.disconnect`` so a
+    gone client cancels its generation at once.
+    """
+
+    def __init__(self, content: Any, headers: dict[str, str] | None = None) -> None:
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})},
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        stream = asyncio.ensure_future(self.stream_response(send))
+        gone = asyncio.ensure_future(self.listen_for_disconnect(receive))
+        try:
+            await asyncio.wait({stream, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (stream, gone):
+                task.cancel()
+            await asyncio.gather(stream, gone, return_exceptions=True)
+        if stream.done() and not stream.cancelled() and (exc := stream.exception()):
+            if not isinstance(exc, OSError):
+                raise exc
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()

@@ -1,0 +1,44 @@
+"""GET /v1/models and GET /v1/models/{name}."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from vergeai.auth import check_assistant
+from vergeai.service import Service
+from vergeai.state.records import Assistant
+
+
+def model_entry(service: Service, assistant: Assistant) -> dict[str, Any]:
+    return {
+        "id": assistant.name,
+        "object": "model",
+        "created": int(assistant.created.timestamp()),
+        "owned_by": "vergeai",
+        "model": assistant.display_model,
+        "status": service.pool.status(assistant),
+    }
+
+
+async def list_models(request: Request) -> JSONResponse:
+    service: Service = request.app.state.service
+    caller = service.keys.authenticate(request.headers.get("authorization"))
+    request.state.user = caller.user.name
+    data = [
+        model_entry(service, a)
+        for name, a in sorted(service.state.assistants.items())
+        if caller.user.may_use(name)
+    ]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def get_model(request: Request) -> JSONResponse:
+    service: Service = request.app.state.service
+    caller = service.keys.authenticate(request.headers.get("authorization"))
+    request.state.user = caller.user.name
+    name = request.path_params["name"]
+    check_assistant(caller, name, service.state)
+    return JSONResponse(model_entry(service, service.state.assistants[name]))

@@ -1,0 +1,186 @@
+"""Chat completion requests: JSON body to a checked dataclass, or a 400 naming the field."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from vergeai.errors import InvalidRequest, Unsupported
+
+ROLES = ("system", "user", "assistant", "developer")
+MAX_STOPS = 16
+MAX_STOP_LENGTH = 1024
+MAX_LOGIT_BIAS = 1024
+SESSION_ID_MAX = 128
+
+
+@dataclass
+class ChatRequest:
+    model: str
+    messages: list[dict[str, str]]
+    stream: bool = False
+    include_usage: bool = False
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+
+def _bad(param: str, message: str) -> InvalidRequest:
+    return InvalidRequest(f"'{param}': {message}", param=param)
+
+
+def _number(body: dict[str, Any], name: str, lo: float, hi: float) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _bad(name, "must be a number")
+    if not lo <= value <= hi:
+        raise _bad(name, f"must be between {lo:g} and {hi:g}")
+    return float(value)
+
+
+def _integer(body: dict[str, Any], name: str, lo: int, hi: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(name, "must be an integer")
+    if not lo <= value <= hi:
+        raise _bad(name, f"must be between {lo} and {hi}")
+    return value
+
+
+def _content(value: Any, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        parts = []
+        for j, part in enumerate(value):
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise Unsupported(
+                    f"'{where}[{j}]': only text content parts are supported", param=where
+                )
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise _bad(f"{where}[{j}].text", "must be a string")
+            parts.append(text)
+        return "\n".join(parts)
+    raise _bad(where, "must be a string or a list of text parts")
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise _bad("messages", "must be a non-empty array of messages")
+    out = []
+    for i, message in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _bad(where, "must be an object with 'role' and 'content'")
+        role = message.get("role")
+        if role not in ROLES:
+            raise _bad(f"{where}.role", f"must be one of system, user, assistant (got {role!r})")
+        if message.get("tool_calls") or role == "tool":
+            raise Unsupported("tool calls are not supported yet", param=where)
+        content = message.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        out.append({"role": "system" if role == "developer" else role, "content": _content(
+            content, f"{where}.content"
+        )})
+    return out
+
+
+def _stop(value: Any) -> list[str]:
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise _bad("stop", "must be a string or an array of strings")
+    if len(stops) > MAX_STOPS:
+        raise _bad("stop", f"at most {MAX_STOPS} stop sequences")
+    if any(len(s) > MAX_STOP_LENGTH for s in stops):
+        raise _bad("stop", f"each stop sequence is at most {MAX_STOP_LENGTH} characters")
+    return [s for s in stops if s]
+
+
+def _logit_bias(value: Any) -> dict[int, float]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _bad("logit_bias", "must be an object mapping token ids to biases")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise _bad("logit_bias", f"at most {MAX_LOGIT_BIAS} entries")
+    out = {}
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise _bad("logit_bias", f"key {key!r} is not a token id") from None
+        if token < 0:
+            raise _bad("logit_bias", f"key {key!r} is not a token id")
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+            raise _bad("logit_bias", f"bias for {key!r} must be a number from -100 to 100")
+        out[token] = float(bias)
+    return out
+
+
+def _check_unsupported(body: dict[str, Any]) -> None:
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise Unsupported("'n' other than 1 is not supported yet", param="n")
+    if body.get("tools") or body.get("functions"):
+        raise Unsupported("'tools' are not supported yet", param="tools")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise Unsupported(
+            "'response_format' other than {\"type\": \"text\"} is not supported yet",
+            param="response_format",
+        )
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise Unsupported("'logprobs' is not supported yet", param="logprobs")
+
+
+def parse_chat_request(body: Any) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _bad("model", "must name an assistant")
+    _check_unsupported(body)
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise _bad("stream", "must be a boolean")
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not isinstance(options, dict):
+            raise _bad("stream_options", "must be an object")
+        include_usage = options.get("include_usage", False)
+        if not isinstance(include_usage, bool):
+            raise _bad("stream_options.include_usage", "must be a boolean")
+    max_tokens = _integer(body, "max_completion_tokens", 1, 1_000_000)
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_tokens", 1, 1_000_000)
+    return ChatRequest(
+        model=model,
+        messages=_messages(body.get("messages")),
+        stream=stream,
+        include_usage=include_usage,
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 0.0, 2.0),
+        top_p=_number(body, "top_p", 0.0, 1.0),
+        stop=_stop(body.get("stop")),
+        seed=_integer(body, "seed", -(2**63), 2**64 - 1),
+        presence_penalty=_number(body, "presence_penalty", -2.0, 2.0) or 0.0,
+        frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0) or 0.0,
+        logit_bias=_logit_bias(body.get("logit_bias")),
+    )

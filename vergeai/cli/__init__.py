@@ -1,0 +1,39 @@
+"""The vergeai command: one Typer app, one module per command group."""
+
+from __future__ import annotations
+
+import typer
+
+from vergeai import __version__
+from vergeai.cli import assistant, key, serve, user
+
+app = typer.Typer(
+    name="vergeai",
+    help="Self-hosted, OpenAI-compatible API for local GGUF models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+app.add_typer(user.app, name="user")
+app.add_typer(key.app, name="key")
+app.add_typer(assistant.app, name="assistant")
+app.command("serve")(serve.serve)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version."
+    ),
+) -> None:
+    """Self-hosted, OpenAI-compatible API for local GGUF models."""
+
+
+def main() -> None:
+    app()

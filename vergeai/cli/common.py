@@ -1,0 +1,102 @@
+"""What every CLI command shares: the state-dir option, output, errors, exit codes.
+
+Exit codes: 0 ok, 1 failure, 2 usage error (Typer's own), 3 daemon not running.
+Data goes to stdout, talk to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vergeai.errors import VergeError
+from vergeai.state.records import RecordError
+from vergeai.state.store import Store, default_state_dir
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+StateDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--state-dir",
+        help="State directory [default: $VERGEAI_HOME, else $XDG_DATA_HOME/vergeai].",
+        show_default=False,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+YesOption = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+
+
+def store_for(state_dir: Path | None) -> Store:
+    return Store(state_dir if state_dir is not None else default_state_dir())
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"error: {message}", markup=False)
+    raise typer.Exit(code)
+
+
+def say(message: str) -> None:
+    err.print(message, markup=False)
+
+
+@contextmanager
+def failures() -> Iterator[None]:
+    """Turn our errors into a message on stderr and exit code 1."""
+    try:
+        yield
+    except VergeError as exc:
+        fail(exc.message)
+    except RecordError as exc:
+        fail(str(exc))
+
+
+def confirm(question: str, yes: bool) -> None:
+    if yes:
+        return
+    try:
+        ok = typer.confirm(question, default=False, err=True)
+    except typer.Abort:
+        ok = False
+    if not ok:
+        fail("aborted (pass --yes to skip this question)")
+
+
+def print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"cannot serialize {type(value).__name__}")
+
+
+def print_table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> None:
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*(fmt(v) for v in row))
+    out.print(table)
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.astimezone().strftime("%Y-%m-%d %H:%M")
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)

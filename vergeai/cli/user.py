@@ -1,0 +1,122 @@
+"""vergeai user …"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from vergeai.cli.common import (
+    JsonOption,
+    StateDirOption,
+    YesOption,
+    confirm,
+    fail,
+    failures,
+    print_json,
+    print_table,
+    say,
+    store_for,
+)
+from vergeai.state.records import ROLES, User, check_name, now
+
+app = typer.Typer(help="Manage users: who may call which assistants.", no_args_is_help=True)
+
+
+def parse_assistants(value: str) -> list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise typer.BadParameter("give assistant names separated by commas, or '*'")
+    for name in names:
+        if name != "*":
+            try:
+                check_name(name)
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc)) from None
+    return ["*"] if "*" in names else names
+
+
+@app.command("create")
+def create(
+    name: Annotated[str, typer.Argument(help="User name.")],
+    role: Annotated[str, typer.Option(help="admin or user.")] = "user",
+    assistants: Annotated[
+        str, typer.Option(help="Assistants this user may call: a,b or '*' for all.")
+    ] = "*",
+    state_dir: StateDirOption = None,
+) -> None:
+    """Create a user."""
+    if role not in ROLES:
+        raise typer.BadParameter(f"must be one of {', '.join(ROLES)}", param_hint="--role")
+    allowed = parse_assistants(assistants)
+    with failures():
+        user = User(name=check_name(name), role=role, assistants=allowed).validate()
+        with store_for(state_dir).transaction() as state:
+            if name in state.users:
+                fail(f"user {name!r} already exists")
+            state.users[name] = user
+    say(f"created user {name} (role {role}, assistants {','.join(allowed)})")
+
+
+@app.command("list")
+def list_users(json_: JsonOption = False, state_dir: StateDirOption = None) -> None:
+    """List users."""
+    with failures():
+        state = store_for(state_dir).load()
+    rows = [
+        {
+            "name": u.name,
+            "role": u.role,
+            "enabled": u.enabled,
+            "assistants": u.assistants,
+            "keys": sum(1 for k in state.keys_of(u.name) if k.status() == "active"),
+            "created": u.created,
+        }
+        for u in sorted(state.users.values(), key=lambda u: u.name)
+    ]
+    if json_:
+        print_json(rows)
+        return
+    columns = ["name", "role", "enabled", "assistants", "keys", "created"]
+    print_table("users", columns, ([r[c] for c in columns] for r in rows))
+
+
+def _set_enabled(name: str, enabled: bool, state_dir: StateDirOption) -> None:
+    with failures(), store_for(state_dir).transaction() as state:
+        user = state.users.get(name)
+        if user is None:
+            fail(f"no user named {name!r}")
+        user.enabled = enabled
+    say(f"user {name} {'enabled' if enabled else 'disabled'}")
+
+
+@app.command("disable")
+def disable(name: str, state_dir: StateDirOption = None) -> None:
+    """Disable a user: its keys are refused until it is enabled again."""
+    _set_enabled(name, False, state_dir)
+
+
+@app.command("enable")
+def enable(name: str, state_dir: StateDirOption = None) -> None:
+    """Enable a disabled user."""
+    _set_enabled(name, True, state_dir)
+
+
+@app.command("delete")
+def delete(name: str, yes: YesOption = False, state_dir: StateDirOption = None) -> None:
+    """Delete a user and revoke its keys."""
+    store = store_for(state_dir)
+    with failures():
+        if name not in store.load().users:
+            fail(f"no user named {name!r}")
+    confirm(f"Delete user {name} and revoke its keys?", yes)
+    with failures(), store.transaction() as state:
+        if name not in state.users:
+            fail(f"no user named {name!r}")
+        del state.users[name]
+        revoked = 0
+        for key in state.keys_of(name):
+            if key.revoked is None:
+                key.revoked = now()
+                revoked += 1
+    say(f"deleted user {name}; revoked {revoked} key(s)")

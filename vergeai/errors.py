@@ -1,0 +1,114 @@
+"""One exception hierarchy for the API and the CLI.
+
+Each class carries the HTTP status and the OpenAI error ``type``/``code``;
+:func:`error_body` renders any of them to the OpenAI error shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class VergeError(Exception):
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+        self.extra = extra or {}
+
+
+class StateError(VergeError):
+    """The state directory holds something we cannot read or may not write."""
+
+    status = 500
+    type = "server_error"
+    code = "state_error"
+
+
+class NotFound(VergeError):
+    """A CLI lookup (user, key, assistant) that found nothing."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class Conflict(VergeError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class InvalidRequest(VergeError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request_error"
+
+
+class Unsupported(InvalidRequest):
+    code = "unsupported_parameter"
+
+
+class ContextOverflow(InvalidRequest):
+    type = "exceed_context_size_error"
+    code = "exceed_context_size_error"
+
+
+class AuthenticationError(VergeError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+    def __init__(self) -> None:
+        super().__init__("Login Required")
+
+
+class PermissionDenied(VergeError):
+    status = 403
+    type = "permission_error"
+    code = "model_not_allowed"
+
+
+class ModelNotFound(VergeError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class BodyTooLarge(VergeError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class Unavailable(VergeError):
+    status = 503
+    type = "unavailable_error"
+    code = "model_unavailable"
+
+
+class QueueFull(Unavailable):
+    code = "queue_full"
+
+
+def error_body(err: VergeError) -> dict[str, Any]:
+    inner: dict[str, Any] = {
+        "message": err.message,
+        "type": err.type,
+        "param": err.param,
+        "code": err.code,
+    }
+    inner.update(err.extra)
+    return {"error": inner}

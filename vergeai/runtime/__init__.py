@@ -1,0 +1,1 @@
+"""Model workers: the only package that imports llama_cpp."""

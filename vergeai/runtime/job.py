@@ -1,0 +1,87 @@
+"""A generation request as the worker thread sees it, and what it reports back."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from vergeai.runtime.llama import Sampling
+
+
+@dataclass
+class Delta:
+    text: str
+
+
+@dataclass
+class Finished:
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    timings: dict[str, float | int]
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+Event = Delta | Finished | Failed
+
+
+@dataclass
+class Job:
+    tokens: list[int]
+    sampling: Sampling
+    max_tokens: int
+    stop: list[str]
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # filled in by the worker thread
+    cache_n: int = 0
+    n_generated: int = 0
+    t_start: float = 0.0
+    t_first: float = 0.0
+    first_sent: bool = False
+
+    def emit(self, event: Event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the loop is gone: nobody is listening any more
+            self.cancelled.set()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    async def events(self) -> AsyncIterator[Event]:
+        while True:
+            event = await self.queue.get()
+            yield event
+            if not isinstance(event, Delta):
+                return
+
+    def timings(self) -> dict[str, Any]:
+        end = time.perf_counter()
+        prompt_n = len(self.tokens) - self.cache_n
+        prompt_ms = (self.t_first - self.t_start) * 1000.0
+        predicted_ms = (end - self.t_first) * 1000.0
+        return {
+            "cache_n": self.cache_n,
+            "prompt_n": prompt_n,
+            "prompt_ms": prompt_ms,
+            "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
+            "prompt_per_second": prompt_n * 1000.0 / prompt_ms if prompt_ms > 0 else 0.0,
+            "predicted_n": self.n_generated,
+            "predicted_ms": predicted_ms,
+            "predicted_per_token_ms": (
+                predicted_ms / self.n_generated if self.n_generated else 0.0
+            ),
+            "predicted_per_second": (
+                self.n_generated * 1000.0 / predicted_ms if predicted_ms > 0 else 0.0
+            ),
+        }

@@ -1,0 +1,228 @@
+"""Thin, typed wrappers over llama.cpp's C API (llama-cpp-python's low-level bindings).
+
+Models are shared: two assistants on the same GGUF file (and GPU layer
+count) use one loaded copy of its memory-mapped weights.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import llama_cpp
+from llama_cpp import _logger as llama_logger
+
+from vergeai.errors import VergeError
+
+DEFAULT_SEED = 0xFFFFFFFF
+_backend_ready = False
+_backend_lock = threading.Lock()
+
+
+class LoadError(VergeError):
+    pass
+
+
+def init_backend(verbose: bool = False) -> None:
+    global _backend_ready
+    with _backend_lock:
+        llama_logger.set_verbose(verbose)
+        if not _backend_ready:
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+
+
+class Model:
+    """One loaded GGUF: weights, vocabulary and metadata."""
+
+    def __init__(self, path: str, gpu_layers: int) -> None:
+        init_backend()
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = 0x7FFFFFFF if gpu_layers < 0 else gpu_layers
+        params.use_mmap = True
+        ptr = llama_cpp.llama_model_load_from_file(os.fsencode(path), params)
+        if not ptr:
+            raise LoadError(f"llama.cpp could not load {path}")
+        self.path = path
+        self.ptr = ptr
+        self.vocab = llama_cpp.llama_model_get_vocab(ptr)
+        self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.size_bytes: int = llama_cpp.llama_model_size(ptr)
+        self.add_bos: bool = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self.bos: int = llama_cpp.llama_vocab_bos(self.vocab)
+        self.eos: int = llama_cpp.llama_vocab_eos(self.vocab)
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    def chat_template(self) -> str | None:
+        raw = llama_cpp.llama_model_chat_template(self.ptr, None)
+        return raw.decode("utf-8", "replace") if raw else None
+
+    def token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        raw = llama_cpp.llama_vocab_get_text(self.vocab, token)
+        return raw.decode("utf-8", "replace") if raw else ""
+
+    def tokenize(self, text: str) -> list[int]:
+        """Tokenize a rendered prompt (special tokens parsed, BOS added once)."""
+        data = text.encode("utf-8", "replace")
+        size = len(data) + 8
+        buf = (llama_cpp.llama_token * size)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, size, False, True)
+        if n < 0:
+            size = -n
+            buf = (llama_cpp.llama_token * size)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, size, False, True)
+        tokens = list(buf[:n])
+        if self.add_bos and self.bos >= 0 and (not tokens or tokens[0] != self.bos):
+            tokens.insert(0, self.bos)
+        return tokens
+
+    def piece(self, token: int) -> bytes:
+        buf = self._piece_buf
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def free(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_model_free(self.ptr)
+            self.ptr = None
+
+
+class _SharedModels:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._models: dict[tuple[str, int], tuple[Model, int]] = {}
+
+    def acquire(self, path: str, gpu_layers: int) -> Model:
+        key = (os.path.realpath(path), gpu_layers)
+        with self._lock:
+            if key in self._models:
+                model, refs = self._models[key]
+                self._models[key] = (model, refs + 1)
+                return model
+            model = Model(path, gpu_layers)
+            self._models[key] = (model, 1)
+            return model
+
+    def release(self, model: Model) -> None:
+        key = next((k for k, (m, _) in self._models.items() if m is model), None)
+        with self._lock:
+            if key is None:
+                return
+            _, refs = self._models[key]
+            if refs > 1:
+                self._models[key] = (model, refs - 1)
+            else:
+                del self._models[key]
+                model.free()
+
+
+shared_models = _SharedModels()
+
+
+@dataclass
+class Sampling:
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    seed: int | None
+    presence_penalty: float
+    frequency_penalty: float
+    logit_bias: dict[int, float]
+
+
+def build_sampler(model: Model, s: Sampling) -> Any:
+    """A native sampler chain in llama-server's order."""
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    add = llama_cpp.llama_sampler_chain_add
+    if s.logit_bias:
+        arr = (llama_cpp.llama_logit_bias * len(s.logit_bias))()
+        for i, (token, bias) in enumerate(s.logit_bias.items()):
+            arr[i].token = token
+            arr[i].bias = bias
+        add(chain, llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, len(arr), arr))
+    if s.presence_penalty or s.frequency_penalty:
+        add(
+            chain,
+            llama_cpp.llama_sampler_init_penalties(
+                64, 1.0, s.frequency_penalty, s.presence_penalty
+            ),
+        )
+    if s.temperature <= 0.0:
+        add(chain, llama_cpp.llama_sampler_init_greedy())
+        return chain
+    if s.top_k > 0:
+        add(chain, llama_cpp.llama_sampler_init_top_k(s.top_k))
+    if s.top_p < 1.0:
+        add(chain, llama_cpp.llama_sampler_init_top_p(s.top_p, 1))
+    if s.min_p > 0.0:
+        add(chain, llama_cpp.llama_sampler_init_min_p(s.min_p, 1))
+    add(chain, llama_cpp.llama_sampler_init_temp(s.temperature))
+    add(chain, llama_cpp.llama_sampler_init_dist(DEFAULT_SEED if s.seed is None else s.seed))
+    return chain
+
+
+def free_sampler(chain: Any) -> None:
+    llama_cpp.llama_sampler_free(chain)
+
+
+class Context:
+    """One llama.cpp context holding ``n_seq`` sequences of ``n_ctx_seq`` tokens each."""
+
+    def __init__(self, model: Model, n_ctx_seq: int, n_seq: int, threads: int | None) -> None:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx_seq * n_seq
+        params.n_batch = 512
+        params.n_ubatch = 512
+        params.n_seq_max = n_seq
+        n_threads = threads or os.cpu_count() or 1
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads
+        params.swa_full = True  # lets any prefix of a sequence be kept and reused
+        params.kv_unified = False
+        params.no_perf = True
+        ptr = llama_cpp.llama_init_from_model(model.ptr, params)
+        if not ptr:
+            raise LoadError("llama.cpp could not create a context (out of memory?)")
+        self.ptr = ptr
+        self.model = model
+        self.n_seq = n_seq
+        self.n_ctx_seq = llama_cpp.llama_n_ctx(ptr) // n_seq
+        self.n_batch = 512
+        self.memory = llama_cpp.llama_get_memory(ptr)
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, n_seq)
+
+    def clear_from(self, seq: int, pos: int) -> bool:
+        return bool(llama_cpp.llama_memory_seq_rm(self.memory, seq, pos, -1))
+
+    def decode(self, entries: list[tuple[int, int, int, bool]]) -> int:
+        """entries: (token, pos, seq, wants_logits). Returns llama_decode's status."""
+        b = self.batch
+        for i, (token, pos, seq, logits) in enumerate(entries):
+            b.token[i] = token
+            b.pos[i] = pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = logits
+        b.n_tokens = len(entries)
+        return int(llama_cpp.llama_decode(self.ptr, b))
+
+    def sample(self, sampler: Any, index: int) -> int:
+        return int(llama_cpp.llama_sampler_sample(sampler, self.ptr, index))
+
+    def free(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_batch_free(self.batch)
+            llama_cpp.llama_free(self.ptr)
+            self.ptr = None

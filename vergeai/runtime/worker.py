@@ -1,0 +1,326 @@
+"""One online assistant: a llama.cpp context with N slots, decoded by one thread.
+
+The thread is the context's only user. Requests wait in a bounded FIFO
+queue; each step it moves waiting jobs into free slots (the slot whose
+cached tokens share the longest prefix with the prompt), then decodes one
+batch holding every active slot's next tokens (continuous batching), and
+samples each slot with its own native sampler chain.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from vergeai.errors import ContextOverflow, QueueFull, Unavailable
+from vergeai.runtime.job import Delta, Failed, Finished, Job
+from vergeai.runtime.llama import (
+    Context,
+    LoadError,
+    Model,
+    build_sampler,
+    free_sampler,
+    shared_models,
+)
+from vergeai.runtime.prompt import ChatTemplate, Message
+from vergeai.runtime.stops import StopMatcher
+from vergeai.runtime.templates import BUILTIN
+from vergeai.state.records import Assistant
+
+log = logging.getLogger("vergeai.worker")
+
+
+@dataclass
+class Slot:
+    seq: int
+    tokens: list[int] = field(default_factory=list)  # what the KV cache holds
+    job: Job | None = None
+    pending: list[int] = field(default_factory=list)  # still to decode
+    sampler: Any = None
+    decoder: Any = None
+    stops: StopMatcher | None = None
+    last_used: float = 0.0
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Worker:
+    def __init__(self, assistant: Assistant) -> None:
+        self.assistant = assistant
+        self.name = assistant.name
+        self.status = "loading"
+        self.error: str | None = None
+        self.model: Model | None = None
+        self.ctx: Context | None = None
+        self.template: ChatTemplate | None = None
+        self.slots: list[Slot] = []
+        self.waiting: deque[Job] = deque()
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.requests_served = 0
+        self.tokens_generated = 0
+        self.started_at = time.time()
+        self.load_seconds = 0.0
+        self.thread = threading.Thread(target=self._run, name=f"worker-{self.name}", daemon=True)
+
+    # lifecycle
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Refuse new work, fail queued jobs, let active ones finish, then free."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+
+    def join(self, timeout: float | None = None) -> None:
+        self.thread.join(timeout)
+
+    @property
+    def busy(self) -> int:
+        return sum(1 for s in self.slots if s.job is not None)
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def n_ctx(self) -> int:
+        return self.ctx.n_ctx_seq if self.ctx else self.assistant.ctx
+
+    # called from the event loop
+
+    def check_prompt(self, tokens: list[int]) -> None:
+        if len(tokens) >= self.n_ctx:
+            raise ContextOverflow(
+                f"the request has {len(tokens)} prompt tokens, more than the assistant's "
+                f"context of {self.n_ctx} tokens allows",
+                param="messages",
+                extra={"n_prompt_tokens": len(tokens), "n_ctx": self.n_ctx},
+            )
+
+    def prompt_tokens(self, messages: list[Message], enable_thinking: bool | None) -> list[int]:
+        assert self.template is not None and self.model is not None
+        return self.model.tokenize(self.template.render(messages, enable_thinking=enable_thinking))
+
+    def submit(self, job: Job) -> None:
+        with self.cond:
+            if self.stopping or self.status != "online":
+                raise Unavailable(f"assistant {self.name!r} is going offline")
+            free = sum(1 for s in self.slots if s.job is None)
+            if len(self.waiting) >= self.assistant.max_queue + free:
+                raise QueueFull(
+                    f"assistant {self.name!r} has {len(self.waiting)} requests waiting; "
+                    "try again shortly",
+                    headers={"Retry-After": "1"},
+                )
+            self.waiting.append(job)
+            self.cond.notify_all()
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    # the worker thread
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            a = self.assistant
+            self.model = shared_models.acquire(a.model, a.gpu_layers)
+            self.template = self._template(self.model)
+            self.ctx = Context(self.model, a.ctx, a.parallel, a.threads)
+            self.slots = [Slot(seq=i) for i in range(a.parallel)]
+        except Exception as exc:  # llama.cpp reports load failures many ways
+            self.error = str(exc) or type(exc).__name__
+            self.status = "error"
+            log.error("assistant %s failed to load: %s", self.name, self.error)
+            self._release()
+            return
+        self.load_seconds = time.perf_counter() - t0
+        self.status = "online"
+        log.info("assistant %s online in %.2fs", self.name, self.load_seconds)
+        try:
+            while self._step():
+                pass
+        except Exception as exc:
+            log.exception("assistant %s worker crashed", self.name)
+            self.error = f"worker crashed: {exc}"
+            self.status = "error"
+            for slot in self.slots:
+                if slot.job:
+                    slot.job.emit(Failed(self.error))
+        finally:
+            with self.cond:
+                for job in self.waiting:
+                    job.emit(Failed(f"assistant {self.name!r} went offline"))
+                self.waiting.clear()
+            if self.status != "error":
+                self.status = "offline"
+            self._release()
+
+    def _template(self, model: Model) -> ChatTemplate:
+        """The assistant's --chat-format if set, else the GGUF's own template."""
+        a = self.assistant
+        source = BUILTIN.get(a.chat_format) if a.chat_format else model.chat_template()
+        if source is None:
+            if a.chat_format:
+                raise LoadError(f"unknown chat format {a.chat_format!r}")
+            raise LoadError(
+                "the GGUF has no chat template; set one with "
+                f"'vergeai assistant edit {a.name} --chat-format NAME'"
+            )
+        return ChatTemplate(source, model.token_text(model.bos), model.token_text(model.eos))
+
+    def _release(self) -> None:
+        for slot in self.slots:
+            if slot.sampler is not None:
+                free_sampler(slot.sampler)
+                slot.sampler = None
+        if self.ctx is not None:
+            self.ctx.free()
+            self.ctx = None
+        if self.model is not None:
+            shared_models.release(self.model)
+            self.model = None
+
+    def _step(self) -> bool:
+        with self.cond:
+            while True:
+                for slot in self.slots:
+                    if slot.job is not None and slot.job.cancelled.is_set():
+                        self._finish(slot, None)
+                if self.stopping:
+                    for job in self.waiting:
+                        job.emit(Failed(f"assistant {self.name!r} went offline"))
+                    self.waiting.clear()
+                self._admit()
+                if any(s.job is not None for s in self.slots):
+                    break
+                if self.stopping:
+                    return False
+                self.cond.wait()
+        self._decode_step()
+        return True
+
+    def _admit(self) -> None:
+        while self.waiting:
+            free = [s for s in self.slots if s.job is None]
+            if not free:
+                return
+            job = self.waiting.popleft()
+            if job.cancelled.is_set():
+                continue
+            slot = max(free, key=lambda s: (common_prefix(s.tokens, job.tokens), -s.last_used))
+            self._start(slot, job)
+
+    def _start(self, slot: Slot, job: Job) -> None:
+        assert self.ctx is not None and self.model is not None
+        keep = min(common_prefix(slot.tokens, job.tokens), len(job.tokens) - 1)
+        if keep < len(slot.tokens) and not self.ctx.clear_from(slot.seq, keep):
+            self.ctx.clear_from(slot.seq, 0)
+            keep = 0
+        del slot.tokens[keep:]
+        slot.pending = job.tokens[keep:]
+        slot.job = job
+        slot.sampler = build_sampler(self.model, job.sampling)
+        slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        slot.stops = StopMatcher(job.stop)
+        job.cache_n = keep
+        job.t_start = time.perf_counter()
+
+    def _decode_step(self) -> None:
+        assert self.ctx is not None
+        budget = self.ctx.n_batch
+        entries: list[tuple[int, int, int, bool]] = []
+        outputs: list[tuple[Slot, int]] = []
+        active = [s for s in self.slots if s.job is not None]
+        # generating slots first (one token each), then prompt chunks fill the batch
+        active.sort(key=lambda s: len(s.pending) > 1)
+        for slot in active:
+            if budget <= 0:
+                break
+            take = slot.pending[:budget]
+            last = len(take) == len(slot.pending)
+            base = len(slot.tokens)
+            for i, token in enumerate(take):
+                wants = last and i == len(take) - 1
+                entries.append((token, base + i, slot.seq, wants))
+            if last:
+                outputs.append((slot, len(entries) - 1))
+            slot.tokens.extend(take)
+            del slot.pending[: len(take)]
+            budget -= len(take)
+        status = self.ctx.decode(entries)
+        if status != 0:
+            log.error("llama_decode failed with status %d on assistant %s", status, self.name)
+            for slot in active:
+                self.ctx.clear_from(slot.seq, 0)
+                slot.tokens.clear()
+                if slot.job is not None:
+                    slot.job.emit(Failed("the model failed to decode this request"))
+                    self._finish(slot, None)
+            return
+        for slot, index in outputs:
+            self._sample(slot, index)
+
+    def _sample(self, slot: Slot, index: int) -> None:
+        assert self.ctx is not None and self.model is not None
+        job = slot.job
+        assert job is not None and slot.stops is not None
+        token = self.ctx.sample(slot.sampler, index)
+        if job.n_generated == 0:
+            job.t_first = time.perf_counter()
+        job.n_generated += 1
+        if self.model.is_eog(token):
+            self._finish(slot, "stop")
+            return
+        text = slot.stops.feed(slot.decoder.decode(self.model.piece(token)))
+        if text:
+            job.emit(Delta(text))
+        if slot.stops.stopped:
+            self._finish(slot, "stop")
+        elif job.n_generated >= job.max_tokens or len(slot.tokens) + 1 >= self.ctx.n_ctx_seq:
+            self._finish(slot, "length")
+        else:
+            slot.pending = [token]
+
+    def _finish(self, slot: Slot, reason: str | None) -> None:
+        """End the slot's job; reason None means cancelled or failed (nothing more sent)."""
+        job = slot.job
+        assert job is not None
+        if reason is not None:
+            assert slot.stops is not None
+            tail = slot.decoder.decode(b"", final=True) if not slot.stops.stopped else ""
+            tail = slot.stops.feed(tail) + ("" if slot.stops.stopped else slot.stops.flush())
+            if tail:
+                job.emit(Delta(tail))
+            if job.n_generated == 0:
+                job.t_first = time.perf_counter()
+            job.emit(
+                Finished(
+                    finish_reason=reason,
+                    prompt_tokens=len(job.tokens),
+                    completion_tokens=job.n_generated,
+                    timings=job.timings(),
+                )
+            )
+            self.requests_served += 1
+        self.tokens_generated += job.n_generated
+        free_sampler(slot.sampler)
+        slot.sampler = None
+        slot.job = None
+        slot.pending = []
+        slot.last_used = time.perf_counter()

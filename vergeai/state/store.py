@@ -1,0 +1,169 @@
+"""The only code that reads and writes the state directory's TOML files.
+
+Writes are atomic (temp file, fsync, ``os.replace``) and serialized by an
+exclusive ``flock`` on ``.lock``, so two CLI calls at once never lose an
+update and a crash mid-write never leaves a half-written file. Readers need
+no lock: each file is replaced whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from vergeai.errors import StateError
+from vergeai.state.records import ApiKey, Assistant, RecordError, User
+
+USERS = "users.toml"
+KEYS = "keys.toml"
+ASSISTANTS = "assistants.toml"
+FILES = (USERS, KEYS, ASSISTANTS)
+
+
+def default_state_dir() -> Path:
+    if home := os.environ.get("VERGEAI_HOME"):
+        return Path(home)
+    data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(data) / "vergeai"
+
+
+@dataclass
+class State:
+    users: dict[str, User] = field(default_factory=dict)
+    keys: list[ApiKey] = field(default_factory=list)
+    assistants: dict[str, Assistant] = field(default_factory=dict)
+
+    def keys_of(self, user: str) -> list[ApiKey]:
+        return [k for k in self.keys if k.user == user]
+
+
+class Store:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def ensure(self) -> None:
+        try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(f"cannot create state directory {self.root}: {exc}") from exc
+        if not self.root.is_dir():
+            raise StateError(f"state directory {self.root} is not a directory")
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    # reading
+
+    def load(self) -> State:
+        state = State()
+        for name, table in self._read(USERS).get("users", {}).items():
+            state.users[name] = _record(self.path(USERS), f"users.{name}", lambda: User.from_toml(name, table))
+        keys = self._read(KEYS).get("keys", [])
+        if not isinstance(keys, list):
+            raise StateError(f"{self.path(KEYS)}: 'keys' must be an array of tables")
+        for i, table in enumerate(keys):
+            state.keys.append(_record(self.path(KEYS), f"keys[{i}]", lambda: ApiKey.from_toml(table)))
+        for name, table in self._read(ASSISTANTS).get("assistants", {}).items():
+            state.assistants[name] = _record(
+                self.path(ASSISTANTS), f"assistants.{name}", lambda: Assistant.from_toml(name, table)
+            )
+        return state
+
+    def fingerprint(self) -> tuple[Any, ...]:
+        """Changes whenever any state file is replaced; cheap enough to poll."""
+        marks: list[Any] = []
+        for name in FILES:
+            try:
+                st = os.stat(self.path(name))
+            except FileNotFoundError:
+                marks.append(None)
+            else:
+                marks.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(marks)
+
+    def _read(self, name: str) -> dict[str, Any]:
+        path = self.path(name)
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            return {}
+        except tomllib.TOMLDecodeError as exc:
+            raise StateError(f"{path}: not valid TOML: {exc}") from exc
+        except OSError as exc:
+            raise StateError(f"{path}: cannot read: {exc}") from exc
+        for key, value in data.items():
+            if key in ("users", "assistants") and not isinstance(value, dict):
+                raise StateError(f"{path}: '{key}' must be a table")
+            if key in ("users", "assistants"):
+                for entry, table in value.items():
+                    if not isinstance(table, dict):
+                        raise StateError(f"{path}: [{key}.{entry}] must be a table")
+        return data
+
+    # writing
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[State]:
+        """Lock, load, let the caller change the state, then save what changed."""
+        self.ensure()
+        lock_path = self.path(".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            state = self.load()
+            before = _serialize(state)
+            yield state
+            after = _serialize(state)
+            for name in FILES:
+                if after[name] != before[name]:
+                    self._write(name, after[name])
+        finally:
+            os.close(fd)
+
+    def _write(self, name: str, text: str) -> None:
+        path = self.path(name)
+        tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            dir_fd = os.open(self.root, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise StateError(f"{path}: cannot write: {exc}") from exc
+
+
+def _record(file: Path, where: str, build: Any) -> Any:
+    try:
+        return build()
+    except RecordError as exc:
+        raise StateError(f"{file}: [{where}] {exc}") from exc
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise StateError(f"{file}: [{where}] malformed entry: {exc}") from exc
+
+
+def _serialize(state: State) -> dict[str, str]:
+    return {
+        USERS: tomli_w.dumps({"users": {n: u.to_toml() for n, u in state.users.items()}}),
+        KEYS: tomli_w.dumps({"keys": [k.to_toml() for k in state.keys]}),
+        ASSISTANTS: tomli_w.dumps(
+            {"assistants": {n: a.to_toml() for n, a in state.assistants.items()}}
+        ),
+    }
