@@ -17,7 +17,7 @@ from vergeai.api.http import EventStream, read_json, sse, wait_for_disconnect
 from vergeai.api.schemas import ChatRequest, parse_chat_request
 from vergeai.auth import Caller, check_assistant
 from vergeai.errors import InvalidRequest, Unavailable, VergeError
-from vergeai.runtime.job import Delta, Failed, Finished, Job
+from vergeai.runtime.job import Delta, Event, Failed, Finished, Job
 from vergeai.runtime.llama import Sampling
 from vergeai.runtime.prompt import with_system_prompt
 from vergeai.runtime.worker import Worker
@@ -190,7 +190,7 @@ async def _race(events: AsyncIterator[Any], gone: asyncio.Future[None]) -> Async
 
 
 async def stream_reply(request: Request, job: Job, reply: Reply, include_usage: bool) -> Response:
-    events = job.events()
+    events: AsyncIterator[Event] = job.events()
     try:
         first = await anext(events)
     except BaseException:
@@ -203,7 +203,7 @@ async def stream_reply(request: Request, job: Job, reply: Reply, include_usage: 
     async def body() -> AsyncIterator[bytes]:
         try:
             yield sse(reply.chunk({"role": "assistant", "content": None}))
-            event = first
+            event: Event = first
             while True:
                 if isinstance(event, Delta):
                     yield sse(reply.chunk({"content": event.text}))

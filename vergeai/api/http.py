@@ -71,9 +71,9 @@ class EventStream(StreamingResponse):
             for task in (stream, gone):
                 task.cancel()
             await asyncio.gather(stream, gone, return_exceptions=True)
-        if stream.done() and not stream.cancelled() and (exc := stream.exception()):
-            if not isinstance(exc, OSError):
-                raise exc
+        failed = stream.done() and not stream.cancelled() and stream.exception()
+        if failed and not isinstance(failed, OSError):
+            raise failed
 
 
 def sse(data: dict[str, Any] | str) -> bytes:

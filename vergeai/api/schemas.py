@@ -91,9 +91,12 @@ def _messages(value: Any) -> list[dict[str, str]]:
         content = message.get("content")
         if content is None and role == "assistant":
             content = ""
-        out.append({"role": "system" if role == "developer" else role, "content": _content(
-            content, f"{where}.content"
-        )})
+        out.append(
+            {
+                "role": "system" if role == "developer" else role,
+                "content": _content(content, f"{where}.content"),
+            }
+        )
     return out
 
 
@@ -140,7 +143,7 @@ def _check_unsupported(body: dict[str, Any]) -> None:
     fmt = body.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise Unsupported(
-            "'response_format' other than {\"type\": \"text\"} is not supported yet",
+            '\'response_format\' other than {"type": "text"} is not supported yet',
             param="response_format",
         )
     if body.get("logprobs") or body.get("top_logprobs"):

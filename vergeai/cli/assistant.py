@@ -202,7 +202,8 @@ def create(
             if name in state.assistants:
                 fail(f"assistant {name!r} already exists")
             state.assistants[name] = assistant
-    say(f"created assistant {name} on {assistant.model} ({'online' if assistant.online else 'offline'})")
+    state_word = "online" if assistant.online else "offline"
+    say(f"created assistant {name} on {assistant.model} ({state_word})")
 
 
 @app.command("edit")

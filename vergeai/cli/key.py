@@ -64,21 +64,20 @@ def create(
     if when is not None and when <= now():
         fail(f"--expires {expires} is in the past")
     token = new_token()
-    with failures():
-        with store_for(state_dir).transaction() as state:
-            if user not in state.users:
-                fail(f"no user named {user!r}")
-            if any(k.name == name for k in state.keys_of(user)):
-                fail(f"user {user!r} already has a key named {name!r}")
-            key = ApiKey(
-                name=name,
-                user=user,
-                hash=hash_token(token),
-                prefix=display_prefix(token),
-                description=description,
-                expires=when,
-            ).validate()
-            state.keys.append(key)
+    with failures(), store_for(state_dir).transaction() as state:
+        if user not in state.users:
+            fail(f"no user named {user!r}")
+        if any(k.name == name for k in state.keys_of(user)):
+            fail(f"user {user!r} already has a key named {name!r}")
+        key = ApiKey(
+            name=name,
+            user=user,
+            hash=hash_token(token),
+            prefix=display_prefix(token),
+            description=description,
+            expires=when,
+        ).validate()
+        state.keys.append(key)
     typer.echo(token)
     say(
         f"created key {name} for user {user} (expires {expires}). "
@@ -131,9 +130,7 @@ def revoke(
 ) -> None:
     """Revoke a key: it is refused from its next request on."""
     with failures(), store_for(state_dir).transaction() as state:
-        matches = [
-            k for k in state.keys if k.name == key_name and (user is None or k.user == user)
-        ]
+        matches = [k for k in state.keys if k.name == key_name and (user is None or k.user == user)]
         if not matches:
             fail(f"no key named {key_name!r}" + (f" for user {user!r}" if user else ""))
         if len(matches) > 1:

@@ -149,7 +149,7 @@ def build_sampler(model: Model, s: Sampling) -> Any:
     if s.logit_bias:
         arr = (llama_cpp.llama_logit_bias * len(s.logit_bias))()
         for i, (token, bias) in enumerate(s.logit_bias.items()):
-            arr[i].token = token
+            arr[i].token = token  # type: ignore[assignment]
             arr[i].bias = bias
         add(chain, llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, len(arr), arr))
     if s.presence_penalty or s.frequency_penalty:

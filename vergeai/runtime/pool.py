@@ -35,10 +35,11 @@ class Pool:
         with self._lock:
             for name, worker in list(self.workers.items()):
                 wanted = assistants.get(name)
-                if wanted is None or not wanted.online:
-                    self._retire(name)
-                elif wanted.load_key() != worker.assistant.load_key() or (
-                    worker.status == "error" and wanted != worker.assistant
+                if (
+                    wanted is None
+                    or not wanted.online
+                    or wanted.load_key() != worker.assistant.load_key()
+                    or (worker.status == "error" and wanted != worker.assistant)
                 ):
                     self._retire(name)
                 else:

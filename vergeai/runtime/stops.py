@@ -19,9 +19,7 @@ class StopMatcher:
         if not self.stops:
             return piece
         text = self.held + piece
-        first = min(
-            ((i, s) for s in self.stops if (i := text.find(s)) >= 0), default=None
-        )
+        first = min(((i, s) for s in self.stops if (i := text.find(s)) >= 0), default=None)
         if first is not None:
             self.held = ""
             self.stopped = True

@@ -12,7 +12,8 @@ GEMMA = """{{ bos_token }}
 {%- endif -%}
 {%- for message in loop_messages -%}
 {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
-{{ '<start_of_turn>' + role + '\n' + ((first_user_prefix if loop.first else '') + message['content']) | trim + '<end_of_turn>\n' }}
+{%- set content = (first_user_prefix if loop.first else '') + message['content'] -%}
+{{ '<start_of_turn>' + role + '\n' + content | trim + '<end_of_turn>\n' }}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
 {{ '<start_of_turn>model\n' }}
@@ -27,7 +28,8 @@ CHATML = """{%- for message in messages -%}
 
 LLAMA3 = """{{ bos_token }}
 {%- for message in messages -%}
-{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}
+{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}
+{{- message['content'] | trim + '<|eot_id|>' }}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
 {{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}

@@ -65,15 +65,18 @@ class Store:
     def load(self) -> State:
         state = State()
         for name, table in self._read(USERS).get("users", {}).items():
-            state.users[name] = _record(self.path(USERS), f"users.{name}", lambda: User.from_toml(name, table))
+            state.users[name] = _record(
+                self.path(USERS), f"users.{name}", User.from_toml, name, table
+            )
         keys = self._read(KEYS).get("keys", [])
         if not isinstance(keys, list):
             raise StateError(f"{self.path(KEYS)}: 'keys' must be an array of tables")
         for i, table in enumerate(keys):
-            state.keys.append(_record(self.path(KEYS), f"keys[{i}]", lambda: ApiKey.from_toml(table)))
+            state.keys.append(_record(self.path(KEYS), f"keys[{i}]", ApiKey.from_toml, table))
         for name, table in self._read(ASSISTANTS).get("assistants", {}).items():
+            where = f"assistants.{name}"
             state.assistants[name] = _record(
-                self.path(ASSISTANTS), f"assistants.{name}", lambda: Assistant.from_toml(name, table)
+                self.path(ASSISTANTS), where, Assistant.from_toml, name, table
             )
         return state
 
@@ -150,9 +153,11 @@ class Store:
             raise StateError(f"{path}: cannot write: {exc}") from exc
 
 
-def _record(file: Path, where: str, build: Any) -> Any:
+def _record(file: Path, where: str, build: Any, *args: Any) -> Any:
+    if not isinstance(args[-1], dict):
+        raise StateError(f"{file}: [{where}] must be a table")
     try:
-        return build()
+        return build(*args)
     except RecordError as exc:
         raise StateError(f"{file}: [{where}] {exc}") from exc
     except (TypeError, ValueError, AttributeError) as exc:
