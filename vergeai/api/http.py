@@ -35,7 +35,7 @@ async def read_json(request: Request, limit: int = MAX_BODY) -> Any:
         raise InvalidRequest("the request body is empty; expected a JSON object")
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
 
 
