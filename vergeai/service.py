@@ -10,11 +10,14 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 
-from vergeai.auth import KeyIndex
+from vergeai.auth import Caller, KeyIndex
 from vergeai.errors import StateError
 from vergeai.runtime.pool import Pool
+from vergeai.state.records import now
 from vergeai.state.store import State, Store
+from vergeai.state.usage import KeyUsage
 
 log = logging.getLogger("vergeai.service")
 
@@ -35,6 +38,19 @@ class Service:
     counters: Counters = field(default_factory=Counters)
     started: float = field(default_factory=time.time)
     _fingerprint: object = None
+    _used: dict[str, datetime] = field(default_factory=dict)
+
+    def authenticate(self, authorization: str | None) -> Caller:
+        caller = self.keys.authenticate(authorization)
+        self._used[caller.key.hash[:16]] = now()
+        return caller
+
+    def flush_usage(self) -> None:
+        used, self._used = self._used, {}
+        try:
+            KeyUsage(self.store.root).write(used)
+        except Exception as exc:  # bookkeeping must never take the server down
+            log.warning("could not record key usage: %s", exc)
 
     def refresh(self, force: bool = False) -> bool:
         """Reload the state dir if it changed; returns whether anything was applied."""
@@ -52,10 +68,14 @@ class Service:
         self.pool.reconcile(state.assistants)
         return True
 
-    async def watch(self, interval: float = 0.5) -> None:
+    async def watch(self, interval: float = 0.5, usage_every: int = 4) -> None:
+        ticks = 0
         while True:
             await asyncio.sleep(interval)
+            ticks += 1
             try:
                 self.refresh()
+                if ticks % usage_every == 0 and self._used:
+                    await asyncio.to_thread(self.flush_usage)
             except Exception:
                 log.exception("reloading the state dir failed")

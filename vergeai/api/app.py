@@ -6,6 +6,7 @@ import logging
 import time
 from typing import Any
 
+from prometheus_client import disable_created_metrics
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -16,10 +17,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vergeai.api.chat import chat_completions
 from vergeai.api.http import error_response
+from vergeai.api.metrics import Metrics, metrics
 from vergeai.api.models import get_model, list_models
 from vergeai.api.ops import health
 from vergeai.errors import InvalidRequest, ModelNotFound, VergeError
-from vergeai.service import Service
+from vergeai.service import Counters, Service
 
 access_log = logging.getLogger("vergeai.access")
 log = logging.getLogger("vergeai.app")
@@ -49,11 +51,11 @@ async def on_unexpected(request: Request, exc: Exception) -> Response:
 
 
 class AccessLog:
-    """One line per request; never the Authorization header."""
+    """One log line and one metrics observation per request; never the token."""
 
-    def __init__(self, app: ASGIApp, service: Service) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
-        self.service = service
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -61,7 +63,7 @@ class AccessLog:
             return
         start = time.perf_counter()
         status = 500
-        counters = self.service.counters
+        counters: Counters = scope["app"].state.service.counters
         counters.in_flight += 1
 
         async def send_status(message: Message) -> None:
@@ -73,35 +75,48 @@ class AccessLog:
         try:
             await self.app(scope, receive, send_status)
         finally:
+            seconds = time.perf_counter() - start
             counters.in_flight -= 1
             counters.requests += 1
             if status >= 500:
                 counters.errors += 1
             info: dict[str, Any] = scope.get("state", {})
+            assistant = str(info.get("assistant", "-"))
             usage = info.get("usage") or {}
+            fields = {
+                "method": scope["method"],
+                "path": scope["path"],
+                "status": status,
+                "assistant": assistant,
+                "user": info.get("user", "-"),
+                "prompt_tokens": usage.get("prompt_tokens"),
+                "completion_tokens": usage.get("completion_tokens"),
+                "duration_ms": round(seconds * 1000.0, 1),
+            }
             access_log.info(
-                "%s %s %d assistant=%s user=%s prompt_tokens=%s completion_tokens=%s %.1fms",
-                scope["method"],
-                scope["path"],
-                status,
-                info.get("assistant", "-"),
-                info.get("user", "-"),
-                usage.get("prompt_tokens", "-"),
-                usage.get("completion_tokens", "-"),
-                (time.perf_counter() - start) * 1000.0,
+                "%(method)s %(path)s %(status)d assistant=%(assistant)s user=%(user)s "
+                "prompt_tokens=%(prompt_tokens)s completion_tokens=%(completion_tokens)s "
+                "%(duration_ms).1fms",
+                fields,
+                extra={"fields": fields},
             )
+            if scope["path"].startswith("/v1/"):
+                self.metrics.observe(assistant, status, seconds, usage, info.get("ttft"))
 
 
-def create_app(service: Service) -> Starlette:
+def create_app(service: Service, metrics_public: bool = False) -> Starlette:
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+    stats = Metrics(service)
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{name:path}", get_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(AccessLog, service=service)],
+        middleware=[Middleware(AccessLog, metrics=stats)],
         exception_handlers={
             VergeError: on_verge_error,
             HTTPException: on_http_error,
@@ -109,4 +124,6 @@ def create_app(service: Service) -> Starlette:
         },
     )
     app.state.service = service
+    app.state.metrics = stats
+    app.state.metrics_public = metrics_public
     return app

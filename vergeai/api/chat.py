@@ -75,7 +75,7 @@ def sampling_for(req: ChatRequest, assistant: Assistant) -> Sampling:
 
 async def chat_completions(request: Request) -> Response:
     service: Service = request.app.state.service
-    caller: Caller = service.keys.authenticate(request.headers.get("authorization"))
+    caller: Caller = service.authenticate(request.headers.get("authorization"))
     request.state.user = caller.user.name
     req = parse_chat_request(await read_json(request))
     request.state.assistant = req.model
@@ -155,6 +155,12 @@ class Reply:
         }
 
 
+def note_finished(request: Request, job: Job, done: Finished) -> None:
+    """For the access log and metrics."""
+    request.state.usage = Reply.usage(done)
+    request.state.ttft = job.t_first - job.t_created
+
+
 async def whole_reply(request: Request, job: Job, reply: Reply) -> Response:
     gone = asyncio.ensure_future(wait_for_disconnect(request))
     parts: list[str] = []
@@ -165,7 +171,7 @@ async def whole_reply(request: Request, job: Job, reply: Reply) -> Response:
             elif isinstance(event, Failed):
                 raise GenerationFailed(event.message)
             else:
-                request.state.usage = reply.usage(event)
+                note_finished(request, job, event)
                 return JSONResponse(reply.whole("".join(parts), event))
     finally:
         job.cancel()
@@ -212,7 +218,7 @@ async def stream_reply(request: Request, job: Job, reply: Reply, include_usage: 
                     yield sse({"error": {"message": err.message, "type": err.type}})
                     return
                 else:
-                    request.state.usage = reply.usage(event)
+                    note_finished(request, job, event)
                     last = reply.chunk({}, event.finish_reason)
                     if include_usage:
                         yield sse(last)

@@ -25,7 +25,7 @@ def model_entry(service: Service, assistant: Assistant) -> dict[str, Any]:
 
 async def list_models(request: Request) -> JSONResponse:
     service: Service = request.app.state.service
-    caller = service.keys.authenticate(request.headers.get("authorization"))
+    caller = service.authenticate(request.headers.get("authorization"))
     request.state.user = caller.user.name
     data = [
         model_entry(service, a)
@@ -37,7 +37,7 @@ async def list_models(request: Request) -> JSONResponse:
 
 async def get_model(request: Request) -> JSONResponse:
     service: Service = request.app.state.service
-    caller = service.keys.authenticate(request.headers.get("authorization"))
+    caller = service.authenticate(request.headers.get("authorization"))
     request.state.user = caller.user.name
     name = request.path_params["name"]
     check_assistant(caller, name, service.state)

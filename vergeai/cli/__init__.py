@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from vergeai import __version__
-from vergeai.cli import assistant, key, serve, user
+from vergeai.cli import assistant, key, serve, user, workers
 
 app = typer.Typer(
     name="vergeai",
@@ -18,6 +18,7 @@ app.add_typer(user.app, name="user")
 app.add_typer(key.app, name="key")
 app.add_typer(assistant.app, name="assistant")
 app.command("serve")(serve.serve)
+app.command("workers")(workers.workers)
 
 
 def _version(value: bool) -> None:

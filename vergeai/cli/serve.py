@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from vergeai.api.admin import AdminSocketBusy
 from vergeai.auth import display_prefix, hash_token, new_token
 from vergeai.cli.common import StateDirOption, fail, failures, say, store_for
-from vergeai.server import ServerOptions, run
+from vergeai.logs import setup_logging
+from vergeai.server import run
 from vergeai.service import Service
+from vergeai.state.config import LOG_FORMATS, LOG_LEVELS, load_config
 from vergeai.state.records import ApiKey, Assistant, User, now
 from vergeai.state.store import Store
 
 DEMO_ASSISTANT = "gemma3-270m"
 DEMO_USER = "demo"
-LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def demo_model_path() -> str:
@@ -29,7 +30,7 @@ def demo_model_path() -> str:
     return str(assemble())
 
 
-def setup_demo(store: Store, host: str, port: int, tls: bool) -> None:
+def setup_demo(store: Store, url: str) -> None:
     """On a state dir with no assistant: a demo assistant, user and key."""
     if store.load().assistants:
         return
@@ -57,12 +58,10 @@ def setup_demo(store: Store, host: str, port: int, tls: bool) -> None:
                 description="created by vergeai serve --demo",
             ).validate()
         )
-    scheme = "https" if tls else "http"
-    shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
     say(
         "\nDemo API key (shown once, keep it):\n\n"
         f"  {token}\n\nTry it:\n\n"
-        f"  curl {scheme}://{shown}:{port}/v1/chat/completions \\\n"
+        f"  curl {url}/v1/chat/completions \\\n"
         f'    -H "Authorization: Bearer {token}" -H "Content-Type: application/json" \\\n'
         f'    -d \'{{"model": "{DEMO_ASSISTANT}", "messages": '
         '[{"role": "user", "content": "Hello!"}], "max_tokens": 64}\'\n'
@@ -70,41 +69,72 @@ def setup_demo(store: Store, host: str, port: int, tls: bool) -> None:
 
 
 def serve(
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8080,
+    host: Annotated[
+        str | None, typer.Option(help="Address to listen on [default: 127.0.0.1].")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="Port to listen on [default: 8080].")
+    ] = None,
     certfile: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
     keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
     demo: Annotated[
         bool, typer.Option("--demo", help="Set up and serve the bundled demo model.")
     ] = False,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_level: Annotated[
+        str | None, typer.Option(help="debug, info, warning or error [default: info].")
+    ] = None,
+    log_format: Annotated[str | None, typer.Option(help="text or json [default: text].")] = None,
+    metrics_public: Annotated[
+        bool | None,
+        typer.Option("--metrics-public", help="Serve /metrics without an admin key."),
+    ] = None,
+    grace_seconds: Annotated[
+        float | None,
+        typer.Option(min=0, max=3600, help="Drain time on SIGTERM [default: 30]."),
+    ] = None,
     state_dir: StateDirOption = None,
 ) -> None:
-    """Run the OpenAI-compatible API server (the AI-Helper worker)."""
+    """Run the OpenAI-compatible API server (the AI-Helper worker).
+
+    Settings come from config.toml in the state dir; flags override them.
+    """
     if (certfile is None) != (keyfile is None):
         raise typer.BadParameter("--certfile and --keyfile go together")
-    for path in (certfile, keyfile):
-        if path is not None and not path.is_file():
-            fail(f"{path} is not a readable file")
-    if log_level not in LOG_LEVELS:
-        raise typer.BadParameter(
-            f"must be one of {', '.join(LOG_LEVELS)}", param_hint="--log-level"
-        )
-    logging.basicConfig(
-        level=log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    if log_level is not None and log_level not in LOG_LEVELS:
+        choices = ", ".join(LOG_LEVELS)
+        raise typer.BadParameter(f"must be one of {choices}", param_hint="--log-level")
+    if log_format is not None and log_format not in LOG_FORMATS:
+        choices = ", ".join(LOG_FORMATS)
+        raise typer.BadParameter(f"must be one of {choices}", param_hint="--log-format")
     store = store_for(state_dir)
     with failures():
         store.ensure()
-        if demo:
-            setup_demo(store, host, port, certfile is not None)
-        store.load()
-    opts = ServerOptions(
-        host=host,
-        port=port,
-        certfile=str(certfile) if certfile else None,
-        keyfile=str(keyfile) if keyfile else None,
-    )
+        opts = load_config(
+            store.root,
+            {
+                "host": host,
+                "port": port,
+                "certfile": str(certfile) if certfile else None,
+                "keyfile": str(keyfile) if keyfile else None,
+                "log_level": log_level,
+                "log_format": log_format,
+                "metrics_public": metrics_public,
+                "grace_seconds": grace_seconds,
+            },
+        )
+    for path in (opts.certfile, opts.keyfile):
+        if path is not None and not Path(path).is_file():
+            fail(f"{path} is not a readable file")
+    setup_logging(opts.log_level, opts.log_format)
     with failures():
-        asyncio.run(run(Service(store), opts, verbose_llama=log_level == "debug"))
+        if demo:
+            scheme = "https" if opts.certfile else "http"
+            shown = "localhost" if opts.host in ("127.0.0.1", "0.0.0.0", "::") else opts.host
+            setup_demo(store, f"{scheme}://{shown}:{opts.port}")
+        store.load()
+        try:
+            asyncio.run(run(Service(store), opts))
+        except AdminSocketBusy as exc:
+            fail(str(exc))
+        except OSError as exc:
+            fail(f"cannot listen on {opts.host}:{opts.port}: {exc.strerror or exc}")

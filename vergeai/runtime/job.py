@@ -42,6 +42,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    t_created: float = field(default_factory=time.perf_counter)
     # filled in by the worker thread
     cache_n: int = 0
     n_generated: int = 0

@@ -56,6 +56,21 @@ class Model:
         self.eos: int = llama_cpp.llama_vocab_eos(self.vocab)
         self._piece_buf = ctypes.create_string_buffer(256)
 
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(512)
+        n = llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of f16 K and V cache one token takes across all layers."""
+        arch = self.meta("general.architecture") or ""
+        n_head = max(1, llama_cpp.llama_model_n_head(self.ptr))
+        head = llama_cpp.llama_model_n_embd(self.ptr) // n_head
+        k = int(self.meta(f"{arch}.attention.key_length") or head)
+        v = int(self.meta(f"{arch}.attention.value_length") or head)
+        n_kv = llama_cpp.llama_model_n_head_kv(self.ptr)
+        return int(llama_cpp.llama_model_n_layer(self.ptr) * n_kv * (k + v) * 2)
+
     def chat_template(self) -> str | None:
         raw = llama_cpp.llama_model_chat_template(self.ptr, None)
         return raw.decode("utf-8", "replace") if raw else None
@@ -199,6 +214,7 @@ class Context:
         self.model = model
         self.n_seq = n_seq
         self.n_ctx_seq = llama_cpp.llama_n_ctx(ptr) // n_seq
+        self.kv_bytes = llama_cpp.llama_n_ctx(ptr) * model.kv_bytes_per_token()
         self.n_batch = 512
         self.memory = llama_cpp.llama_get_memory(ptr)
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, n_seq)

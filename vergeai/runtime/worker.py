@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -72,6 +73,8 @@ class Worker:
         self.tokens_generated = 0
         self.started_at = time.time()
         self.load_seconds = 0.0
+        self.last_prompt_per_second = 0.0
+        self.last_predicted_per_second = 0.0
         self.thread = threading.Thread(target=self._run, name=f"worker-{self.name}", daemon=True)
 
     # lifecycle
@@ -99,6 +102,30 @@ class Worker:
     @property
     def n_ctx(self) -> int:
         return self.ctx.n_ctx_seq if self.ctx else self.assistant.ctx
+
+    def stats(self) -> dict[str, Any]:
+        a = self.assistant
+        return {
+            "assistant": self.name,
+            "model": a.display_model,
+            "model_path": a.model,
+            "state": self.status,
+            "error": self.error,
+            "ctx": self.n_ctx,
+            "parallel": a.parallel,
+            "threads": a.threads or os.cpu_count() or 1,
+            "gpu_layers": a.gpu_layers,
+            "model_bytes": self.model.size_bytes if self.model else 0,
+            "kv_cache_bytes": self.ctx.kv_bytes if self.ctx else 0,
+            "requests_served": self.requests_served,
+            "busy_slots": self.busy,
+            "queue_depth": self.queued,
+            "tokens_generated": self.tokens_generated,
+            "last_prompt_per_second": round(self.last_prompt_per_second, 2),
+            "last_predicted_per_second": round(self.last_predicted_per_second, 2),
+            "load_seconds": round(self.load_seconds, 3),
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+        }
 
     # called from the event loop
 
@@ -309,15 +336,18 @@ class Worker:
                 job.emit(Delta(tail))
             if job.n_generated == 0:
                 job.t_first = time.perf_counter()
+            timings = job.timings()
             job.emit(
                 Finished(
                     finish_reason=reason,
                     prompt_tokens=len(job.tokens),
                     completion_tokens=job.n_generated,
-                    timings=job.timings(),
+                    timings=timings,
                 )
             )
             self.requests_served += 1
+            self.last_prompt_per_second = float(timings["prompt_per_second"])
+            self.last_predicted_per_second = float(timings["predicted_per_second"])
         self.tokens_generated += job.n_generated
         free_sampler(slot.sampler)
         slot.sampler = None

@@ -101,6 +101,8 @@ class Store:
             return {}
         except tomllib.TOMLDecodeError as exc:
             raise StateError(f"{path}: not valid TOML: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise StateError(f"{path}: not valid TOML: not UTF-8 text ({exc.reason})") from exc
         except OSError as exc:
             raise StateError(f"{path}: cannot read: {exc}") from exc
         for key, value in data.items():

@@ -13,6 +13,8 @@ import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 
+from vergeai.errors import StateError
+
 FILE = "usage.db"
 
 
@@ -31,9 +33,12 @@ class KeyUsage:
     def read(self) -> dict[str, datetime]:
         if not self.path.exists():
             return {}
-        with contextlib.closing(self._connect()) as conn:
-            rows = conn.execute("SELECT key, at FROM last_used").fetchall()
-        return {key: datetime.fromisoformat(at) for key, at in rows}
+        try:
+            with contextlib.closing(self._connect()) as conn:
+                rows = conn.execute("SELECT key, at FROM last_used").fetchall()
+            return {key: datetime.fromisoformat(at) for key, at in rows}
+        except (OSError, sqlite3.Error, TypeError, ValueError) as exc:
+            raise StateError(f"{self.path}: cannot read key usage: {exc}") from exc
 
     def write(self, used: dict[str, datetime]) -> None:
         if not used:

@@ -1,0 +1,124 @@
+"""The local admin channel: a unix socket in the state dir (mode 0600).
+
+Access to the state dir is the credential; no API key is involved. A client
+sends one command line (``workers``) and reads one JSON document back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from vergeai import __version__
+from vergeai.service import Service
+
+SOCKET = "admin.sock"
+log = logging.getLogger("vergeai.admin")
+
+
+def process_rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def workers_snapshot(service: Service, listen: list[str]) -> dict[str, Any]:
+    c = service.counters
+    return {
+        "helper": {
+            "pid": os.getpid(),
+            "version": __version__,
+            "listen": listen,
+            "uptime_seconds": round(time.time() - service.started, 1),
+            "requests_served": c.requests,
+            "in_flight": c.in_flight,
+            "errors": c.errors,
+            "rss_bytes": process_rss_bytes(),
+        },
+        "workers": [w.stats() for _, w in sorted(service.pool.workers.items())],
+        "assistants": {
+            name: service.pool.status(a) for name, a in sorted(service.state.assistants.items())
+        },
+    }
+
+
+async def start_admin_server(
+    service: Service, state_dir: Path, listen: list[str]
+) -> asyncio.AbstractServer | None:
+    path = state_dir / SOCKET
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), timeout=5)
+            command = line.decode("utf-8", "replace").strip()
+            if command == "workers":
+                reply: dict[str, Any] = workers_snapshot(service, listen)
+            elif command == "reload":
+                service.refresh(force=True)
+                reply = {"ok": True}
+            else:
+                reply = {"error": f"unknown command {command[:40]!r}"}
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    if ask(state_dir, "workers", timeout=2.0) is not None:
+        raise AdminSocketBusy(f"another vergeai serve is already running on {state_dir}")
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    old = os.umask(0o177)
+    try:
+        server = await asyncio.start_unix_server(handle, path=str(path))
+    except OSError as exc:
+        log.error("admin socket %s unavailable (vergeai workers will not see us): %s", path, exc)
+        return None
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    return server
+
+
+class AdminSocketBusy(RuntimeError):
+    pass
+
+
+def ask(state_dir: Path, command: str, timeout: float = 5.0) -> dict[str, Any] | None:
+    """Send one command to a running daemon; None when none answers."""
+    path = state_dir / SOCKET
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            sock.sendall(command.encode() + b"\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+    except OSError:
+        return None
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        return None
+    return reply if isinstance(reply, dict) else None
+
+
+def remove_socket(state_dir: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (state_dir / SOCKET).unlink()

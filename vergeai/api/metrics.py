@@ -1,0 +1,104 @@
+"""GET /metrics: Prometheus text format, named after llama-server's metrics where it has one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.requests import Request
+from starlette.responses import Response
+
+from vergeai.errors import PermissionDenied
+from vergeai.service import Service
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class PoolCollector(Collector):
+    """Gauges read from the workers at scrape time."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        processing = GaugeMetricFamily(
+            "vergeai:requests_processing", "Requests being decoded.", labels=["assistant"]
+        )
+        deferred = GaugeMetricFamily(
+            "vergeai:requests_deferred", "Requests waiting in the queue.", labels=["assistant"]
+        )
+        load = GaugeMetricFamily(
+            "vergeai:model_load_seconds", "Seconds the model took to load.", labels=["assistant"]
+        )
+        online = GaugeMetricFamily(
+            "vergeai:assistant_online", "1 when the model worker is online.", labels=["assistant"]
+        )
+        for name, worker in sorted(self.service.pool.workers.items()):
+            processing.add_metric([name], worker.busy)
+            deferred.add_metric([name], worker.queued)
+            load.add_metric([name], worker.load_seconds)
+            online.add_metric([name], 1.0 if worker.status == "online" else 0.0)
+        yield from (processing, deferred, load, online)
+
+
+class Metrics:
+    def __init__(self, service: Service) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "vergeai:requests", "HTTP requests.", ["assistant", "status"], registry=r
+        )
+        self.prompt_tokens = Counter(
+            "vergeai:prompt_tokens", "Prompt tokens evaluated.", ["assistant"], registry=r
+        )
+        self.predicted_tokens = Counter(
+            "vergeai:tokens_predicted", "Generated tokens.", ["assistant"], registry=r
+        )
+        self.latency = Histogram(
+            "vergeai:request_duration_seconds",
+            "Request latency.",
+            ["assistant"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "vergeai:time_to_first_token_seconds",
+            "Time from request to first generated token.",
+            ["assistant"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        r.register(PoolCollector(service))
+
+    def observe(
+        self,
+        assistant: str,
+        status: int,
+        seconds: float,
+        usage: dict[str, int] | None,
+        ttft: float | None,
+    ) -> None:
+        self.requests.labels(assistant, str(status)).inc()
+        if assistant == "-":
+            return
+        self.latency.labels(assistant).observe(seconds)
+        if usage:
+            self.prompt_tokens.labels(assistant).inc(usage.get("prompt_tokens", 0))
+            self.predicted_tokens.labels(assistant).inc(usage.get("completion_tokens", 0))
+        if ttft is not None:
+            self.ttft.labels(assistant).observe(ttft)
+
+
+async def metrics(request: Request) -> Response:
+    service: Service = request.app.state.service
+    if not request.app.state.metrics_public:
+        caller = service.authenticate(request.headers.get("authorization"))
+        request.state.user = caller.user.name
+        if caller.user.role != "admin":
+            raise PermissionDenied("/metrics needs an admin user's key")
+    data = generate_latest(request.app.state.metrics.registry)
+    return Response(data, media_type=CONTENT_TYPE)

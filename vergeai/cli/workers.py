@@ -1,0 +1,126 @@
+"""vergeai workers: the AI-Helper worker and the model workers, asked over the admin socket."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from vergeai.api.admin import ask
+from vergeai.cli.common import JsonOption, StateDirOption, err, out, print_json, store_for
+
+NOT_RUNNING = 3
+
+
+def _bytes(n: int | None) -> str:
+    if not n:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{s:02d}s"
+
+
+def _worker_fields(w: dict[str, Any]) -> list[tuple[str, str]]:
+    state = w["state"] if not w["error"] else f"{w['state']}: {w['error']}"
+    return [
+        ("model", w["model"]),
+        ("state", state),
+        ("context", f"{w['ctx']} tokens x {w['parallel']} slots"),
+        ("CPU threads", str(w["threads"])),
+        ("GPU layers", str(w["gpu_layers"])),
+        ("model memory", _bytes(w["model_bytes"])),
+        ("KV cache", _bytes(w["kv_cache_bytes"])),
+        ("requests served", str(w["requests_served"])),
+        ("busy slots", f"{w['busy_slots']}/{w['parallel']}"),
+        ("queue depth", str(w["queue_depth"])),
+        ("tokens generated", str(w["tokens_generated"])),
+        ("last prompt tok/s", f"{w['last_prompt_per_second']:.1f}"),
+        ("last decode tok/s", f"{w['last_predicted_per_second']:.1f}"),
+        ("uptime", _duration(w["uptime_seconds"])),
+    ]
+
+
+def render(snapshot: dict[str, Any]) -> Group:
+    """Fields down, workers across: fits a terminal for the usual handful of assistants."""
+    h = snapshot["helper"]
+    helper = Table(title="AI-Helper worker", title_justify="left", show_header=False)
+    helper.add_column("field", style="bold")
+    helper.add_column("value", overflow="fold")
+    for field, value in [
+        ("pid", str(h["pid"])),
+        ("version", h["version"]),
+        ("listening on", " ".join(h["listen"])),
+        ("uptime", _duration(h["uptime_seconds"])),
+        ("requests served", str(h["requests_served"])),
+        ("in flight", str(h["in_flight"])),
+        ("errors", str(h["errors"])),
+        ("process RSS", _bytes(h["rss_bytes"])),
+    ]:
+        helper.add_row(field, value)
+    parts: list[Any] = [helper]
+    if not snapshot["workers"]:
+        parts.append(Text("no model workers: no assistant is online"))
+        return Group(*parts)
+    workers = Table(title="model workers", title_justify="left")
+    workers.add_column("assistant", style="bold")
+    rows = [_worker_fields(w) for w in snapshot["workers"]]
+    for w in snapshot["workers"]:
+        workers.add_column(w["assistant"], overflow="fold")
+    for i, (field, _) in enumerate(rows[0]):
+        workers.add_row(field, *(r[i][1] for r in rows))
+    parts.append(workers)
+    return Group(*parts)
+
+
+def workers(
+    json_: JsonOption = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh in place until Ctrl-C.")] = False,
+    interval: Annotated[
+        float, typer.Option(min=0.2, max=3600, help="Seconds between refreshes with --watch.")
+    ] = 1.0,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Show the AI-Helper worker (the server) and one model worker per online assistant."""
+    root = store_for(state_dir).root
+    snapshot = ask(root, "workers")
+    if snapshot is None:
+        err.print("AI-Helper worker is not running", markup=False)
+        err.print(f"start it with: vergeai serve --state-dir {root}", markup=False)
+        raise typer.Exit(NOT_RUNNING)
+    if json_:
+        print_json(snapshot)
+        return
+    if not watch:
+        out.print(render(snapshot))
+        return
+    try:
+        with Live(render(snapshot), console=out, auto_refresh=False) as live:
+            while True:
+                time.sleep(interval)
+                snapshot = ask(root, "workers")
+                if snapshot is None:
+                    err.print("AI-Helper worker stopped", markup=False)
+                    raise typer.Exit(NOT_RUNNING)
+                live.update(render(snapshot), refresh=True)
+    except KeyboardInterrupt:
+        pass
