@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -56,10 +57,15 @@ class Server:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     extra_args: list[str] = field(default_factory=list)
+    tls: ssl.SSLContext | None = None  # trust for a server started with a certificate
+
+    @property
+    def root_url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"{self.root_url}/v1"
 
     def start(self, wait_online: bool = True, timeout: float = 60.0) -> None:
         with open(self.log_path, "ab") as log:
@@ -74,7 +80,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"vergeai serve exited:\n{self.log()}")
             try:
-                r = httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1.0)
+                r = httpx.get(f"{self.root_url}/health", timeout=1.0, verify=self.tls or True)
                 if r.status_code == 200 or not wait_online:
                     return
             except httpx.TransportError:
@@ -97,11 +103,16 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
     def client(self, token: str, **kwargs: object) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base_url, api_key=token, max_retries=0, **kwargs)  # type: ignore[arg-type]
+        http = httpx.Client(verify=self.tls or True, timeout=60)
+        return openai.OpenAI(
+            base_url=self.base_url, api_key=token, max_retries=0, http_client=http, **kwargs
+        )  # type: ignore[arg-type]
 
     def http(self, token: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.Client(base_url=f"http://127.0.0.1:{self.port}", headers=headers, timeout=60)
+        return httpx.Client(
+            base_url=self.root_url, headers=headers, timeout=60, verify=self.tls or True
+        )
 
 
 @dataclass

@@ -65,7 +65,8 @@ def confirm(question: str, yes: bool) -> None:
         return
     try:
         ok = typer.confirm(question, default=False, err=True)
-    except typer.Abort:
+    except typer.Abort:  # no answer (end of input): end the prompt's line
+        err.print()
         ok = False
     if not ok:
         fail("aborted (pass --yes to skip this question)")

@@ -205,7 +205,7 @@ class Context:
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
         params.swa_full = True  # lets any prefix of a sequence be kept and reused
-        params.kv_unified = False
+        params.kv_unified = True
         params.no_perf = True
         ptr = llama_cpp.llama_init_from_model(model.ptr, params)
         if not ptr:

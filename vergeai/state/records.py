@@ -70,6 +70,13 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return kind.__name__
 
 
+def _known_only(cls: type, data: dict[str, Any], *implied: str) -> None:
+    """A misspelled field is an error, not silently ignored (and dropped by the next write)."""
+    unknown = sorted(set(data) - {f.name for f in fields(cls)} - set(implied))
+    if unknown:
+        raise RecordError(unknown[0], "unknown setting")
+
+
 def _drop_none(data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if v is not None}
 
@@ -96,6 +103,7 @@ class User:
 
     @classmethod
     def from_toml(cls, name: str, data: dict[str, Any]) -> User:
+        _known_only(cls, data, "name")
         assistants = _typed(data, "assistants", list, ["*"])
         if not all(isinstance(a, str) for a in assistants):
             raise RecordError("assistants", "expected a list of names")
@@ -140,6 +148,7 @@ class ApiKey:
 
     @classmethod
     def from_toml(cls, data: dict[str, Any]) -> ApiKey:
+        _known_only(cls, data)
         return cls(
             name=_typed(data, "name", str, ""),
             user=_typed(data, "user", str, ""),
@@ -212,10 +221,7 @@ class Assistant:
 
     @classmethod
     def from_toml(cls, name: str, data: dict[str, Any]) -> Assistant:
-        known = {f.name for f in fields(cls)} - {"name"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise RecordError(unknown[0], "unknown setting")
+        _known_only(cls, data, "name")
         return cls(
             name=name,
             model=_typed(data, "model", str, ""),

@@ -105,7 +105,10 @@ class Store:
             raise StateError(f"{path}: not valid TOML: not UTF-8 text ({exc.reason})") from exc
         except OSError as exc:
             raise StateError(f"{path}: cannot read: {exc}") from exc
+        table = name.removesuffix(".toml")
         for key, value in data.items():
+            if key != table:
+                raise StateError(f"{path}: unknown table '{key}' (this file holds '{table}')")
             if key in ("users", "assistants") and not isinstance(value, dict):
                 raise StateError(f"{path}: '{key}' must be a table")
             if key in ("users", "assistants"):

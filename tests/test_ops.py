@@ -1,0 +1,414 @@
+"""Operating a running daemon: workers view, live changes, health, metrics, signals, TLS."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trustme
+
+from tests.conftest import Server, cli_ok, free_port, run_cli
+
+NO_EOS = {"1": -100, "106": -100}
+HELLO = [{"role": "user", "content": "Tell me a story."}]
+
+
+def vergeai(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vergeai", *args, "--state-dir", str(state_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def eventually(check: Callable[[], bool], timeout: float = 2.5, what: str = "") -> None:
+    """The live-change promise: within 2 s (plus a little for slow CI)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout}s: {what}")
+
+
+class Ops:
+    def __init__(self, server: Server, admin: str, user: str) -> None:
+        self.server = server
+        self.admin = admin
+        self.user = user
+
+    @property
+    def state(self) -> Path:
+        return self.server.state_dir
+
+    def status(self, token: str, body: dict[str, Any] | None = None) -> int:
+        with self.server.http(token) as http:
+            if body is None:
+                return http.get("/v1/models").status_code
+            return http.post("/v1/chat/completions", json=body).status_code
+
+    def chat(self, token: str, model: str, **extra: Any) -> httpx.Response:
+        body = {"model": model, "messages": HELLO, "max_tokens": 2, **extra}
+        with self.server.http(token) as http:
+            return http.post("/v1/chat/completions", json=body)
+
+    def models(self) -> dict[str, str]:
+        with self.server.http(self.admin) as http:
+            return {m["id"]: m["status"] for m in http.get("/v1/models").json()["data"]}
+
+
+class Stream(threading.Thread):
+    """A long stream in the background; records every chunk."""
+
+    def __init__(self, server: Server, token: str, model: str, max_tokens: int) -> None:
+        super().__init__(daemon=True)
+        self.server, self.token, self.model, self.max_tokens = server, token, model, max_tokens
+        self.chunks: list[Any] = []
+        self.started = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        body = {
+            "model": self.model,
+            "messages": HELLO,
+            "max_tokens": self.max_tokens,
+            "logit_bias": NO_EOS,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        try:
+            with (
+                self.server.http(self.token) as http,
+                http.stream("POST", "/v1/chat/completions", json=body) as response,
+            ):
+                assert response.status_code == 200, response.read()
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        data = line[6:]
+                        self.chunks.append(data if data == "[DONE]" else json.loads(data))
+                        if len(self.chunks) >= 3:
+                            self.started.set()
+        except BaseException as exc:
+            self.error = exc
+            self.started.set()
+
+    def completed_in_full(self) -> bool:
+        return (
+            self.error is None
+            and self.chunks[-1] == "[DONE]"
+            and self.chunks[-2]["usage"]["completion_tokens"] == self.max_tokens
+        )
+
+
+@pytest.fixture(scope="module")
+def ops(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator[Ops]:
+    root = tmp_path_factory.mktemp("ops")
+    state = root / "state"
+    common = ["--model", model_path, "--chat-format", "gemma", "--threads", "2"]
+    cli_ok(state, "user", "create", "root", "--role", "admin")
+    cli_ok(state, "user", "create", "bob")
+    cli_ok(state, "assistant", "create", "gemma", *common, "--ctx", "1024", "--parallel", "2")
+    cli_ok(state, "assistant", "create", "spare", *common, "--ctx", "512", "--offline")
+    admin = cli_ok(state, "key", "create", "--user", "root", "--name", "admin").strip()
+    user = cli_ok(state, "key", "create", "--user", "bob", "--name", "app").strip()
+    (state / "config.toml").write_text('log_format = "json"\ngrace_seconds = 20\n')
+    server = Server(state_dir=state, port=free_port(), log_path=root / "serve.log")
+    server.start()
+    try:
+        yield Ops(server, admin, user)
+    finally:
+        server.stop()
+
+
+def test_workers_without_a_daemon_exits_3(tmp_path: Path) -> None:
+    code, out, err = run_cli(tmp_path / "nothing", "workers")
+    assert code == 3
+    assert "AI-Helper worker is not running" in err
+    assert "vergeai serve" in err
+    assert out == ""
+
+
+def test_workers_shows_helper_and_loaded_models(ops: Ops) -> None:
+    result = vergeai(ops.state, "workers", "--json")
+    assert result.returncode == 0, result.stderr
+    snap = json.loads(result.stdout)
+    assert ops.server.proc is not None
+    helper = snap["helper"]
+    assert helper["pid"] == ops.server.proc.pid
+    assert helper["listen"] == [f"http://127.0.0.1:{ops.server.port}"]
+    assert helper["rss_bytes"] > 100 * 2**20
+    workers = {w["assistant"]: w for w in snap["workers"]}
+    assert set(workers) == {"gemma"}, "an offline assistant has no model worker"
+    gemma = workers["gemma"]
+    assert gemma["state"] == "online" and gemma["error"] is None
+    assert gemma["ctx"] == 1024 and gemma["parallel"] == 2 and gemma["threads"] == 2
+    assert gemma["model_bytes"] > 200 * 2**20
+    assert gemma["kv_cache_bytes"] > 0
+    assert snap["assistants"] == {"gemma": "online", "spare": "offline"}
+    ops.chat(ops.user, "gemma", logit_bias=NO_EOS)
+    after = {
+        w["assistant"]: w
+        for w in json.loads(vergeai(ops.state, "workers", "--json").stdout)["workers"]
+    }
+    assert after["gemma"]["requests_served"] >= 1
+    assert after["gemma"]["tokens_generated"] >= 2
+    assert after["gemma"]["last_predicted_per_second"] > 0
+    human = vergeai(ops.state, "workers")
+    assert human.returncode == 0
+    for word in ("AI-Helper worker", "model workers", "gemma", "online", "KV cache"):
+        assert word in human.stdout
+
+
+def test_health_lists_assistant_states(ops: Ops) -> None:
+    response = httpx.get(f"http://127.0.0.1:{ops.server.port}/health")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ok"
+    assert body["assistants"]["gemma"] == "online"
+
+
+def test_metrics_need_an_admin_key(ops: Ops) -> None:
+    ops.chat(ops.user, "gemma", logit_bias=NO_EOS)
+    with ops.server.http(ops.admin) as http:
+        response = http.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    for name in (
+        'vergeai:requests_total{assistant="gemma",status="200"}',
+        'vergeai:prompt_tokens_total{assistant="gemma"}',
+        'vergeai:tokens_predicted_total{assistant="gemma"}',
+        'vergeai:request_duration_seconds_bucket{assistant="gemma"',
+        'vergeai:time_to_first_token_seconds_count{assistant="gemma"}',
+        'vergeai:requests_processing{assistant="gemma"}',
+        'vergeai:requests_deferred{assistant="gemma"}',
+        'vergeai:model_load_seconds{assistant="gemma"}',
+    ):
+        assert name in text, name
+    with ops.server.http(ops.user) as http:
+        assert http.get("/metrics").status_code == 403
+    assert httpx.get(f"http://127.0.0.1:{ops.server.port}/metrics").status_code == 401
+
+
+def test_access_log_is_json_without_tokens(ops: Ops) -> None:
+    ops.chat(ops.user, "gemma", logit_bias=NO_EOS)
+    lines = [json.loads(line) for line in ops.server.log().splitlines() if line.startswith("{")]
+    access = [
+        e for e in lines if e["logger"] == "vergeai.access" and e["path"] == "/v1/chat/completions"
+    ]
+    assert access
+    last = access[-1]
+    assert last["status"] == 200 and last["assistant"] == "gemma" and last["user"] == "bob"
+    assert last["prompt_tokens"] > 0 and last["completion_tokens"] == 2 and last["duration_ms"] > 0
+    log = ops.server.log()
+    assert ops.admin not in log and ops.user not in log
+
+
+def test_live_changes_apply_without_breaking_a_stream(ops: Ops) -> None:
+    stream = Stream(ops.server, ops.user, "gemma", max_tokens=300)
+    stream.start()
+    assert stream.started.wait(30) and stream.error is None
+
+    # a revoked key and a disabled user are refused on their next request
+    cli_ok(ops.state, "user", "create", "eve")
+    eve = cli_ok(ops.state, "key", "create", "--user", "eve", "--name", "k").strip()
+    spare_key = cli_ok(ops.state, "key", "create", "--user", "bob", "--name", "spare").strip()
+    eventually(lambda: ops.status(eve) == 200, what="new key accepted")
+    cli_ok(ops.state, "key", "revoke", "spare", "--user", "bob")
+    eventually(lambda: ops.status(spare_key) == 401, what="revoked key refused")
+    cli_ok(ops.state, "user", "disable", "eve")
+    eventually(lambda: ops.status(eve) == 401, what="disabled user refused")
+    cli_ok(ops.state, "user", "enable", "eve")
+    eventually(lambda: ops.status(eve) == 200, what="re-enabled user accepted")
+
+    # a system prompt edit applies to the next request
+    before = ops.chat(ops.admin, "gemma").json()["usage"]["prompt_tokens"]
+    cli_ok(ops.state, "assistant", "edit", "gemma", "--system-prompt", "You are a pirate. " * 5)
+    eventually(
+        lambda: ops.chat(ops.admin, "gemma").json()["usage"]["prompt_tokens"] > before + 20,
+        what="system prompt applied",
+    )
+    # a sampling default applies to the next request
+    cli_ok(ops.state, "assistant", "edit", "gemma", "--max-tokens", "3")
+    body = {"model": "gemma", "messages": HELLO, "logit_bias": NO_EOS}
+    with ops.server.http(ops.admin) as http:
+        eventually(
+            lambda: (
+                http.post("/v1/chat/completions", json=body).json()["usage"]["completion_tokens"]
+                == 3
+            ),
+            what="max_tokens default applied",
+        )
+        body["max_tokens"] = 5
+        assert (
+            http.post("/v1/chat/completions", json=body).json()["usage"]["completion_tokens"] == 5
+        )
+
+    # online: loading in the background, then online
+    cli_ok(ops.state, "assistant", "online", "spare")
+    eventually(lambda: ops.models()["spare"] == "online", timeout=30, what="spare online")
+    assert ops.chat(ops.admin, "spare").status_code == 200
+    # a load setting reloads the context
+    cli_ok(ops.state, "assistant", "edit", "spare", "--ctx", "768")
+
+    def spare_ctx() -> int:
+        snap = json.loads(vergeai(ops.state, "workers", "--json").stdout)
+        return next((w["ctx"] for w in snap["workers"] if w["assistant"] == "spare"), 0)
+
+    eventually(lambda: spare_ctx() == 768, timeout=30, what="spare reloaded with ctx 768")
+    eventually(lambda: ops.chat(ops.admin, "spare").status_code == 200, timeout=30, what="spare ok")
+
+    # offline: new requests refused, the in-flight one finishes, the worker is freed
+    spare_stream = Stream(ops.server, ops.admin, "spare", max_tokens=60)
+    spare_stream.start()
+    assert spare_stream.started.wait(30)
+    cli_ok(ops.state, "assistant", "offline", "spare")
+    eventually(lambda: ops.chat(ops.admin, "spare").status_code == 503, what="spare refused")
+    spare_stream.join(60)
+    assert spare_stream.completed_in_full(), spare_stream.error
+
+    def spare_gone() -> bool:
+        snap = json.loads(vergeai(ops.state, "workers", "--json").stdout)
+        return all(w["assistant"] != "spare" for w in snap["workers"])
+
+    eventually(spare_gone, what="spare worker freed")
+
+    stream.join(120)
+    assert stream.completed_in_full(), stream.error
+    cli_ok(ops.state, "assistant", "edit", "gemma", "--system-prompt", "")
+
+
+def test_delete_refuses_new_requests(ops: Ops, model_path: str) -> None:
+    cli_ok(ops.state, "assistant", "create", "temp", "--model", model_path,
+           "--chat-format", "gemma", "--threads", "2", "--ctx", "256")  # fmt: skip
+    eventually(lambda: ops.models().get("temp") == "online", timeout=30, what="temp online")
+    cli_ok(ops.state, "assistant", "delete", "temp", "--yes")
+    eventually(lambda: ops.chat(ops.admin, "temp").status_code == 404, what="temp gone")
+
+
+def test_broken_state_file_keeps_last_good_config(ops: Ops) -> None:
+    users = ops.state / "users.toml"
+    good = users.read_text()
+    try:
+        users.write_text("[users.root\nrole = ")
+        time.sleep(1.5)
+        assert ops.status(ops.user) == 200
+        assert ops.chat(ops.user, "gemma").status_code == 200
+        assert "keeping the last good configuration" in ops.server.log()
+    finally:
+        users.write_text(good)
+
+
+def test_sighup_reloads(ops: Ops) -> None:
+    assert ops.server.proc is not None
+    before = ops.server.log().count("state dir loaded")
+    ops.server.proc.send_signal(signal.SIGHUP)
+    eventually(lambda: ops.server.log().count("state dir loaded") > before, what="reload logged")
+    assert ops.server.proc.poll() is None
+    assert ops.status(ops.user) == 200
+
+
+def test_second_server_on_same_state_dir_refuses(ops: Ops) -> None:
+    result = vergeai(ops.state, "serve", "--port", str(free_port()))
+    assert result.returncode == 1
+    assert "already running" in result.stderr
+
+
+def test_sigterm_drains_an_in_flight_stream(tmp_path: Path, model_path: str) -> None:
+    state = tmp_path / "state"
+    cli_ok(state, "user", "create", "u")
+    cli_ok(state, "assistant", "create", "gemma", "--model", model_path,
+           "--chat-format", "gemma", "--threads", "2", "--ctx", "512")  # fmt: skip
+    token = cli_ok(state, "key", "create", "--user", "u", "--name", "k").strip()
+    server = Server(state_dir=state, port=free_port(), log_path=tmp_path / "serve.log")
+    server.start()
+    try:
+        stream = Stream(server, token, "gemma", max_tokens=80)
+        stream.start()
+        assert stream.started.wait(30)
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        stream.join(60)
+        assert stream.completed_in_full(), (stream.error, stream.chunks[-3:], server.log())
+        assert server.proc.wait(30) == 0
+        assert not (state / "admin.sock").exists()
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{server.port}/health", timeout=2)
+    finally:
+        server.stop()
+
+
+def test_health_is_503_while_loading(tmp_path: Path, model_path: str) -> None:
+    state = tmp_path / "state"
+    cli_ok(state, "assistant", "create", "gemma", "--model", model_path,
+           "--chat-format", "gemma", "--threads", "2", "--ctx", "512")  # fmt: skip
+    server = Server(state_dir=state, port=free_port(), log_path=tmp_path / "serve.log")
+    server.start(wait_online=False)
+    try:
+        seen: set[int] = set()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and 200 not in seen:
+            with contextlib.suppress(httpx.TransportError):
+                seen.add(httpx.get(f"http://127.0.0.1:{server.port}/health").status_code)
+        assert 200 in seen
+        assert seen <= {200, 503}
+    finally:
+        server.stop()
+
+
+def test_tls_with_a_self_signed_certificate(tmp_path: Path, model_path: str) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(certfile))
+    cert.private_key_pem.write_to_path(str(keyfile))
+    state = tmp_path / "state"
+    cli_ok(state, "user", "create", "u")
+    cli_ok(state, "assistant", "create", "gemma", "--model", model_path,
+           "--chat-format", "gemma", "--threads", "2", "--ctx", "512")  # fmt: skip
+    token = cli_ok(state, "key", "create", "--user", "u", "--name", "k").strip()
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    server = Server(state_dir=state, port=free_port(), log_path=tmp_path / "serve.log", tls=context)
+    server.extra_args = ["--certfile", str(certfile), "--keyfile", str(keyfile)]
+    server.start()
+    try:
+        assert server.root_url.startswith("https://")
+        client = server.client(token)
+        reply = client.chat.completions.create(
+            model="gemma", messages=HELLO, max_tokens=3, logit_bias=NO_EOS
+        )
+        assert reply.usage is not None and reply.usage.completion_tokens == 3
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{server.root_url}/health")  # untrusted without the test CA
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{server.port}/health")  # no plain HTTP on a TLS port
+    finally:
+        server.stop()
+
+
+def test_bad_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "config.toml").write_text("port = 'eighty'\n")
+    result = vergeai(state, "serve")
+    assert result.returncode == 1
+    assert "config.toml" in result.stderr and "port" in result.stderr
+    assert "Traceback" not in result.stderr
+    (state / "config.toml").write_text("colour = 'blue'\n")
+    result = vergeai(state, "serve")
+    assert result.returncode == 1 and "colour" in result.stderr
+    assert vergeai(state, "serve", "--log-format", "xml").returncode == 2
+    assert vergeai(state, "serve", "--certfile", "x.pem").returncode == 2
