@@ -66,7 +66,9 @@ class Service:
         self.state = state
         self.keys = KeyIndex(state)
         self.pool.reconcile(state.assistants)
-        log.info("state dir loaded: %d assistants, %d users", len(state.assistants), len(state.users))
+        log.info(
+            "state dir loaded: %d assistants, %d users", len(state.assistants), len(state.users)
+        )
         return True
 
     async def watch(self, interval: float = 0.5, usage_every: int = 4) -> None:

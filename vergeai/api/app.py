@@ -16,6 +16,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vergeai.api.chat import chat_completions
+from vergeai.api.conversation import Sessions
 from vergeai.api.http import error_response
 from vergeai.api.metrics import Metrics, metrics
 from vergeai.api.models import get_model, list_models
@@ -124,6 +125,7 @@ def create_app(service: Service, metrics_public: bool = False) -> Starlette:
         },
     )
     app.state.service = service
+    app.state.sessions = Sessions(service.store.root)
     app.state.metrics = stats
     app.state.metrics_public = metrics_public
     return app

@@ -5,23 +5,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from vergeai.api.conversation import Lease, Prepared, Sessions, prepare
 from vergeai.api.http import EventStream, read_json, sse, wait_for_disconnect
+from vergeai.api.replies import Reply
 from vergeai.api.schemas import ChatRequest, parse_chat_request
 from vergeai.auth import Caller, check_assistant
 from vergeai.errors import InvalidRequest, Unavailable, VergeError
 from vergeai.runtime.job import Delta, Event, Failed, Finished, Job
-from vergeai.runtime.llama import Sampling
-from vergeai.runtime.prompt import with_system_prompt
+from vergeai.runtime.llama import GrammarError, Sampling, check_grammar
+from vergeai.runtime.reasoning import ReasoningSplitter
 from vergeai.runtime.worker import Worker
 from vergeai.service import Service
+from vergeai.state.history import SESSION_ID_RE, SessionKey
 from vergeai.state.records import Assistant
 
 log = logging.getLogger("vergeai.chat")
@@ -32,6 +34,7 @@ DEFAULT_TOP_P = 0.95
 DEFAULT_TOP_K = 40
 DEFAULT_MIN_P = 0.05
 DEFAULT_MAX_TOKENS = 2048
+SESSION_HEADER = "x-session-id"
 
 
 class GenerationFailed(VergeError):
@@ -70,7 +73,68 @@ def sampling_for(req: ChatRequest, assistant: Assistant) -> Sampling:
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
         logit_bias=req.logit_bias,
+        grammar=req.grammar,
     )
+
+
+def session_id_of(request: Request, req: ChatRequest) -> str | None:
+    header = request.headers.get(SESSION_HEADER)
+    if header is not None and not SESSION_ID_RE.match(header):
+        raise InvalidRequest(
+            "'X-Session-ID': must be 1-128 characters: letters, digits and . _ : @ -",
+            param="session_id",
+        )
+    if header is not None and req.session_id is not None and header != req.session_id:
+        raise InvalidRequest(
+            "the X-Session-ID header and the 'session_id' field name different sessions",
+            param="session_id",
+        )
+    return header if header is not None else req.session_id
+
+
+async def check_request(worker: Worker, req: ChatRequest) -> None:
+    assert worker.model is not None
+    model = worker.model
+    if any(t >= model.n_vocab for t in req.logit_bias):
+        raise InvalidRequest(
+            f"'logit_bias': token ids must be below the vocabulary size {model.n_vocab}",
+            param="logit_bias",
+        )
+    if req.grammar:
+        try:
+            await asyncio.to_thread(check_grammar, model, req.grammar)
+        except GrammarError as exc:
+            raise InvalidRequest(f"'grammar': {exc.message}", param="grammar") from None
+
+
+@dataclass
+class Memory:
+    """Stores a completed call's turn into its chat-history session."""
+
+    sessions: Sessions
+    key: SessionKey
+    lease: Lease
+    assistant: Assistant
+    prepared: Prepared
+    messages: list[dict[str, str]] = field(default_factory=list)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "id": self.key.session,
+            "turns_used": self.prepared.turns_used,
+            "turns_dropped": self.prepared.turns_dropped,
+        }
+
+    async def remember(self, answer: str, done: Finished) -> None:
+        turn = [
+            (m, n)
+            for m, n in zip(self.messages, self.prepared.message_tokens, strict=True)
+            if m["role"] != "system"
+        ]
+        turn.append(({"role": "assistant", "content": answer}, done.completion_tokens))
+        await asyncio.to_thread(
+            self.sessions.history.append, self.key, turn, self.assistant.history_turns
+        )
 
 
 async def chat_completions(request: Request) -> Response:
@@ -79,100 +143,138 @@ async def chat_completions(request: Request) -> Response:
     request.state.user = caller.user.name
     req = parse_chat_request(await read_json(request))
     request.state.assistant = req.model
+    session_id = session_id_of(request, req)
     check_assistant(caller, req.model, service.state)
     worker = online_worker(service, req.model)
     assistant = worker.assistant
-    assert worker.model is not None
-    if any(t >= worker.model.n_vocab for t in req.logit_bias):
-        raise InvalidRequest(
-            f"'logit_bias': token ids must be below the vocabulary size {worker.model.n_vocab}",
-            param="logit_bias",
+    await check_request(worker, req)
+    max_tokens = req.max_tokens or assistant.max_tokens or DEFAULT_MAX_TOKENS
+    thinking = req.enable_thinking
+    if thinking is None and assistant.disable_think:
+        thinking = False
+
+    sessions: Sessions = request.app.state.sessions
+    key = SessionKey(caller.user.name, assistant.name, session_id) if session_id else None
+    lease = await sessions.lease(key) if key and assistant.chat_history else None
+    try:
+        turns = []
+        if lease is not None:
+            turns = await asyncio.to_thread(
+                sessions.history.turns, lease.key, assistant.history_days
+            )
+        prepared = await asyncio.to_thread(
+            prepare,
+            worker,
+            assistant.system_prompt,
+            turns,
+            req.messages,
+            thinking,
+            max_tokens,
+            lease is not None,
         )
-    messages = with_system_prompt(assistant.system_prompt, req.messages)
-    tokens = await asyncio.to_thread(worker.prompt_tokens, messages, None)
-    worker.check_prompt(tokens)
-    job = Job(
-        tokens=tokens,
-        sampling=sampling_for(req, assistant),
-        max_tokens=req.max_tokens or assistant.max_tokens or DEFAULT_MAX_TOKENS,
-        stop=req.stop,
-        loop=asyncio.get_running_loop(),
-    )
-    worker.submit(job)
+        worker.check_prompt(prepared.rendered.tokens)
+        job = Job(
+            tokens=prepared.rendered.tokens,
+            sampling=sampling_for(req, assistant),
+            max_tokens=max_tokens,
+            stop=req.stop,
+            loop=asyncio.get_running_loop(),
+        )
+        worker.submit(job)
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
+    memory = None
+    if lease is not None and key is not None:
+        memory = Memory(sessions, key, lease, assistant, prepared, req.messages)
+    answer = Answer(assistant.name, req.raw_reasoning, prepared.rendered.opens_think)
     reply = Reply(name=assistant.name, stream=req.stream)
+    headers = {"X-Session-ID": session_id} if session_id else {}
+
+    async def finished(done: Finished) -> dict[str, Any]:
+        """Bookkeeping once the answer is complete; returns extra response fields."""
+        request.state.usage = Reply.usage(done)
+        request.state.ttft = job.t_first - job.t_created
+        answer.check_budget(done)
+        if memory is None:
+            return {}
+        await memory.remember(answer.text(), done)
+        return {"session": memory.info()}
+
+    def close() -> None:
+        job.cancel()
+        if lease is not None:
+            lease.release()
+
     if req.stream:
-        return await stream_reply(request, job, reply, req.include_usage)
-    return await whole_reply(request, job, reply)
+        return await stream_reply(job, reply, answer, req.include_usage, finished, headers, close)
+    try:
+        return await whole_reply(request, job, reply, answer, finished, headers)
+    finally:
+        close()
 
 
-class Reply:
-    """Builds the OpenAI response objects of one completion."""
+class Answer:
+    """The generated text, split into reasoning and content unless asked raw."""
 
-    def __init__(self, name: str, stream: bool) -> None:
-        self.id = "chatcmpl-" + secrets.token_hex(12)
-        self.name = name
-        self.created = int(time.time())
-        self.object = "chat.completion.chunk" if stream else "chat.completion"
+    def __init__(self, assistant: str, raw: bool, opens_think: bool) -> None:
+        self.assistant = assistant
+        self.splitter = None if raw else ReasoningSplitter(opens_think)
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
 
-    def base(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": self.object,
-            "created": self.created,
-            "model": self.name,
-            "system_fingerprint": self.name,
-        }
+    def feed(self, text: str) -> tuple[str, str]:
+        if self.splitter is None:
+            reasoning, content = "", text
+        else:
+            reasoning, content = self.splitter.feed(text)
+        self.reasoning.append(reasoning)
+        self.content.append(content)
+        return reasoning, content
 
-    @staticmethod
-    def usage(done: Finished) -> dict[str, int]:
-        return {
-            "prompt_tokens": done.prompt_tokens,
-            "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens,
-        }
+    def flush(self) -> tuple[str, str]:
+        return self.feed("") if self.splitter is None else self._keep(*self.splitter.flush())
 
-    def whole(self, content: str, done: Finished) -> dict[str, Any]:
-        return {
-            **self.base(),
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": content},
-                    "logprobs": None,
-                    "finish_reason": done.finish_reason,
-                }
-            ],
-            "usage": self.usage(done),
-            "timings": done.timings,
-        }
+    def _keep(self, reasoning: str, content: str) -> tuple[str, str]:
+        self.reasoning.append(reasoning)
+        self.content.append(content)
+        return reasoning, content
 
-    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-        return {
-            **self.base(),
-            "choices": [
-                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            ],
-        }
+    def text(self) -> str:
+        return "".join(self.content)
+
+    def check_budget(self, done: Finished) -> None:
+        if done.finish_reason == "length" and self.splitter and self.splitter.in_reasoning:
+            log.warning(
+                "assistant %s ran out of tokens while thinking (%d tokens, no answer yet); "
+                "use 'vergeai assistant edit %s --disable-think' or a larger max_tokens",
+                self.assistant,
+                done.completion_tokens,
+                self.assistant,
+            )
 
 
-def note_finished(request: Request, job: Job, done: Finished) -> None:
-    """For the access log and metrics."""
-    request.state.usage = Reply.usage(done)
-    request.state.ttft = job.t_first - job.t_created
-
-
-async def whole_reply(request: Request, job: Job, reply: Reply) -> Response:
+async def whole_reply(
+    request: Request,
+    job: Job,
+    reply: Reply,
+    answer: Answer,
+    finished: Callable[[Finished], Awaitable[dict[str, Any]]],
+    headers: dict[str, str],
+) -> Response:
     gone = asyncio.ensure_future(wait_for_disconnect(request))
-    parts: list[str] = []
     try:
         async for event in _race(job.events(), gone):
             if isinstance(event, Delta):
-                parts.append(event.text)
+                answer.feed(event.text)
             elif isinstance(event, Failed):
                 raise GenerationFailed(event.message)
             else:
-                note_finished(request, job, event)
-                return JSONResponse(reply.whole("".join(parts), event))
+                answer.flush()
+                extra = await finished(event)
+                body = reply.whole(answer.text(), "".join(answer.reasoning), event)
+                return JSONResponse({**body, **extra}, headers=headers)
     finally:
         job.cancel()
         gone.cancel()
@@ -195,16 +297,33 @@ async def _race(events: AsyncIterator[Any], gone: asyncio.Future[None]) -> Async
             return
 
 
-async def stream_reply(request: Request, job: Job, reply: Reply, include_usage: bool) -> Response:
+def _delta(reasoning: str, content: str) -> dict[str, str]:
+    delta = {}
+    if reasoning:
+        delta["reasoning_content"] = reasoning
+    if content:
+        delta["content"] = content
+    return delta
+
+
+async def stream_reply(
+    job: Job,
+    reply: Reply,
+    answer: Answer,
+    include_usage: bool,
+    finished: Callable[[Finished], Awaitable[dict[str, Any]]],
+    headers: dict[str, str],
+    close: Callable[[], None],
+) -> Response:
+    """Errors before the first token are plain HTTP errors; then a 200 event stream."""
     events: AsyncIterator[Event] = job.events()
     try:
         first = await anext(events)
+        if isinstance(first, Failed):
+            raise GenerationFailed(first.message)
     except BaseException:
-        job.cancel()
+        close()
         raise
-    if isinstance(first, Failed):
-        job.cancel()
-        raise GenerationFailed(first.message)
 
     async def body() -> AsyncIterator[bytes]:
         try:
@@ -212,23 +331,25 @@ async def stream_reply(request: Request, job: Job, reply: Reply, include_usage: 
             event: Event = first
             while True:
                 if isinstance(event, Delta):
-                    yield sse(reply.chunk({"content": event.text}))
+                    if delta := _delta(*answer.feed(event.text)):
+                        yield sse(reply.chunk(delta))
                 elif isinstance(event, Failed):
                     err = GenerationFailed(event.message)
                     yield sse({"error": {"message": err.message, "type": err.type}})
                     return
                 else:
-                    note_finished(request, job, event)
+                    if delta := _delta(*answer.flush()):
+                        yield sse(reply.chunk(delta))
+                    extra = await finished(event)
                     last = reply.chunk({}, event.finish_reason)
                     if include_usage:
                         yield sse(last)
-                        last = {**reply.base(), "choices": [], "usage": reply.usage(event)}
-                    last["timings"] = event.timings
-                    yield sse(last)
+                        last = reply.usage_chunk(event)
+                    yield sse({**last, "timings": event.timings, **extra})
                     yield sse("[DONE]")
                     return
                 event = await anext(events)
         finally:
-            job.cancel()
+            close()
 
-    return EventStream(body())
+    return EventStream(body(), headers=headers, on_close=close)

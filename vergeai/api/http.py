@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
@@ -55,7 +56,13 @@ class EventStream(StreamingResponse):
     gone client cancels its generation at once.
     """
 
-    def __init__(self, content: Any, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        content: Any,
+        headers: dict[str, str] | None = None,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        self.on_close = on_close
         super().__init__(
             content,
             media_type="text/event-stream",
@@ -71,6 +78,9 @@ class EventStream(StreamingResponse):
             for task in (stream, gone):
                 task.cancel()
             await asyncio.gather(stream, gone, return_exceptions=True)
+            if self.on_close is not None:
+                # runs even when the body never started, which skips its own finally
+                self.on_close()
         failed = stream.done() and not stream.cancelled() and stream.exception()
         if failed and not isinstance(failed, OSError):
             raise failed

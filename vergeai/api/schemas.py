@@ -7,12 +7,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vergeai.errors import InvalidRequest, Unsupported
+from vergeai.state.history import SESSION_ID_RE
 
 ROLES = ("system", "user", "assistant", "developer")
 MAX_STOPS = 16
 MAX_STOP_LENGTH = 1024
 MAX_LOGIT_BIAS = 1024
-SESSION_ID_MAX = 128
+MAX_GRAMMAR = 64 * 1024
+REASONING_FORMATS = ("none", "auto", "deepseek", "deepseek-legacy")
 
 
 @dataclass
@@ -29,6 +31,10 @@ class ChatRequest:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
+    enable_thinking: bool | None = None
+    raw_reasoning: bool = False  # reasoning_format "none": tags stay in content
+    session_id: str | None = None
+    grammar: str | None = None
 
 
 def _bad(param: str, message: str) -> InvalidRequest:
@@ -134,6 +140,43 @@ def _logit_bias(value: Any) -> dict[int, float]:
     return out
 
 
+def _enable_thinking(value: Any) -> bool | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _bad("chat_template_kwargs", "must be an object")
+    flag = value.get("enable_thinking")
+    if flag is not None and not isinstance(flag, bool):
+        raise _bad("chat_template_kwargs.enable_thinking", "must be true or false")
+    return flag
+
+
+def _reasoning_format(value: Any) -> bool:
+    if value is None:
+        return False
+    if value not in REASONING_FORMATS:
+        raise _bad("reasoning_format", f"must be one of {', '.join(REASONING_FORMATS)}")
+    return bool(value == "none")
+
+
+def _session_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not SESSION_ID_RE.match(value):
+        raise _bad("session_id", "must be 1-128 characters: letters, digits and . _ : @ -")
+    return value
+
+
+def _grammar(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise _bad("grammar", "must be a GBNF grammar string")
+    if len(value) > MAX_GRAMMAR:
+        raise _bad("grammar", f"at most {MAX_GRAMMAR} characters")
+    return value
+
+
 def _check_unsupported(body: dict[str, Any]) -> None:
     n = body.get("n")
     if n is not None and n != 1:
@@ -186,4 +229,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
         presence_penalty=_number(body, "presence_penalty", -2.0, 2.0) or 0.0,
         frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0) or 0.0,
         logit_bias=_logit_bias(body.get("logit_bias")),
+        enable_thinking=_enable_thinking(body.get("chat_template_kwargs")),
+        raw_reasoning=_reasoning_format(body.get("reasoning_format")),
+        session_id=_session_id(body.get("session_id")),
+        grammar=_grammar(body.get("grammar")),
     )

@@ -48,6 +48,16 @@ ChatHistoryOpt = Annotated[
     bool | None,
     typer.Option("--chat-history/--no-chat-history", help="Remember sessions across calls."),
 ]
+HistoryTurnsOpt = Annotated[
+    int | None,
+    typer.Option("--history-turns", min=1, max=10_000, help="Turns kept per session [50]."),
+]
+HistoryDaysOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--history-days", min=1, max=36_500, help="Idle days until a session expires [30]."
+    ),
+]
 TemperatureOpt = Annotated[
     float | None, typer.Option(min=0.0, max=2.0, help="Default sampling temperature.")
 ]
@@ -127,6 +137,8 @@ def settings_from(
     system_prompt_file: Path | None,
     disable_think: bool | None,
     chat_history: bool | None,
+    history_turns: int | None,
+    history_days: int | None,
     temperature: float | None,
     top_p: float | None,
     max_tokens: int | None,
@@ -150,6 +162,8 @@ def settings_from(
         "system_prompt": read_system_prompt(system_prompt, system_prompt_file),
         "disable_think": disable_think,
         "chat_history": chat_history,
+        "history_turns": history_turns,
+        "history_days": history_days,
         "temperature": temperature,
         "top_p": top_p,
         "max_tokens": max_tokens,
@@ -172,6 +186,8 @@ def create(
     system_prompt_file: SystemPromptFileOpt = None,
     disable_think: DisableThinkOpt = None,
     chat_history: ChatHistoryOpt = None,
+    history_turns: HistoryTurnsOpt = None,
+    history_days: HistoryDaysOpt = None,
     temperature: TemperatureOpt = None,
     top_p: TopPOpt = None,
     max_tokens: MaxTokensOpt = None,
@@ -191,8 +207,8 @@ def create(
         check_name(name)
     settings = settings_from(
         model, model_name, system_prompt, system_prompt_file, disable_think, chat_history,
-        temperature, top_p, max_tokens, ctx, threads, gpu_layers, chat_format, parallel,
-        max_queue, online,
+        history_turns, history_days, temperature, top_p, max_tokens, ctx, threads, gpu_layers,
+        chat_format, parallel, max_queue, online,
     )  # fmt: skip
     with failures():
         assistant = Assistant(name=name, model=settings.pop("model"))
@@ -215,6 +231,8 @@ def edit(
     system_prompt_file: SystemPromptFileOpt = None,
     disable_think: DisableThinkOpt = None,
     chat_history: ChatHistoryOpt = None,
+    history_turns: HistoryTurnsOpt = None,
+    history_days: HistoryDaysOpt = None,
     temperature: TemperatureOpt = None,
     top_p: TopPOpt = None,
     max_tokens: MaxTokensOpt = None,
@@ -230,8 +248,8 @@ def edit(
     """Change an assistant's settings; a running server applies them live."""
     settings = settings_from(
         model, model_name, system_prompt, system_prompt_file, disable_think, chat_history,
-        temperature, top_p, max_tokens, ctx, threads, gpu_layers, chat_format, parallel,
-        max_queue, online,
+        history_turns, history_days, temperature, top_p, max_tokens, ctx, threads, gpu_layers,
+        chat_format, parallel, max_queue, online,
     )  # fmt: skip
     if all(v is None for v in settings.values()):
         raise typer.BadParameter("nothing to change: give at least one setting")

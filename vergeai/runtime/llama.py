@@ -155,12 +155,30 @@ class Sampling:
     presence_penalty: float
     frequency_penalty: float
     logit_bias: dict[int, float]
+    grammar: str | None = None
+
+
+class GrammarError(VergeError):
+    pass
+
+
+def grammar_sampler(model: Model, grammar: str) -> Any:
+    sampler = llama_cpp.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
+    if not sampler:
+        raise GrammarError("llama.cpp could not parse the grammar (GBNF with a 'root' rule)")
+    return sampler
+
+
+def check_grammar(model: Model, grammar: str) -> None:
+    llama_cpp.llama_sampler_free(grammar_sampler(model, grammar))
 
 
 def build_sampler(model: Model, s: Sampling) -> Any:
-    """A native sampler chain in llama-server's order."""
+    """A native sampler chain in llama-server's order (a grammar, if any, first)."""
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     add = llama_cpp.llama_sampler_chain_add
+    if s.grammar:
+        add(chain, grammar_sampler(model, s.grammar))
     if s.logit_bias:
         arr = (llama_cpp.llama_logit_bias * len(s.logit_bias))()
         for i, (token, bias) in enumerate(s.logit_bias.items()):

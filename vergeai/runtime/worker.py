@@ -29,6 +29,7 @@ from vergeai.runtime.llama import (
     shared_models,
 )
 from vergeai.runtime.prompt import ChatTemplate, Message
+from vergeai.runtime.reasoning import close_open_think, prompt_opens_think
 from vergeai.runtime.stops import StopMatcher
 from vergeai.runtime.templates import BUILTIN
 from vergeai.state.records import Assistant
@@ -46,6 +47,13 @@ class Slot:
     decoder: Any = None
     stops: StopMatcher | None = None
     last_used: float = 0.0
+
+
+@dataclass
+class Rendered:
+    text: str
+    tokens: list[int]
+    opens_think: bool  # the prompt leaves a <think> block open: output starts as reasoning
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -138,9 +146,21 @@ class Worker:
                 extra={"n_prompt_tokens": len(tokens), "n_ctx": self.n_ctx},
             )
 
-    def prompt_tokens(self, messages: list[Message], enable_thinking: bool | None) -> list[int]:
+    def tokenize(self, text: str) -> list[int]:
+        assert self.model is not None
+        return self.model.tokenize(text)
+
+    def render(self, messages: list[Message], enable_thinking: bool | None) -> Rendered:
+        """Messages to prompt tokens, thinking switched as asked where the template allows.
+
+        A template without an enable_thinking switch that opens a think block
+        itself gets that block closed empty when thinking is off.
+        """
         assert self.template is not None and self.model is not None
-        return self.model.tokenize(self.template.render(messages, enable_thinking=enable_thinking))
+        text = self.template.render(messages, enable_thinking=enable_thinking)
+        if enable_thinking is False and not self.template.supports_thinking:
+            text = close_open_think(text)
+        return Rendered(text, self.model.tokenize(text), prompt_opens_think(text))
 
     def submit(self, job: Job) -> None:
         with self.cond:

@@ -172,6 +172,8 @@ class Assistant:
     system_prompt: str = ""
     disable_think: bool = False
     chat_history: bool = False
+    history_turns: int = 50
+    history_days: int = 30
     temperature: float | None = None
     top_p: float | None = None
     max_tokens: int | None = None
@@ -215,6 +217,10 @@ class Assistant:
             raise RecordError("gpu_layers", "must be -1 (all) or a count of layers")
         if not 1 <= self.parallel <= 64:
             raise RecordError("parallel", "must be between 1 and 64")
+        if not 1 <= self.history_turns <= 10_000:
+            raise RecordError("history_turns", "must be between 1 and 10000")
+        if not 1 <= self.history_days <= 36_500:
+            raise RecordError("history_days", "must be between 1 and 36500")
         if not 0 <= self.max_queue <= 100_000:
             raise RecordError("max_queue", "must be between 0 and 100000")
         return self
@@ -229,6 +235,8 @@ class Assistant:
             system_prompt=_typed(data, "system_prompt", str, ""),
             disable_think=_typed(data, "disable_think", bool, False),
             chat_history=_typed(data, "chat_history", bool, False),
+            history_turns=_typed(data, "history_turns", int, 50),
+            history_days=_typed(data, "history_days", int, 30),
             temperature=_typed(data, "temperature", float, None),
             top_p=_typed(data, "top_p", float, None),
             max_tokens=_typed(data, "max_tokens", int, None),

@@ -1,0 +1,90 @@
+"""What a chat request becomes before generation: stored history, system prompt, thinking.
+
+Calls in one chat-history session are serialized by a per-session lock held
+from reading the history until the answer is stored, so no turn is lost or
+interleaved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+from vergeai.runtime.prompt import Message, with_system_prompt
+from vergeai.runtime.worker import Rendered, Worker
+from vergeai.state.history import History, SessionKey, Turn
+
+
+@dataclass
+class Prepared:
+    rendered: Rendered
+    turns_used: int
+    turns_dropped: int
+    message_tokens: list[int]  # of the request's own messages, for the history
+
+
+def prepare(
+    worker: Worker,
+    system_prompt: str,
+    turns: list[Turn],
+    messages: list[Message],
+    enable_thinking: bool | None,
+    max_tokens: int,
+    remember: bool,
+) -> Prepared:
+    """Render the prompt; drop the oldest whole turns until it fits the context.
+
+    The system prompt and the request's own messages always stay; room for
+    some of the answer (up to a quarter of the context) is kept when
+    history is what makes the prompt long.
+    """
+    reserve = min(max_tokens, worker.n_ctx // 4)
+    dropped = 0
+    while True:
+        history = [m for turn in turns[dropped:] for m in turn]
+        prompt = with_system_prompt(system_prompt, history + messages)
+        rendered = worker.render(prompt, enable_thinking)
+        if dropped == len(turns) or len(rendered.tokens) + reserve < worker.n_ctx:
+            counts = [len(worker.tokenize(m["content"])) for m in messages] if remember else []
+            return Prepared(rendered, len(turns) - dropped, dropped, counts)
+        dropped += 1
+
+
+class Lease:
+    def __init__(self, sessions: Sessions, key: SessionKey) -> None:
+        self.sessions = sessions
+        self.key = key
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.sessions._release(self.key)
+
+
+class Sessions:
+    def __init__(self, root: Path) -> None:
+        self.history = History(root)
+        self._locks: dict[SessionKey, tuple[asyncio.Lock, int]] = {}
+
+    async def lease(self, key: SessionKey) -> Lease:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            await lock.acquire()
+        except BaseException:
+            self._forget(key)
+            raise
+        return Lease(self, key)
+
+    def _release(self, key: SessionKey) -> None:
+        self._locks[key][0].release()
+        self._forget(key)
+
+    def _forget(self, key: SessionKey) -> None:
+        lock, users = self._locks[key]
+        if users <= 1:
+            del self._locks[key]
+        else:
+            self._locks[key] = (lock, users - 1)

@@ -1,0 +1,63 @@
+"""OpenAI response objects for one chat completion, whole or as stream chunks."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+from vergeai.runtime.job import Finished
+
+
+class Reply:
+    def __init__(self, name: str, stream: bool) -> None:
+        self.id = "chatcmpl-" + secrets.token_hex(12)
+        self.name = name
+        self.created = int(time.time())
+        self.object = "chat.completion.chunk" if stream else "chat.completion"
+
+    def base(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.name,
+            "system_fingerprint": self.name,
+        }
+
+    @staticmethod
+    def usage(done: Finished) -> dict[str, int]:
+        return {
+            "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens,
+        }
+
+    def whole(self, content: str, reasoning: str, done: Finished) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        return {
+            **self.base(),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "logprobs": None,
+                    "finish_reason": done.finish_reason,
+                }
+            ],
+            "usage": self.usage(done),
+            "timings": done.timings,
+        }
+
+    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        return {
+            **self.base(),
+            "choices": [
+                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            ],
+        }
+
+    def usage_chunk(self, done: Finished) -> dict[str, Any]:
+        return {**self.base(), "choices": [], "usage": self.usage(done)}
