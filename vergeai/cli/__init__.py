@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from vergeai import __version__
-from vergeai.cli import assistant, key, serve, user, workers
+from vergeai.cli import assistant, history, key, serve, user, workers
 
 app = typer.Typer(
     name="vergeai",
@@ -16,6 +16,8 @@ app = typer.Typer(
 )
 app.add_typer(user.app, name="user")
 app.add_typer(key.app, name="key")
+assistant.app.command("sessions")(history.sessions)
+assistant.app.command("clear-history")(history.clear_history)
 app.add_typer(assistant.app, name="assistant")
 app.command("serve")(serve.serve)
 app.command("workers")(workers.workers)

@@ -21,7 +21,9 @@ from vergeai.cli.common import (
     say,
     store_for,
 )
+from vergeai.runtime.llama import LoadError
 from vergeai.runtime.templates import BUILTIN
+from vergeai.runtime.templating import inspect_template
 from vergeai.state.records import Assistant, check_name
 
 app = typer.Typer(
@@ -290,6 +292,13 @@ def show(name: str, json_: JsonOption = False, state_dir: StateDirOption = None)
     if assistant is None:
         fail(f"no assistant named {name!r}")
     row = assistant_row(assistant)
+    try:
+        choice = inspect_template(assistant)
+        row["chat_template"] = choice.origin
+        row["thinking_control"] = choice.thinking_control
+    except LoadError as exc:
+        row["chat_template"] = f"unreadable: {exc.message}"
+        row["thinking_control"] = "unknown"
     if json_:
         print_json(row)
         return

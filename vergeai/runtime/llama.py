@@ -113,6 +113,21 @@ class Model:
             self.ptr = None
 
 
+def read_chat_template(path: str) -> str | None:
+    """The GGUF's own chat template, reading only its vocabulary and metadata."""
+    init_backend()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    ptr = llama_cpp.llama_model_load_from_file(os.fsencode(path), params)
+    if not ptr:
+        raise LoadError(f"llama.cpp could not read {path}")
+    try:
+        raw = llama_cpp.llama_model_chat_template(ptr, None)
+        return raw.decode("utf-8", "replace") if raw else None
+    finally:
+        llama_cpp.llama_model_free(ptr)
+
+
 class _SharedModels:
     def __init__(self) -> None:
         self._lock = threading.Lock()

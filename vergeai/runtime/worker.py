@@ -22,7 +22,6 @@ from vergeai.errors import ContextOverflow, QueueFull, Unavailable
 from vergeai.runtime.job import Delta, Failed, Finished, Job
 from vergeai.runtime.llama import (
     Context,
-    LoadError,
     Model,
     build_sampler,
     free_sampler,
@@ -31,7 +30,7 @@ from vergeai.runtime.llama import (
 from vergeai.runtime.prompt import ChatTemplate, Message
 from vergeai.runtime.reasoning import close_open_think, prompt_opens_think
 from vergeai.runtime.stops import StopMatcher
-from vergeai.runtime.templates import BUILTIN
+from vergeai.runtime.templating import build_template
 from vergeai.state.records import Assistant
 
 log = logging.getLogger("vergeai.worker")
@@ -187,7 +186,7 @@ class Worker:
         try:
             a = self.assistant
             self.model = shared_models.acquire(a.model, a.gpu_layers)
-            self.template = self._template(self.model)
+            self.template = build_template(a, self.model)
             self.ctx = Context(self.model, a.ctx, a.parallel, a.threads)
             self.slots = [Slot(seq=i) for i in range(a.parallel)]
         except Exception as exc:  # llama.cpp reports load failures many ways
@@ -217,19 +216,6 @@ class Worker:
             if self.status != "error":
                 self.status = "offline"
             self._release()
-
-    def _template(self, model: Model) -> ChatTemplate:
-        """The assistant's --chat-format if set, else the GGUF's own template."""
-        a = self.assistant
-        source = BUILTIN.get(a.chat_format) if a.chat_format else model.chat_template()
-        if source is None:
-            if a.chat_format:
-                raise LoadError(f"unknown chat format {a.chat_format!r}")
-            raise LoadError(
-                "the GGUF has no chat template; set one with "
-                f"'vergeai assistant edit {a.name} --chat-format NAME'"
-            )
-        return ChatTemplate(source, model.token_text(model.bos), model.token_text(model.eos))
 
     def _release(self) -> None:
         for slot in self.slots:
