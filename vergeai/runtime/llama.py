@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 import llama_cpp
-from llama_cpp import _logger as llama_logger
 
 from vergeai.errors import VergeError
 
@@ -26,10 +26,23 @@ class LoadError(VergeError):
     pass
 
 
+GGML_LOG_ERROR = 4
+_verbose = False
+
+
+@llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    # llama-cpp-python's own callback maps ggml's levels wrongly and prints
+    # every model-load notice; we print errors only, unless asked for debug.
+    if _verbose or level == GGML_LOG_ERROR:
+        sys.stderr.write(text.decode("utf-8", "replace"))
+
+
 def init_backend(verbose: bool = False) -> None:
-    global _backend_ready
+    global _backend_ready, _verbose
     with _backend_lock:
-        llama_logger.set_verbose(verbose)
+        _verbose = verbose
+        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
         if not _backend_ready:
             llama_cpp.llama_backend_init()
             _backend_ready = True
