@@ -10,8 +10,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-
-from tests.conftest import Deployment, cli_ok
+from conftest import Deployment, cli_ok
 
 END_OF_TURN = 106  # Gemma's <end_of_turn>
 EOS = 1

@@ -17,8 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import trustme
-
-from tests.conftest import Server, cli_ok, free_port, run_cli
+from conftest import Server, cli_ok, free_port, run_cli
 
 NO_EOS = {"1": -100, "106": -100}
 HELLO = [{"role": "user", "content": "Tell me a story."}]

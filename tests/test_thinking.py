@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Server, cli_ok, free_port
 
-from tests.conftest import Server, cli_ok, free_port
 from vergeai.runtime.llama import read_chat_template
 from vergeai.runtime.prompt import ChatTemplate
 from vergeai.runtime.reasoning import close_open_think

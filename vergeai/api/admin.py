@@ -11,15 +11,14 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
 from vergeai import __version__
 from vergeai.service import Service
+from vergeai.state.admin_socket import SOCKET, ask
 
-SOCKET = "admin.sock"
 log = logging.getLogger("vergeai.admin")
 
 
@@ -97,26 +96,6 @@ async def start_admin_server(
 
 class AdminSocketBusy(RuntimeError):
     pass
-
-
-def ask(state_dir: Path, command: str, timeout: float = 5.0) -> dict[str, Any] | None:
-    """Send one command to a running daemon; None when none answers."""
-    path = state_dir / SOCKET
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(str(path))
-            sock.sendall(command.encode() + b"\n")
-            data = b""
-            while chunk := sock.recv(65536):
-                data += chunk
-    except OSError:
-        return None
-    try:
-        reply = json.loads(data)
-    except ValueError:
-        return None
-    return reply if isinstance(reply, dict) else None
 
 
 def remove_socket(state_dir: Path) -> None:

@@ -40,10 +40,12 @@ def prepare(
     history is what makes the prompt long.
     """
     reserve = min(max_tokens, worker.n_ctx // 4)
+    # the client's leading system messages stay first, before the history
+    lead = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
     dropped = 0
     while True:
         history = [m for turn in turns[dropped:] for m in turn]
-        prompt = with_system_prompt(system_prompt, history + messages)
+        prompt = with_system_prompt(system_prompt, messages[:lead] + history + messages[lead:])
         rendered = worker.render(prompt, enable_thinking)
         if dropped == len(turns) or len(rendered.tokens) + reserve < worker.n_ctx:
             counts = [len(worker.tokenize(m["content"])) for m in messages] if remember else []

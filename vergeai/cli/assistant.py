@@ -21,9 +21,7 @@ from vergeai.cli.common import (
     say,
     store_for,
 )
-from vergeai.runtime.llama import LoadError
 from vergeai.runtime.templates import BUILTIN
-from vergeai.runtime.templating import inspect_template
 from vergeai.state.records import Assistant, check_name
 
 app = typer.Typer(
@@ -292,6 +290,9 @@ def show(name: str, json_: JsonOption = False, state_dir: StateDirOption = None)
     if assistant is None:
         fail(f"no assistant named {name!r}")
     row = assistant_row(assistant)
+    from vergeai.runtime.llama import LoadError  # loads llama.cpp: only for this command
+    from vergeai.runtime.templating import inspect_template
+
     try:
         choice = inspect_template(assistant)
         row["chat_template"] = choice.origin

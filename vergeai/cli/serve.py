@@ -8,12 +8,9 @@ from typing import Annotated
 
 import typer
 
-from vergeai.api.admin import AdminSocketBusy
 from vergeai.auth import display_prefix, hash_token, new_token
 from vergeai.cli.common import StateDirOption, fail, failures, say, store_for
 from vergeai.logs import setup_logging
-from vergeai.server import run
-from vergeai.service import Service
 from vergeai.state.config import LOG_FORMATS, LOG_LEVELS, load_config
 from vergeai.state.records import ApiKey, Assistant, User, now
 from vergeai.state.store import Store
@@ -126,6 +123,11 @@ def serve(
         if path is not None and not Path(path).is_file():
             fail(f"{path} is not a readable file")
     setup_logging(opts.log_level, opts.log_format)
+    # imported here so that the other commands start without llama.cpp and the web stack
+    from vergeai.api.admin import AdminSocketBusy
+    from vergeai.server import run
+    from vergeai.service import Service
+
     with failures():
         if demo:
             scheme = "https" if opts.certfile else "http"

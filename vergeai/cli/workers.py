@@ -11,8 +11,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from vergeai.api.admin import ask
 from vergeai.cli.common import JsonOption, StateDirOption, err, out, print_json, store_for
+from vergeai.state.admin_socket import ask
 
 NOT_RUNNING = 3
 

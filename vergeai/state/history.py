@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 FILE = "history.db"
-SESSION_ID_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
+SESSION_ID_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,128}\Z")  # \Z: no trailing newline
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
