@@ -411,3 +411,14 @@ def test_bad_config_file_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 1 and "colour" in result.stderr
     assert vergeai(state, "serve", "--log-format", "xml").returncode == 2
     assert vergeai(state, "serve", "--certfile", "x.pem").returncode == 2
+
+
+def test_key_list_shows_last_used(ops: Ops) -> None:
+    ops.chat(ops.user, "gemma", logit_bias=NO_EOS)
+
+    def last_used() -> str | None:
+        keys = json.loads(cli_ok(ops.state, "key", "list", "--user", "bob", "--json"))
+        return next(k["last_used"] for k in keys if k["name"] == "app")
+
+    eventually(lambda: last_used() is not None, timeout=5, what="last_used recorded")
+    assert ops.user not in (ops.state / "usage.db").read_bytes().decode("latin-1")
