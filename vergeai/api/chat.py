@@ -12,7 +12,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from vergeai.api.conversation import Lease, Prepared, Sessions, prepare
+from vergeai.api.conversation import Prepared, Sessions, prepare
 from vergeai.api.http import EventStream, read_json, sse, wait_for_disconnect
 from vergeai.api.replies import Reply
 from vergeai.api.schemas import ChatRequest, parse_chat_request
@@ -113,7 +113,6 @@ class Memory:
 
     sessions: Sessions
     key: SessionKey
-    lease: Lease
     assistant: Assistant
     prepared: Prepared
     messages: list[dict[str, str]] = field(default_factory=list)
@@ -187,7 +186,7 @@ async def chat_completions(request: Request) -> Response:
         raise
     memory = None
     if lease is not None and key is not None:
-        memory = Memory(sessions, key, lease, assistant, prepared, req.messages)
+        memory = Memory(sessions, key, assistant, prepared, req.messages)
     answer = Answer(assistant.name, req.raw_reasoning, prepared.rendered.opens_think)
     reply = Reply(name=assistant.name, stream=req.stream)
     headers = {"X-Session-ID": session_id} if session_id else {}
