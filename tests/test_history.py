@@ -1,0 +1,608 @@
+"""Chat-history sessions end to end: `vergeai serve` on the real demo model, the openai client.
+
+One server for the module, with an assistant `mem` that remembers sessions
+(4 turns kept, 512-token context) and `plain`, the same model without history.
+The tests run in file order and share the server; each uses its own session ids.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from conftest import Server, cli_ok, free_port, run_cli
+
+from vergeai.state.history import History, SessionKey
+
+END_OF_TURN = 106  # Gemma's <end_of_turn>
+EOS = 1
+NO_EOS = {str(EOS): -100, str(END_OF_TURN): -100}
+SYSTEM = "You are a helpful assistant."
+FILLER = "The quick brown fox jumps over the lazy dog near the quiet river bank. "
+
+
+@dataclass
+class Env:
+    server: Server
+    alice: str
+    bob: str
+
+    @property
+    def state(self) -> Path:
+        return self.server.state_dir
+
+
+def wait_all_online(server: Server, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{server.root_url}/health", timeout=1.0)
+            if r.status_code == 200 and set(r.json()["assistants"].values()) == {"online"}:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"assistants did not come online:\n{server.log()}")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator[Env]:
+    root = tmp_path_factory.mktemp("history")
+    state = root / "state"
+    cli_ok(state, "user", "create", "alice")
+    cli_ok(state, "user", "create", "bob")
+    common = ["--model", model_path, "--chat-format", "gemma", "--threads", "2", "--ctx", "512"]
+    common += ["--parallel", "2", "--system-prompt", SYSTEM]
+    cli_ok(state, "assistant", "create", "mem", *common, "--chat-history", "--history-turns", "4")
+    cli_ok(state, "assistant", "create", "plain", *common)
+    alice = cli_ok(state, "key", "create", "--user", "alice", "--name", "k").strip()
+    bob = cli_ok(state, "key", "create", "--user", "bob", "--name", "k").strip()
+    server = Server(state_dir=state, port=free_port(), log_path=root / "serve.log")
+    server.start()
+    try:
+        wait_all_online(server)
+        yield Env(server=server, alice=alice, bob=bob)
+    finally:
+        server.stop()
+
+
+def user(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+@dataclass
+class Call:
+    reply: Any  # openai ChatCompletion
+    headers: httpx.Headers
+
+    @property
+    def text(self) -> str:
+        return str(self.reply.choices[0].message.content or "")
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.reply.usage.prompt_tokens)
+
+    @property
+    def session(self) -> dict[str, Any] | None:
+        return (self.reply.model_extra or {}).get("session")
+
+    @property
+    def timings(self) -> dict[str, Any]:
+        return dict((self.reply.model_extra or {})["timings"])
+
+
+def chat(
+    env: Env,
+    messages: list[dict[str, str]],
+    *,
+    model: str = "mem",
+    session: str | None = None,
+    via: str = "header",
+    token: str | None = None,
+    max_tokens: int = 4,
+) -> Call:
+    """One non-streaming call through the openai client; session named by header or body."""
+    client = env.server.client(token or env.alice)
+    extra: dict[str, Any] = {}
+    if session is not None and via == "header":
+        extra["extra_headers"] = {"X-Session-ID": session}
+    elif session is not None:
+        extra["extra_body"] = {"session_id": session}
+    raw = client.chat.completions.with_raw_response.create(
+        model=model,
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=max_tokens,
+        temperature=0,
+        logit_bias=NO_EOS,  # type: ignore[arg-type]
+        **extra,
+    )
+    return Call(raw.parse(), raw.headers)
+
+
+def post(env: Env, body: dict[str, Any], token: str | None = None, **kw: Any) -> httpx.Response:
+    with env.server.http(token or env.alice) as http:
+        return http.post("/v1/chat/completions", json=body, **kw)
+
+
+def session_rows(env: Env, *extra: str, assistant: str = "mem") -> list[dict[str, Any]]:
+    rows = json.loads(cli_ok(env.state, "assistant", "sessions", assistant, "--json", *extra))
+    assert isinstance(rows, list)
+    return rows
+
+
+def turn_counts(env: Env) -> dict[tuple[str, str], int]:
+    return {(r["user"], r["id"]): r["turns"] for r in session_rows(env)}
+
+
+def stored(env: Env, session: str, who: str = "alice") -> list[list[dict[str, str]]]:
+    return History(env.state).turns(SessionKey(who, "mem", session), 30)
+
+
+def fresh_prompt_tokens(env: Env, text: str) -> int:
+    """The prompt size of a one-message conversation, with no history."""
+    return chat(env, [user(text)], model="plain", max_tokens=1).prompt_tokens
+
+
+# 1. memory
+
+
+def test_a_fact_told_in_call_one_is_in_the_prompt_of_call_two(env: Env) -> None:
+    one = chat(env, [user("My name is Zanzibar.")], session="s1")
+    assert one.session == {"id": "s1", "turns_used": 0, "turns_dropped": 0}
+    assert one.headers["x-session-id"] == "s1"
+    a1 = one.text
+    assert a1
+    two = chat(env, [user("What is my name?")], session="s1")
+    assert two.session == {"id": "s1", "turns_used": 1, "turns_dropped": 0}
+    explicit = chat(
+        env,
+        [
+            user("My name is Zanzibar."),
+            {"role": "assistant", "content": a1},
+            user("What is my name?"),
+        ],
+        model="plain",
+    )
+    assert explicit.session is None
+    assert two.prompt_tokens == explicit.prompt_tokens
+    assert two.prompt_tokens > one.prompt_tokens + 5
+    # the KV cache of call one is reused: only the new tokens are evaluated
+    timings = two.timings
+    assert timings["cache_n"] >= one.prompt_tokens - 1
+    assert timings["cache_n"] + timings["prompt_n"] == two.prompt_tokens
+    # what is stored: the user message and the answer, as one turn; no system prompt
+    assert stored(env, "s1") == [
+        [user("My name is Zanzibar."), {"role": "assistant", "content": a1}],
+        [user("What is my name?"), {"role": "assistant", "content": two.text}],
+    ]
+
+
+def test_a_clients_own_system_message_stays_before_the_history(env: Env) -> None:
+    system = {"role": "system", "content": "Answer in French."}
+    one = chat(env, [system, user("I live in Lyon.")], session="sys")
+    two = chat(env, [system, user("Where do I live?")], session="sys")
+    assert two.session is not None and two.session["turns_used"] == 1
+    explicit = chat(
+        env,
+        [
+            system,
+            user("I live in Lyon."),
+            {"role": "assistant", "content": one.text},
+            user("Where do I live?"),
+        ],
+        model="plain",
+    )
+    assert two.prompt_tokens == explicit.prompt_tokens
+    # the client's system message is not history
+    assert [m["role"] for turn in stored(env, "sys") for m in turn] == ["user", "assistant"] * 2
+
+
+def test_a_streamed_call_is_remembered_and_its_last_chunk_names_the_session(env: Env) -> None:
+    client = env.server.client(env.alice)
+    for include_usage in (False, True):
+        chunks = list(
+            client.chat.completions.create(
+                model="mem",
+                messages=[user(f"Streaming, usage {include_usage}.")],
+                max_tokens=4,
+                logit_bias=NO_EOS,  # type: ignore[arg-type]
+                stream=True,
+                stream_options={"include_usage": include_usage},
+                extra_body={"session_id": "stream"},
+            )
+        )
+        sessions = [(c.model_extra or {}).get("session") for c in chunks]
+        assert sessions[:-1] == [None] * (len(chunks) - 1)
+        assert sessions[-1] == {
+            "id": "stream",
+            "turns_used": int(include_usage),
+            "turns_dropped": 0,
+        }
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert stored(env, "stream")[-1] == [
+            user(f"Streaming, usage {include_usage}."),
+            {"role": "assistant", "content": text},
+        ]
+
+
+# 2. naming a session
+
+
+def test_header_and_body_name_the_same_session(env: Env) -> None:
+    a = chat(env, [user("One.")], session="both", via="header")
+    b = chat(env, [user("Two.")], session="both", via="body")
+    assert a.headers["x-session-id"] == b.headers["x-session-id"] == "both"
+    assert a.session is not None and a.session["turns_used"] == 0
+    assert b.session is not None and b.session["turns_used"] == 1
+    same = post(
+        env,
+        {"model": "mem", "messages": [user("Three.")], "max_tokens": 2, "session_id": "both"},
+        headers={"X-Session-ID": "both"},
+    )
+    assert same.status_code == 200
+    assert same.headers["x-session-id"] == "both"
+    assert same.json()["session"]["turns_used"] == 2
+    assert turn_counts(env)[("alice", "both")] == 3
+
+
+def test_every_allowed_character_up_to_128_makes_a_session_id(env: Env) -> None:
+    longest = ("Az09._:@-" * 15)[:128]
+    call = chat(env, [user("Hi.")], session=longest)
+    assert call.headers["x-session-id"] == longest
+    assert call.session is not None and call.session["id"] == longest
+    assert turn_counts(env)[("alice", longest)] == 1
+
+
+def _error(response: httpx.Response) -> dict[str, Any]:
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    return dict(body["error"])
+
+
+def test_header_and_body_naming_different_sessions_is_400(env: Env) -> None:
+    before = session_rows(env)
+    response = post(
+        env,
+        {"model": "mem", "messages": [user("x")], "max_tokens": 2, "session_id": "left"},
+        headers={"X-Session-ID": "right"},
+    )
+    err = _error(response)
+    assert err["param"] == "session_id" and err["type"] == "invalid_request_error"
+    assert session_rows(env) == before
+
+
+@pytest.mark.parametrize("bad", ["a b", "x" * 129, "x" * 200, "", "a/b", "ü", "s1\n"])
+def test_bad_session_ids_are_400_and_store_nothing(env: Env, bad: str) -> None:
+    before = session_rows(env)
+    body = {"model": "mem", "messages": [user("x")], "max_tokens": 2}
+    err = _error(post(env, {**body, "session_id": bad}))
+    assert err["param"] == "session_id"
+    if bad.isascii() and "\n" not in bad:  # what an HTTP header can carry
+        err = _error(post(env, body, headers={"X-Session-ID": bad}))
+        assert err["param"] == "session_id"
+    assert session_rows(env) == before
+
+
+@pytest.mark.parametrize("bad", [5, True, ["s1"], {"id": "s1"}, 1.5])
+def test_non_string_session_ids_are_400(env: Env, bad: Any) -> None:
+    before = session_rows(env)
+    body = {"model": "mem", "messages": [user("x")], "max_tokens": 2, "session_id": bad}
+    assert _error(post(env, body))["param"] == "session_id"
+    assert session_rows(env) == before
+
+
+def test_openai_client_sees_bad_session_as_bad_request(env: Env) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        chat(env, [user("x")], session="no spaces please")
+    assert caught.value.status_code == 400
+
+
+# 3. isolation
+
+
+def test_another_user_with_the_same_session_id_sees_an_empty_session(env: Env) -> None:
+    assert len(stored(env, "s1")) == 2  # alice's s1, from the first test
+    question = "What is my name?"
+    bobs = chat(env, [user(question)], session="s1", token=env.bob)
+    assert bobs.session == {"id": "s1", "turns_used": 0, "turns_dropped": 0}
+    assert bobs.prompt_tokens == fresh_prompt_tokens(env, question)
+    assert stored(env, "s1", who="bob") == [
+        [user(question), {"role": "assistant", "content": bobs.text}]
+    ]
+    assert len(stored(env, "s1")) == 2  # alice's is untouched
+    counts = turn_counts(env)
+    assert counts[("bob", "s1")] == 1 and counts[("alice", "s1")] == 2
+
+
+# 4. stateless calls
+
+
+def test_no_session_id_is_stateless(env: Env) -> None:
+    before = session_rows(env)
+    for _ in range(2):
+        call = chat(env, [user("Remember nothing.")])
+        assert call.session is None
+        assert "x-session-id" not in call.headers
+        assert call.prompt_tokens == fresh_prompt_tokens(env, "Remember nothing.")
+    assert session_rows(env) == before
+
+
+def test_an_assistant_without_history_echoes_the_session_but_keeps_nothing(env: Env) -> None:
+    for via in ("header", "body"):
+        call = chat(env, [user("Hello there.")], model="plain", session="s1", via=via)
+        assert call.headers["x-session-id"] == "s1"
+        assert call.session is None
+        assert call.prompt_tokens == fresh_prompt_tokens(env, "Hello there.")
+    assert session_rows(env, assistant="plain") == []
+    assert History(env.state).sessions("plain") == []
+
+
+# 5. failed and disconnected calls
+
+
+def test_failed_and_disconnected_calls_store_nothing(env: Env) -> None:
+    first = chat(env, [user("Start of a fragile session.")], session="fragile")
+    assert first.session is not None and first.session["turns_used"] == 0
+    assert turn_counts(env)[("alice", "fragile")] == 1
+    headers = {"X-Session-ID": "fragile"}
+    # rejected before generation: a bad field, a prompt that cannot fit the context
+    bad = {"model": "mem", "messages": [user("x")], "temperature": "hot"}
+    assert _error(post(env, bad, headers=headers))["param"] == "temperature"
+    huge = {"model": "mem", "messages": [user("hello " * 3000)], "max_tokens": 2}
+    assert _error(post(env, huge, headers=headers))["type"] == "exceed_context_size_error"
+    assert _error(post(env, {**huge, "stream": True}, headers=headers))
+    assert turn_counts(env)[("alice", "fragile")] == 1
+    # a stream dropped after a few chunks, and a whole answer the client stopped waiting for
+    long = {"model": "mem", "messages": [user("Talk for a long time.")], "max_tokens": 500,
+            "logit_bias": NO_EOS}  # fmt: skip
+    with (
+        env.server.http(env.alice) as http,
+        http.stream(
+            "POST", "/v1/chat/completions", json={**long, "stream": True}, headers=headers
+        ) as response,
+    ):
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        for _ in range(6):
+            next(lines)
+    with (
+        httpx.Client(base_url=env.server.root_url, timeout=1.0) as http,
+        pytest.raises(httpx.ReadTimeout),
+    ):
+        http.post(
+            "/v1/chat/completions",
+            json=long,
+            headers={**headers, "Authorization": f"Bearer {env.alice}"},
+        )
+    time.sleep(1.0)
+    assert turn_counts(env)[("alice", "fragile")] == 1
+    # the session is free at once (no lease left behind), and still holds one turn
+    start = time.monotonic()
+    after = chat(env, [user("Still there?")], session="fragile")
+    assert time.monotonic() - start < 5
+    assert after.session == {"id": "fragile", "turns_used": 1, "turns_dropped": 0}
+    assert [t[0] for t in stored(env, "fragile")] == [
+        user("Start of a fragile session."),
+        user("Still there?"),
+    ]
+
+
+# 6. concurrency
+
+
+def test_concurrent_calls_in_one_session_are_serialized(env: Env) -> None:
+    results: dict[int, Call] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait(10)
+            results[i] = chat(env, [user(f"Note {i}: the number is {i * 7}.")], session="conc")
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert sorted(results) == [0, 1, 2, 3]
+    # each call saw all the turns stored before it: one after the other
+    order = sorted(results, key=lambda i: results[i].session["turns_used"])  # type: ignore[index]
+    assert [results[i].session["turns_used"] for i in order] == [0, 1, 2, 3]  # type: ignore[index]
+    turns = stored(env, "conc")
+    assert turns == [
+        [
+            user(f"Note {i}: the number is {i * 7}."),
+            {"role": "assistant", "content": results[i].text},
+        ]
+        for i in order
+    ]
+    assert turn_counts(env)[("alice", "conc")] == 4
+
+
+# 7. trimming
+
+
+def test_history_beyond_the_context_drops_the_oldest_whole_turns(env: Env) -> None:
+    seen: list[dict[str, Any]] = []
+    for i in range(5):
+        message = user(f"Part {i}. " + FILLER * 9)
+        before = stored(env, "long")
+        call = chat(env, [message], session="long")
+        assert call.session is not None
+        used, dropped = call.session["turns_used"], call.session["turns_dropped"]
+        assert used + dropped == len(before) == i
+        assert call.prompt_tokens < 512
+        if i == 0:
+            assert call.prompt_tokens >= 150  # the messages are long enough to overflow
+        if dropped:
+            # the system prompt, the newest turns that fit, and the new message
+            kept = [m for turn in before[dropped:] for m in turn]
+            explicit = chat(env, [*kept, message], model="plain", max_tokens=1)
+            assert call.prompt_tokens == explicit.prompt_tokens
+        seen.append(call.session)
+    assert seen[-1]["turns_dropped"] > 0 and seen[-1]["turns_used"] <= 2
+    assert turn_counts(env)[("alice", "long")] == 4  # --history-turns 4
+    assert [t[0]["content"][:7] for t in stored(env, "long")] == [
+        "Part 1.",
+        "Part 2.",
+        "Part 3.",
+        "Part 4.",
+    ]
+
+
+# 8. storage
+
+
+def test_history_survives_a_restart(env: Env) -> None:
+    turns = turn_counts(env)[("alice", "s1")]
+    assert 0 < turns < 4
+    env.server.stop()
+    env.server.start()
+    wait_all_online(env.server)
+    call = chat(env, [user("Do you still know my name?")], session="s1")
+    assert call.session == {"id": "s1", "turns_used": turns, "turns_dropped": 0}
+    assert turn_counts(env)[("alice", "s1")] == turns + 1
+
+
+def test_history_db_is_private_and_in_wal_mode(env: Env) -> None:
+    path = env.state / "history.db"
+    assert path.stat().st_mode & 0o777 == 0o600
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def _age(env: Env, session: str, days: int) -> None:
+    when = (datetime.now(UTC) - timedelta(days=days)).isoformat()
+    with sqlite3.connect(env.state / "history.db") as db:
+        db.execute(
+            "UPDATE sessions SET last_used=? WHERE user='alice' AND assistant='mem' AND session=?",
+            (when, session),
+        )
+
+
+def test_an_idle_session_expires_after_history_days(env: Env) -> None:
+    chat(env, [user("An old memory.")], session="old")
+    _age(env, session="old", days=20)  # within the default 30 days: kept
+    kept = chat(env, [user("Still here?")], session="old")
+    assert kept.session is not None and kept.session["turns_used"] == 1
+    _age(env, session="old", days=31)
+    gone = chat(env, [user("And now?")], session="old")
+    assert gone.session == {"id": "old", "turns_used": 0, "turns_dropped": 0}
+    assert stored(env, "old") == [[user("And now?"), {"role": "assistant", "content": gone.text}]]
+
+
+# 10. switching chat history off and on
+
+
+def _poll(env: Env, want_session: bool) -> None:
+    """Wait for the server to apply an edit; a call started 2 s after it must show it.
+
+    Probes use their own session, so that calls made before the change
+    reaches the server leave the session under test alone.
+    """
+    deadline = time.monotonic() + 2.0
+    while True:
+        started = time.monotonic()
+        call = chat(env, [user("Probe.")], session="probe", max_tokens=1)
+        if (call.session is not None) == want_session:
+            return
+        assert started < deadline, "the edit did not reach the server within 2 s"
+        time.sleep(0.1)
+
+
+def test_disabling_chat_history_keeps_the_sessions(env: Env) -> None:
+    chat(env, [user("Keep this in mind.")], session="toggle")
+    cli_ok(env.state, "assistant", "edit", "mem", "--no-chat-history")
+    try:
+        _poll(env, want_session=False)
+        before = turn_counts(env)
+        assert before[("alice", "toggle")] == 1
+        off = chat(env, [user("Are you listening?")], session="toggle")
+        assert off.session is None
+        assert off.headers["x-session-id"] == "toggle"
+        assert off.prompt_tokens == fresh_prompt_tokens(env, "Are you listening?")
+        assert turn_counts(env) == before  # kept, and nothing added while off
+    finally:
+        cli_ok(env.state, "assistant", "edit", "mem", "--chat-history")
+    _poll(env, want_session=True)
+    on = chat(env, [user("And now?")], session="toggle")
+    assert on.session == {"id": "toggle", "turns_used": 1, "turns_dropped": 0}
+    assert turn_counts(env)[("alice", "toggle")] == 2
+
+
+# 9. the CLI
+
+
+def test_cli_sessions_lists_and_filters(env: Env) -> None:
+    rows = session_rows(env)
+    assert {(r["user"], r["id"]) for r in rows} >= {("alice", "s1"), ("bob", "s1")}
+    for r in rows:
+        assert set(r) == {"id", "user", "turns", "tokens", "last_used"}
+        assert r["turns"] > 0 and r["tokens"] > 0
+        assert isinstance(r["last_used"], str) and r["last_used"]
+    assert [r["last_used"] for r in rows] == sorted((r["last_used"] for r in rows), reverse=True)
+    bobs = session_rows(env, "--user", "bob")
+    assert [(r["user"], r["id"]) for r in bobs] == [("bob", "s1")]
+    assert session_rows(env, "--user", "nobody") == []
+    table = cli_ok(env.state, "assistant", "sessions", "mem")
+    assert "s1" in table and "alice" in table and "bob" in table
+    code, out, err = run_cli(env.state, "assistant", "sessions", "ghost", "--json")
+    assert code == 1 and out == "" and "ghost" in err
+
+
+def test_cli_clear_history(env: Env) -> None:
+    before = turn_counts(env)
+    assert len(before) > 3
+    cli_ok(env.state, "assistant", "clear-history", "mem", "--session", "s1", "--user", "alice")
+    after = turn_counts(env)
+    assert after == {k: v for k, v in before.items() if k != ("alice", "s1")}
+    # the server sees the cleared session at once
+    call = chat(env, [user("Who am I?")], session="s1")
+    assert call.session is not None and call.session["turns_used"] == 0
+    # clearing a session that is not there fails
+    code, _, err = run_cli(env.state, "assistant", "clear-history", "mem", "--session", "zzz")
+    assert code == 1 and "zzz" in err
+    # clearing everything asks first; no answer means no
+    before = turn_counts(env)
+    code, _, _ = run_cli(env.state, "assistant", "clear-history", "mem")
+    assert code == 1
+    assert turn_counts(env) == before
+    code, _, _ = run_cli(env.state, "assistant", "clear-history", "mem", input="n\n")
+    assert code == 1
+    assert turn_counts(env) == before
+    # usage errors and unknown assistants
+    for bad in ("a b", "x" * 200, "", "s1\n"):
+        code, _, _ = run_cli(env.state, "assistant", "clear-history", "mem", "--session", bad)
+        assert code == 2
+    code, _, err = run_cli(env.state, "assistant", "clear-history", "ghost", "--yes")
+    assert code == 1 and "ghost" in err
+    assert turn_counts(env) == before
+    # one user's sessions, then all
+    cli_ok(env.state, "assistant", "clear-history", "mem", "--user", "bob", "--yes")
+    assert turn_counts(env) == {k: v for k, v in before.items() if k[0] != "bob"}
+    cli_ok(env.state, "assistant", "clear-history", "mem", "--yes")
+    assert session_rows(env) == []
+    call = chat(env, [user("Anyone?")], session="conc")
+    assert call.session == {"id": "conc", "turns_used": 0, "turns_dropped": 0}
+
+
+def test_no_tracebacks_and_no_tokens_in_the_log(env: Env) -> None:
+    log = env.server.log()
+    assert "Traceback" not in log
+    assert env.alice not in log and env.bob not in log
