@@ -18,6 +18,11 @@ import llama_cpp
 from vergeai.errors import VergeError
 
 DEFAULT_SEED = 0xFFFFFFFF
+# One llama_decode at a time per process: each context runs its own CPU
+# threads, and ggml's threads spin at their barriers, so two contexts
+# decoding at once on the same cores slow each other down many times over.
+# Taking turns step by step keeps every core busy with one graph.
+_decode_lock = threading.Lock()
 _backend_ready = False
 _backend_lock = threading.Lock()
 
@@ -278,7 +283,8 @@ class Context:
             b.seq_id[i][0] = seq
             b.logits[i] = logits
         b.n_tokens = len(entries)
-        return int(llama_cpp.llama_decode(self.ptr, b))
+        with _decode_lock:
+            return int(llama_cpp.llama_decode(self.ptr, b))
 
     def sample(self, sampler: Any, index: int) -> int:
         return int(llama_cpp.llama_sampler_sample(sampler, self.ptr, index))
