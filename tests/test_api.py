@@ -14,7 +14,7 @@ from conftest import Deployment, cli_ok
 
 END_OF_TURN = 106  # Gemma's <end_of_turn>
 EOS = 1
-NO_EOS = {str(EOS): -100, str(END_OF_TURN): -100}
+NO_EOS = {str(t): -100 for t in (EOS, END_OF_TURN, 212)}  # 212 is </s>, also end-of-generation
 TIMING_KEYS = {
     "cache_n",
     "prompt_n",

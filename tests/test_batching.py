@@ -14,7 +14,7 @@ import httpx
 import pytest
 from conftest import Server, cli_ok, free_port
 
-NO_EOS = {"1": -100, "106": -100}
+NO_EOS = {"1": -100, "106": -100, "212": -100}  # every end-of-generation token
 PROMPTS = [
     "Tell me about whales.",
     "What is 2+2?",

@@ -26,7 +26,7 @@ from vergeai.state.history import History, SessionKey
 
 END_OF_TURN = 106  # Gemma's <end_of_turn>
 EOS = 1
-NO_EOS = {str(EOS): -100, str(END_OF_TURN): -100}
+NO_EOS = {str(t): -100 for t in (EOS, END_OF_TURN, 212)}  # 212 is </s>, also end-of-generation
 SYSTEM = "You are a helpful assistant."
 FILLER = "The quick brown fox jumps over the lazy dog near the quiet river bank. "
 

@@ -19,7 +19,7 @@ import pytest
 import trustme
 from conftest import Server, cli_ok, free_port, run_cli
 
-NO_EOS = {"1": -100, "106": -100}
+NO_EOS = {"1": -100, "106": -100, "212": -100}  # every end-of-generation token
 HELLO = [{"role": "user", "content": "Tell me a story."}]
 
 
