@@ -60,7 +60,6 @@ class Model:
         init_backend()
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = 0x7FFFFFFF if gpu_layers < 0 else gpu_layers
-        params.use_mmap = True
         ptr = llama_cpp.llama_model_load_from_file(os.fsencode(path), params)
         if not ptr:
             raise LoadError(f"llama.cpp could not load {path}")
