@@ -162,8 +162,8 @@ class _SharedModels:
             return model
 
     def release(self, model: Model) -> None:
-        key = next((k for k, (m, _) in self._models.items() if m is model), None)
         with self._lock:
+            key = next((k for k, (m, _) in self._models.items() if m is model), None)
             if key is None:
                 return
             _, refs = self._models[key]
