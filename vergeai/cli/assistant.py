@@ -17,6 +17,7 @@ from vergeai.cli.common import (
     fail,
     failures,
     print_json,
+    print_rows,
     print_table,
     say,
     store_for,
@@ -275,11 +276,8 @@ def list_assistants(json_: JsonOption = False, state_dir: StateDirOption = None)
     with failures():
         state = store_for(state_dir).load()
     rows = [assistant_row(a) for a in sorted(state.assistants.values(), key=lambda a: a.name)]
-    if json_:
-        print_json(rows)
-        return
     columns = ["name", "model_name", "online", "ctx", "parallel", "chat_history", "disable_think"]
-    print_table("assistants", columns, ([r[c] for c in columns] for r in rows))
+    print_rows("assistants", columns, rows, json_)
 
 
 @app.command("show")

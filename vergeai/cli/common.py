@@ -82,6 +82,14 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot serialize {type(value).__name__}")
 
 
+def print_rows(title: str, columns: list[str], rows: list[dict[str, Any]], json_: bool) -> None:
+    """A listing: every field as JSON for scripts, or the chosen columns as a table."""
+    if json_:
+        print_json(rows)
+    else:
+        print_table(title, columns, ([r[c] for c in columns] for r in rows))
+
+
 def print_table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> None:
     table = Table(title=title, title_justify="left")
     for column in columns:

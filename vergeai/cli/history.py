@@ -13,8 +13,7 @@ from vergeai.cli.common import (
     confirm,
     fail,
     failures,
-    print_json,
-    print_table,
+    print_rows,
     say,
     store_for,
 )
@@ -36,11 +35,7 @@ def sessions(
         rows = History(store.root).sessions(name, user)
     if name not in state.assistants and not rows:
         fail(f"no assistant named {name!r}")
-    if json_:
-        print_json(rows)
-        return
-    columns = ["id", "user", "turns", "tokens", "last_used"]
-    print_table(f"sessions of {name}", columns, ([r[c] for c in columns] for r in rows))
+    print_rows(f"sessions of {name}", ["id", "user", "turns", "tokens", "last_used"], rows, json_)
 
 
 def clear_history(

@@ -13,8 +13,7 @@ from vergeai.cli.common import (
     StateDirOption,
     fail,
     failures,
-    print_json,
-    print_table,
+    print_rows,
     say,
     store_for,
 )
@@ -113,11 +112,8 @@ def list_keys(
         for k in state.keys
         if user is None or k.user == user
     ]
-    if json_:
-        print_json(rows)
-        return
     columns = ["name", "user", "prefix", "created", "expires", "last_used", "status"]
-    print_table("API keys", columns, ([r[c] for c in columns] for r in rows))
+    print_rows("API keys", columns, rows, json_)
 
 
 @app.command("revoke")

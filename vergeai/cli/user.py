@@ -13,8 +13,7 @@ from vergeai.cli.common import (
     confirm,
     fail,
     failures,
-    print_json,
-    print_table,
+    print_rows,
     say,
     store_for,
 )
@@ -74,11 +73,8 @@ def list_users(json_: JsonOption = False, state_dir: StateDirOption = None) -> N
         }
         for u in sorted(state.users.values(), key=lambda u: u.name)
     ]
-    if json_:
-        print_json(rows)
-        return
     columns = ["name", "role", "enabled", "assistants", "keys", "created"]
-    print_table("users", columns, ([r[c] for c in columns] for r in rows))
+    print_rows("users", columns, rows, json_)
 
 
 def _set_enabled(name: str, enabled: bool, state_dir: StateDirOption) -> None:
