@@ -38,17 +38,11 @@ class StateError(VergeError):
 
 
 class NotFound(VergeError):
-    """A CLI lookup (user, key, assistant) that found nothing."""
+    """A path the API does not have."""
 
     status = 404
     type = "invalid_request_error"
     code = "not_found"
-
-
-class Conflict(VergeError):
-    status = 409
-    type = "invalid_request_error"
-    code = "conflict"
 
 
 class InvalidRequest(VergeError):

@@ -21,7 +21,7 @@ from vergeai.api.http import error_response
 from vergeai.api.metrics import Metrics, metrics
 from vergeai.api.models import get_model, list_models
 from vergeai.api.ops import health
-from vergeai.errors import InvalidRequest, ModelNotFound, VergeError
+from vergeai.errors import InvalidRequest, NotFound, VergeError
 from vergeai.service import Counters, Service
 
 access_log = logging.getLogger("vergeai.access")
@@ -36,9 +36,7 @@ async def on_verge_error(request: Request, exc: Exception) -> Response:
 async def on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
-        err: VergeError = ModelNotFound(f"no route for {request.url.path}")
-        err.code = "not_found"
-        err.message = f"Not Found: {request.method} {request.url.path}"
+        err: VergeError = NotFound(f"Not Found: {request.method} {request.url.path}")
     else:
         err = InvalidRequest(str(exc.detail))
         err.status = exc.status_code

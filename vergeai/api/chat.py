@@ -224,16 +224,10 @@ class Answer:
         self.reasoning: list[str] = []
 
     def feed(self, text: str) -> tuple[str, str]:
-        if self.splitter is None:
-            reasoning, content = "", text
-        else:
-            reasoning, content = self.splitter.feed(text)
-        self.reasoning.append(reasoning)
-        self.content.append(content)
-        return reasoning, content
+        return self._keep(*(self.splitter.feed(text) if self.splitter else ("", text)))
 
     def flush(self) -> tuple[str, str]:
-        return self.feed("") if self.splitter is None else self._keep(*self.splitter.flush())
+        return self._keep(*(self.splitter.flush() if self.splitter else ("", "")))
 
     def _keep(self, reasoning: str, content: str) -> tuple[str, str]:
         self.reasoning.append(reasoning)

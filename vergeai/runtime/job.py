@@ -48,7 +48,6 @@ class Job:
     n_generated: int = 0
     t_start: float = 0.0
     t_first: float = 0.0
-    first_sent: bool = False
 
     def emit(self, event: Event) -> None:
         try:

@@ -175,10 +175,6 @@ class Worker:
             self.waiting.append(job)
             self.cond.notify_all()
 
-    def wake(self) -> None:
-        with self.cond:
-            self.cond.notify_all()
-
     # the worker thread
 
     def _run(self) -> None:
