@@ -73,8 +73,9 @@ def check_assistant(caller: Caller, name: str, state: State) -> None:
     """404 for a name nobody has, 403 for one this caller may not use."""
     if name not in state.assistants:
         allowed = sorted(a for a in state.assistants if caller.user.may_use(a))
+        shown = repr(name) if len(name) <= 64 else repr(name[:64]) + "…"
         raise ModelNotFound(
-            f"Model Not Found: no assistant named {name!r}. "
+            f"Model Not Found: no assistant named {shown}. "
             f"Available: {', '.join(allowed) if allowed else 'none'}",
             param="model",
         )

@@ -87,10 +87,22 @@ class BodyTooLarge(VergeError):
     code = "request_too_large"
 
 
+class RequestTimeout(VergeError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class Unavailable(VergeError):
+    """503; always with a Retry-After (seconds), 60 unless the raiser knows better."""
+
     status = 503
     type = "unavailable_error"
     code = "model_unavailable"
+
+    def __init__(self, message: str, *, retry_after: int = 60, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers.setdefault("Retry-After", str(retry_after))
 
 
 class QueueFull(Unavailable):

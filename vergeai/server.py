@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 
+import hypercorn.asyncio.run
+import hypercorn.asyncio.tcp_server
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
 from vergeai.api.admin import remove_socket, start_admin_server
 from vergeai.api.app import create_app
+from vergeai.errors import Unavailable, error_body
 from vergeai.runtime.llama import init_backend
 from vergeai.service import Service
 from vergeai.state.config import ServerConfig
@@ -28,8 +32,53 @@ def hypercorn_config(opts: ServerConfig) -> Config:
     config.graceful_timeout = opts.grace_seconds
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
-    config.keep_alive_timeout = 75
+    # Hypercorn's idle timer runs from a connection's start (or its last
+    # response) until a request's headers are complete, so it is also the
+    # deadline for slow headers; read_json bounds the body.
+    config.keep_alive_timeout = opts.read_timeout
+    config.ssl_handshake_timeout = opts.read_timeout
     return config
+
+
+def limit_connections(max_connections: int) -> None:
+    """Answer connections over the cap with a 503 and close them.
+
+    Hypercorn has no such cap; its asyncio runner builds one ``TCPServer``
+    per accepted connection, so we put a counting subclass in its place.
+    """
+    open_connections = 0
+
+    class CappedTCPServer(hypercorn.asyncio.tcp_server.TCPServer):  # type: ignore[misc]
+        async def run(self) -> None:
+            nonlocal open_connections
+            if open_connections >= max_connections:
+                await refuse(self.reader, self.writer)
+                return
+            open_connections += 1
+            try:
+                await super().run()
+            finally:
+                open_connections -= 1
+
+    hypercorn.asyncio.run.TCPServer = CappedTCPServer  # type: ignore[attr-defined]
+
+
+async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    body = json.dumps(
+        error_body(Unavailable("too many open connections; try again shortly", retry_after=1))
+    ).encode()
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+        f"retry-after: 1\r\nconnection: close\r\ncontent-length: {len(body)}\r\n\r\n"
+    )
+    with contextlib.suppress(Exception):
+        # read what the client already sent, so that closing does not reset the answer
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(reader.read(65536), 0.5)
+        writer.write(head.encode() + body)
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
 
 
 def listen_url(opts: ServerConfig) -> str:
@@ -44,7 +93,8 @@ async def run(service: Service, opts: ServerConfig) -> None:
     service.store.ensure()
     admin = await start_admin_server(service, state_dir, [listen_url(opts)])
     service.refresh(force=True)
-    app = create_app(service, metrics_public=opts.metrics_public)
+    app = create_app(service, metrics_public=opts.metrics_public, read_timeout=opts.read_timeout)
+    limit_connections(opts.max_connections)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

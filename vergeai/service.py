@@ -78,6 +78,7 @@ class Service:
             ticks += 1
             try:
                 self.refresh()
+                self.pool.heal()
                 if ticks % usage_every == 0 and self._used:
                     await asyncio.to_thread(self.flush_usage)
             except Exception:

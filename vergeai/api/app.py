@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
+import uuid
 from typing import Any
 
 from prometheus_client import disable_created_metrics
 from starlette.applications import Starlette
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -22,10 +25,12 @@ from vergeai.api.metrics import Metrics, metrics
 from vergeai.api.models import get_model, list_models
 from vergeai.api.ops import health
 from vergeai.errors import InvalidRequest, NotFound, VergeError
-from vergeai.service import Counters, Service
+from vergeai.logs import log_token
+from vergeai.service import Service
 
 access_log = logging.getLogger("vergeai.access")
 log = logging.getLogger("vergeai.app")
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 
 
 async def on_verge_error(request: Request, exc: Exception) -> Response:
@@ -36,21 +41,31 @@ async def on_verge_error(request: Request, exc: Exception) -> Response:
 async def on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
-        err: VergeError = NotFound(f"Not Found: {request.method} {request.url.path}")
+        err: VergeError = NotFound(f"Not Found: {request.method} {request.url.path[:200]}")
     else:
         err = InvalidRequest(str(exc.detail))
         err.status = exc.status_code
     return error_response(err)
 
 
-async def on_unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("unexpected error on %s %s", request.method, request.url.path)
-    err = VergeError("internal error; see the server log")
-    return error_response(err)
+def request_id_of(scope: Scope) -> str:
+    """The client's X-Request-ID when it is a plain token, else a new one."""
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            text: str = value.decode("latin-1")
+            if REQUEST_ID_RE.fullmatch(text):
+                return text
+            break
+    return uuid.uuid4().hex
 
 
 class AccessLog:
-    """One log line and one metrics observation per request; never the token."""
+    """Per request: an x-request-id, one log line and one metrics observation.
+
+    It is also where an unexpected exception ends: logged once, answered with
+    a 500 in the OpenAI shape if nothing was sent yet, and not re-raised (so
+    neither Starlette nor Hypercorn logs it a second time). Never the token.
+    """
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -61,49 +76,71 @@ class AccessLog:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = 500
-        counters: Counters = scope["app"].state.service.counters
-        counters.in_flight += 1
+        status = 0
+        request_id = request_id_of(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
+        service: Service = scope["app"].state.service
+        service.counters.in_flight += 1
 
-        async def send_status(message: Message) -> None:
+        async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                MutableHeaders(scope=message)["x-request-id"] = request_id
             await send(message)
 
         try:
-            await self.app(scope, receive, send_status)
-        finally:
-            seconds = time.perf_counter() - start
-            counters.in_flight -= 1
-            counters.requests += 1
-            if status >= 500:
-                counters.errors += 1
-            info: dict[str, Any] = scope.get("state", {})
-            assistant = str(info.get("assistant", "-"))
-            usage = info.get("usage") or {}
-            fields = {
-                "method": scope["method"],
-                "path": scope["path"],
-                "status": status,
-                "assistant": assistant,
-                "user": info.get("user", "-"),
-                "prompt_tokens": usage.get("prompt_tokens"),
-                "completion_tokens": usage.get("completion_tokens"),
-                "duration_ms": round(seconds * 1000.0, 1),
-            }
-            access_log.info(
-                "%(method)s %(path)s %(status)d assistant=%(assistant)s user=%(user)s "
-                "prompt_tokens=%(prompt_tokens)s completion_tokens=%(completion_tokens)s "
-                "%(duration_ms).1fms",
-                fields,
-                extra={"fields": fields},
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception(
+                "unexpected error on %s %s (request %s)",
+                scope["method"],
+                log_token(scope["path"]),
+                request_id,
             )
-            if scope["path"].startswith("/v1/"):
-                self.metrics.observe(assistant, status, seconds, usage, info.get("ttft"))
+            if status == 0:
+                err = VergeError("internal error; see the server log")
+                await error_response(err)(scope, receive, send_with_id)
+        finally:
+            self.record(scope, service, status or 500, time.perf_counter() - start)
+
+    def record(self, scope: Scope, service: Service, status: int, seconds: float) -> None:
+        counters = service.counters
+        counters.in_flight -= 1
+        counters.requests += 1
+        if status >= 500:
+            counters.errors += 1
+        info: dict[str, Any] = scope.get("state", {})
+        named = str(info.get("assistant", "-"))
+        # metric labels and log fields only ever take configured assistant names
+        assistant = named if named in service.state.assistants else "-"
+        usage = info.get("usage") or {}
+        fields = {
+            "method": scope["method"],
+            "path": scope["path"],
+            "status": status,
+            "assistant": assistant,
+            "user": info.get("user", "-"),
+            "prompt_tokens": usage.get("prompt_tokens"),
+            "completion_tokens": usage.get("completion_tokens"),
+            "duration_ms": round(seconds * 1000.0, 1),
+            "request_id": info["request_id"],
+        }
+        text = {k: log_token(str(v)) for k, v in fields.items()}
+        access_log.info(
+            "%(method)s %(path)s %(status)s assistant=%(assistant)s user=%(user)s "
+            "prompt_tokens=%(prompt_tokens)s completion_tokens=%(completion_tokens)s "
+            "%(duration_ms)sms request_id=%(request_id)s",
+            text,
+            extra={"fields": fields},
+        )
+        if scope["path"].startswith("/v1/"):
+            self.metrics.observe(assistant, status, seconds, usage, info.get("ttft"))
 
 
-def create_app(service: Service, metrics_public: bool = False) -> Starlette:
+def create_app(
+    service: Service, metrics_public: bool = False, read_timeout: float = 30.0
+) -> Starlette:
     disable_created_metrics()  # type: ignore[no-untyped-call]
     stats = Metrics(service)
     routes = [
@@ -116,14 +153,11 @@ def create_app(service: Service, metrics_public: bool = False) -> Starlette:
     app = Starlette(
         routes=routes,
         middleware=[Middleware(AccessLog, metrics=stats)],
-        exception_handlers={
-            VergeError: on_verge_error,
-            HTTPException: on_http_error,
-            Exception: on_unexpected,
-        },
+        exception_handlers={VergeError: on_verge_error, HTTPException: on_http_error},
     )
     app.state.service = service
     app.state.sessions = Sessions(service.store.root)
     app.state.metrics = stats
     app.state.metrics_public = metrics_public
+    app.state.read_timeout = read_timeout
     return app

@@ -17,11 +17,11 @@ from vergeai.api.http import EventStream, read_json, sse, wait_for_disconnect
 from vergeai.api.replies import Reply
 from vergeai.api.schemas import ChatRequest, parse_chat_request
 from vergeai.auth import Caller, check_assistant
-from vergeai.errors import InvalidRequest, Unavailable, VergeError
+from vergeai.errors import InvalidRequest, Unavailable, VergeError, error_body
 from vergeai.runtime.job import Delta, Event, Failed, Finished, Job
 from vergeai.runtime.llama import GrammarError, Sampling, check_grammar
 from vergeai.runtime.reasoning import ReasoningSplitter
-from vergeai.runtime.worker import Worker
+from vergeai.runtime.worker import Worker, WorkerState
 from vergeai.service import Service
 from vergeai.state.history import SESSION_ID_RE, SessionKey
 from vergeai.state.records import Assistant
@@ -43,6 +43,12 @@ class GenerationFailed(VergeError):
     code = "generation_failed"
 
 
+def failure(event: Failed) -> VergeError:
+    if event.retry_after is not None:
+        return Unavailable(event.message, retry_after=event.retry_after)
+    return GenerationFailed(event.message)
+
+
 def online_worker(service: Service, name: str) -> Worker:
     worker = service.pool.get(name)
     if worker is None:
@@ -50,12 +56,13 @@ def online_worker(service: Service, name: str) -> Worker:
             f"assistant {name!r} is offline; an admin can bring it online with "
             f"'vergeai assistant online {name}'"
         )
-    if worker.status == "loading":
+    if worker.status == WorkerState.LOADING:
         raise Unavailable(
-            f"assistant {name!r} is still loading its model; try again shortly",
-            headers={"Retry-After": "5"},
+            f"assistant {name!r} is still loading its model; try again shortly", retry_after=5
         )
-    if worker.status != "online":
+    if worker.crashed:
+        raise Unavailable(f"assistant {name!r} is restarting; try again shortly", retry_after=2)
+    if worker.status != WorkerState.ONLINE:
         raise Unavailable(f"assistant {name!r} failed to load its model: {worker.error}")
     return worker
 
@@ -67,11 +74,13 @@ def sampling_for(req: ChatRequest, assistant: Assistant) -> Sampling:
     return Sampling(
         temperature=pick(req.temperature, assistant.temperature, DEFAULT_TEMPERATURE),
         top_p=pick(req.top_p, assistant.top_p, DEFAULT_TOP_P),
-        top_k=DEFAULT_TOP_K,
-        min_p=DEFAULT_MIN_P,
+        top_k=DEFAULT_TOP_K if req.top_k is None else req.top_k,
+        min_p=DEFAULT_MIN_P if req.min_p is None else req.min_p,
         seed=None if req.seed is None else req.seed % 2**32,
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
+        repeat_penalty=req.repeat_penalty,
+        repeat_last_n=req.repeat_last_n,
         logit_bias=req.logit_bias,
         grammar=req.grammar,
     )
@@ -262,7 +271,7 @@ async def whole_reply(
             if isinstance(event, Delta):
                 answer.feed(event.text)
             elif isinstance(event, Failed):
-                raise GenerationFailed(event.message)
+                raise failure(event)
             else:
                 answer.flush()
                 extra = await finished(event)
@@ -313,7 +322,7 @@ async def stream_reply(
     try:
         first = await anext(events)
         if isinstance(first, Failed):
-            raise GenerationFailed(first.message)
+            raise failure(first)
     except BaseException:
         close()
         raise
@@ -327,8 +336,7 @@ async def stream_reply(
                     if delta := _delta(*answer.feed(event.text)):
                         yield sse(reply.chunk(delta))
                 elif isinstance(event, Failed):
-                    err = GenerationFailed(event.message)
-                    yield sse({"error": {"message": err.message, "type": err.type}})
+                    yield sse(error_body(failure(event)))
                     return
                 else:
                     if delta := _delta(*answer.flush()):

@@ -11,9 +11,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from vergeai.errors import BodyTooLarge, InvalidRequest, VergeError, error_body
+from vergeai.errors import BodyTooLarge, InvalidRequest, RequestTimeout, VergeError, error_body
 
 MAX_BODY = 1024 * 1024
+MAX_DEPTH = 64
 
 
 def error_response(err: VergeError) -> JSONResponse:
@@ -21,23 +22,85 @@ def error_response(err: VergeError) -> JSONResponse:
 
 
 async def read_json(request: Request, limit: int = MAX_BODY) -> Any:
+    """The body as JSON, within the size limit and the app's read timeout."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"the request body is over the limit of {limit} bytes")
     body = bytearray()
     try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise BodyTooLarge(f"the request body is over the limit of {limit} bytes")
+        async with asyncio.timeout(request.app.state.read_timeout):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise BodyTooLarge(f"the request body is over the limit of {limit} bytes")
     except ClientDisconnect:
         raise InvalidRequest("the client went away before sending the whole body") from None
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {request.app.state.read_timeout:g} s",
+            headers={"Connection": "close"},
+        ) from None
     if not body:
         raise InvalidRequest("the request body is empty; expected a JSON object")
+    return parse_json(bytes(body))
+
+
+def parse_json(data: bytes) -> Any:
+    """Strict JSON: no NaN or Infinity, no duplicate keys, valid Unicode, bounded depth."""
     try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        value = json.loads(data, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
+    except _Refused as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest(f"the request body nests deeper than {MAX_DEPTH} levels") from None
+    except ValueError as exc:  # JSONDecodeError, bad UTF-8, integers over 4,300 digits
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+    _check_strings(value)
+    return value
+
+
+class _Refused(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> Any:
+    raise _Refused(f"{name} is not a JSON number")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Refused(f"duplicate key {key[:40]!r}")
+        out[key] = value
+    return out
+
+
+def _check_strings(value: Any) -> None:
+    """Every string and key is valid Unicode (no lone surrogates); depth is bounded."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise InvalidRequest(f"the request body nests deeper than {MAX_DEPTH} levels")
+        if isinstance(item, str):
+            _check_text(item)
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                _check_text(key)
+                stack.append((child, depth + 1))
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+
+
+def _check_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(
+            "the request body is not valid JSON: a string holds a lone surrogate "
+            "(\\ud800-\\udfff escape without its pair)"
+        ) from None
 
 
 async def wait_for_disconnect(request: Request) -> None:

@@ -5,15 +5,36 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from vergeai.runtime.worker import WorkerState
 from vergeai.service import Service
 
 
 async def health(request: Request) -> JSONResponse:
+    """ok when every online assistant can serve; degraded (naming the rest) otherwise.
+
+    200 while at least one assistant serves (or none is meant to be online),
+    503 when none can, "loading" while models are still loading.
+    """
     service: Service = request.app.state.service
-    assistants = {
-        name: service.pool.status(a) for name, a in sorted(service.state.assistants.items())
+    wanted = {n: a for n, a in sorted(service.state.assistants.items()) if a.online}
+    states = {name: service.pool.status(a) for name, a in wanted.items()}
+    serving = [n for n, s in states.items() if s == WorkerState.ONLINE]
+    failed = sorted(n for n, s in states.items() if s not in (WorkerState.ONLINE, "loading"))
+    loading = any(s == WorkerState.LOADING for s in states.values())
+    if len(serving) == len(states):
+        status = "ok"
+    elif loading and not failed:
+        status = "loading"
+    else:
+        status = "degraded"
+    code = 200 if serving or not states else 503
+    body: dict[str, object] = {
+        "status": status,
+        "assistants": {
+            name: service.pool.status(a) for name, a in sorted(service.state.assistants.items())
+        },
     }
-    online = any(s == "online" for s in assistants.values())
-    waiting = any(s == "loading" for s in assistants.values())
-    status, code = ("ok", 200) if online or not waiting else ("loading", 503)
-    return JSONResponse({"status": status, "assistants": assistants}, status_code=code)
+    if failed:
+        body["failed"] = {n: service.pool.error(n) for n in failed}
+    headers = {"Retry-After": "5"} if code == 503 else None
+    return JSONResponse(body, status_code=code, headers=headers)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from vergeai.errors import InvalidRequest, Unsupported
 from vergeai.state.history import SESSION_ID_RE
@@ -15,6 +16,64 @@ MAX_STOP_LENGTH = 1024
 MAX_LOGIT_BIAS = 1024
 MAX_GRAMMAR = 64 * 1024
 REASONING_FORMATS = ("none", "auto", "deepseek", "deepseek-legacy")
+MAX_TOKENS = 1_000_000
+
+log = logging.getLogger("vergeai.chat")
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One request field and what the server does with it (the README lists them all)."""
+
+    name: str
+    kind: Literal["honoured", "ignored", "refused"]
+    neutral: tuple[Any, ...] = ()  # refused fields: values that ask for nothing, accepted
+
+
+def _fields(kind: Literal["honoured", "ignored"], names: str) -> list[FieldSpec]:
+    return [FieldSpec(name, kind) for name in names.split()]
+
+
+CHAT_FIELDS: tuple[FieldSpec, ...] = (
+    *_fields(
+        "honoured",
+        "model messages stream stream_options max_tokens max_completion_tokens n_predict "
+        "temperature top_p top_k min_p stop seed presence_penalty frequency_penalty "
+        "repeat_penalty repeat_last_n logit_bias chat_template_kwargs reasoning_format "
+        "session_id grammar",
+    ),
+    # accepted for compatibility; they change nothing here
+    *_fields(
+        "ignored",
+        "user store metadata service_tier parallel_tool_calls prompt_cache_key "
+        "safety_identifier reasoning_effort verbosity cache_prompt n_keep id_slot samplers "
+        "mirostat_tau mirostat_eta dynatemp_exponent xtc_threshold dry_base "
+        "dry_allowed_length dry_penalty_last_n dry_sequence_breakers",
+    ),
+    # not supported (yet): a 400 naming the field, unless it asks for nothing
+    FieldSpec("n", "refused", (1, None)),
+    FieldSpec("tools", "refused", ([], None)),
+    FieldSpec("tool_choice", "refused", (None, "none", "auto")),
+    FieldSpec("functions", "refused", ([], None)),
+    FieldSpec("function_call", "refused", (None, "none", "auto")),
+    FieldSpec("response_format", "refused", (None, {"type": "text"})),
+    FieldSpec("logprobs", "refused", (None, False)),
+    FieldSpec("top_logprobs", "refused", (None, 0)),
+    FieldSpec("audio", "refused", (None,)),
+    FieldSpec("modalities", "refused", (None, ["text"])),
+    FieldSpec("prediction", "refused", (None,)),
+    FieldSpec("web_search_options", "refused", (None,)),
+    FieldSpec("json_schema", "refused", (None,)),
+    FieldSpec("mirostat", "refused", (None, 0)),
+    FieldSpec("typical_p", "refused", (None, 1)),
+    FieldSpec("tfs_z", "refused", (None, 1)),
+    FieldSpec("dynatemp_range", "refused", (None, 0)),
+    FieldSpec("xtc_probability", "refused", (None, 0)),
+    FieldSpec("dry_multiplier", "refused", (None, 0)),
+    FieldSpec("top_n_sigma", "refused", (None, -1)),
+    FieldSpec("ignore_eos", "refused", (None, False)),
+    FieldSpec("n_probs", "refused", (None, 0)),
+)
 
 
 @dataclass
@@ -26,10 +85,14 @@ class ChatRequest:
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64  # llama-server's default; -1: the whole context
     logit_bias: dict[int, float] = field(default_factory=dict)
     enable_thinking: bool | None = None
     raw_reasoning: bool = False  # reasoning_format "none": tags stay in content
@@ -41,15 +104,34 @@ def _bad(param: str, message: str) -> InvalidRequest:
     return InvalidRequest(f"'{param}': {message}", param=param)
 
 
-def _number(body: dict[str, Any], name: str, lo: float, hi: float) -> float | None:
+def _shown(value: Any, limit: int = 40) -> str:
+    """A client's value for an error message: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _number(
+    body: dict[str, Any], name: str, lo: float, hi: float, low_open: bool = False
+) -> float | None:
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise _bad(name, "must be a number")
-    if not lo <= value <= hi:
+    if isinstance(value, int) and not -(2**63) <= value <= 2**63:  # float() could overflow
         raise _bad(name, f"must be between {lo:g} and {hi:g}")
-    return float(value)
+    value = float(value)
+    if not math.isfinite(value):
+        raise _bad(name, "must be a number")
+    if not lo <= value <= hi or (low_open and value == lo):
+        span = f"above {lo:g} and at most {hi:g}" if low_open else f"between {lo:g} and {hi:g}"
+        raise _bad(name, f"must be {span}")
+    return value
+
+
+def _repeat_last_n(body: dict[str, Any]) -> int:
+    value = _integer(body, "repeat_last_n", -1, 1_000_000)
+    return 64 if value is None else value
 
 
 def _integer(body: dict[str, Any], name: str, lo: int, hi: int) -> int | None:
@@ -91,7 +173,9 @@ def _messages(value: Any) -> list[dict[str, str]]:
             raise _bad(where, "must be an object with 'role' and 'content'")
         role = message.get("role")
         if role not in ROLES:
-            raise _bad(f"{where}.role", f"must be one of system, user, assistant (got {role!r})")
+            raise _bad(
+                f"{where}.role", f"must be one of system, user, assistant (got {_shown(role)})"
+            )
         if message.get("tool_calls") or role == "tool":
             raise Unsupported("tool calls are not supported yet", param=where)
         content = message.get("content")
@@ -131,11 +215,11 @@ def _logit_bias(value: Any) -> dict[int, float]:
         try:
             token = int(key)
         except (TypeError, ValueError):
-            raise _bad("logit_bias", f"key {key!r} is not a token id") from None
+            raise _bad("logit_bias", f"key {_shown(key)} is not a token id") from None
         if token < 0:
-            raise _bad("logit_bias", f"key {key!r} is not a token id")
+            raise _bad("logit_bias", f"key {_shown(key)} is not a token id")
         if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
-            raise _bad("logit_bias", f"bias for {key!r} must be a number from -100 to 100")
+            raise _bad("logit_bias", f"bias for {_shown(key)} must be a number from -100 to 100")
         out[token] = float(bias)
     return out
 
@@ -177,20 +261,32 @@ def _grammar(value: Any) -> str | None:
     return value
 
 
-def _check_unsupported(body: dict[str, Any]) -> None:
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise Unsupported("'n' other than 1 is not supported yet", param="n")
-    if body.get("tools") or body.get("functions"):
-        raise Unsupported("'tools' are not supported yet", param="tools")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise Unsupported(
-            '\'response_format\' other than {"type": "text"} is not supported yet',
-            param="response_format",
-        )
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise Unsupported("'logprobs' is not supported yet", param="logprobs")
+def _same(a: Any, b: Any) -> bool:
+    """Equal, with true/false never equal to 1/0."""
+    if isinstance(a, bool) != isinstance(b, bool):
+        return False
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(type(a) in (int, float, str, type(None)) and a == b)
+
+
+def _check_fields(body: dict[str, Any]) -> None:
+    """Refuse what asks for a feature we do not have; log fields we do not know."""
+    unknown = []
+    for name, value in body.items():
+        spec = FIELDS_BY_NAME.get(name)
+        if spec is None:
+            unknown.append(name)
+        elif spec.kind == "refused" and not any(_same(value, n) for n in spec.neutral):
+            raise Unsupported(f"'{name}' is not supported (yet) by this server", param=name)
+    if unknown:
+        shown = ", ".join(repr(n[:40]) for n in sorted(unknown)[:8])
+        log.info("ignoring unknown request fields: %s", shown)
+
+
+FIELDS_BY_NAME = {f.name: f for f in CHAT_FIELDS}
 
 
 def parse_chat_request(body: Any) -> ChatRequest:
@@ -199,7 +295,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise _bad("model", "must name an assistant")
-    _check_unsupported(body)
+    _check_fields(body)
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -213,9 +309,13 @@ def parse_chat_request(body: Any) -> ChatRequest:
         include_usage = options.get("include_usage", False)
         if not isinstance(include_usage, bool):
             raise _bad("stream_options.include_usage", "must be a boolean")
-    max_tokens = _integer(body, "max_completion_tokens", 1, 1_000_000)
+    max_tokens = _integer(body, "max_completion_tokens", 1, MAX_TOKENS)
     if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", 1, 1_000_000)
+        max_tokens = _integer(body, "max_tokens", 1, MAX_TOKENS)
+    if max_tokens is None:
+        # llama-server's name; -1 there means "until the context is full"
+        n_predict = _integer(body, "n_predict", -1, MAX_TOKENS)
+        max_tokens = None if n_predict in (None, -1, 0) else n_predict
     return ChatRequest(
         model=model,
         messages=_messages(body.get("messages")),
@@ -226,8 +326,12 @@ def parse_chat_request(body: Any) -> ChatRequest:
         top_p=_number(body, "top_p", 0.0, 1.0),
         stop=_stop(body.get("stop")),
         seed=_integer(body, "seed", -(2**63), 2**64 - 1),
+        top_k=_integer(body, "top_k", 0, 1_000_000),
+        min_p=_number(body, "min_p", 0.0, 1.0),
         presence_penalty=_number(body, "presence_penalty", -2.0, 2.0) or 0.0,
         frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0) or 0.0,
+        repeat_penalty=_number(body, "repeat_penalty", 0.0, 10.0, low_open=True) or 1.0,
+        repeat_last_n=_repeat_last_n(body),
         logit_bias=_logit_bias(body.get("logit_bias")),
         enable_thinking=_enable_thinking(body.get("chat_template_kwargs")),
         raw_reasoning=_reasoning_format(body.get("reasoning_format")),

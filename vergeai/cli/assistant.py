@@ -22,6 +22,7 @@ from vergeai.cli.common import (
     say,
     store_for,
 )
+from vergeai.gguf import GgufError, check_gguf
 from vergeai.runtime.templates import BUILTIN
 from vergeai.state.records import Assistant, check_name
 
@@ -93,18 +94,12 @@ OnlineOpt = Annotated[
 ]
 
 
-def check_gguf(path: Path) -> str:
+def checked_model(path: Path) -> str:
+    """The GGUF's absolute path, once the file is known to be a whole GGUF."""
     try:
-        with open(path, "rb") as fh:
-            magic = fh.read(4)
-    except FileNotFoundError:
-        fail(f"model file {path} does not exist")
-    except IsADirectoryError:
-        fail(f"model file {path} is a directory")
-    except OSError as exc:
-        fail(f"cannot read model file {path}: {exc.strerror}")
-    if magic != b"GGUF":
-        fail(f"{path} is not a GGUF file")
+        check_gguf(path)
+    except GgufError as exc:
+        fail(f"model file {path}: {exc.message}")
     return os.path.abspath(path)
 
 
@@ -158,7 +153,7 @@ def settings_from(
     if top_p is not None and top_p <= 0:
         raise typer.BadParameter("must be greater than 0", param_hint="--top-p")
     return {
-        "model": check_gguf(model) if model is not None else None,
+        "model": checked_model(model) if model is not None else None,
         "model_name": model_name,
         "system_prompt": read_system_prompt(system_prompt, system_prompt_file),
         "disable_think": disable_think,

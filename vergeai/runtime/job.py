@@ -28,6 +28,7 @@ class Finished:
 @dataclass
 class Failed:
     message: str
+    retry_after: int | None = None  # set when the assistant itself is unavailable for now
 
 
 Event = Delta | Finished | Failed

@@ -186,6 +186,8 @@ class Sampling:
     seed: int | None
     presence_penalty: float
     frequency_penalty: float
+    repeat_penalty: float
+    repeat_last_n: int  # -1: the whole context
     logit_bias: dict[int, float]
     grammar: str | None = None
 
@@ -205,9 +207,21 @@ def check_grammar(model: Model, grammar: str) -> None:
     llama_cpp.llama_sampler_free(grammar_sampler(model, grammar))
 
 
-def build_sampler(model: Model, s: Sampling) -> Any:
-    """A native sampler chain in llama-server's order (a grammar, if any, first)."""
+def build_sampler(model: Model, s: Sampling, n_ctx: int) -> Any:
+    """A native sampler chain in llama-server's order (a grammar, if any, first).
+
+    On any failure the partly built chain is freed and the error raised.
+    """
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    try:
+        _fill_chain(chain, model, s, n_ctx)
+    except BaseException:
+        llama_cpp.llama_sampler_free(chain)
+        raise
+    return chain
+
+
+def _fill_chain(chain: Any, model: Model, s: Sampling, n_ctx: int) -> None:
     add = llama_cpp.llama_sampler_chain_add
     if s.grammar:
         add(chain, grammar_sampler(model, s.grammar))
@@ -217,16 +231,15 @@ def build_sampler(model: Model, s: Sampling) -> Any:
             arr[i].token = token  # type: ignore[assignment]
             arr[i].bias = bias
         add(chain, llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, len(arr), arr))
-    if s.presence_penalty or s.frequency_penalty:
-        add(
-            chain,
-            llama_cpp.llama_sampler_init_penalties(
-                64, 1.0, s.frequency_penalty, s.presence_penalty
-            ),
+    last_n = n_ctx if s.repeat_last_n < 0 else s.repeat_last_n
+    if last_n and (s.repeat_penalty != 1.0 or s.presence_penalty or s.frequency_penalty):
+        penalties = llama_cpp.llama_sampler_init_penalties(
+            model.n_vocab, last_n, s.repeat_penalty, s.frequency_penalty, s.presence_penalty
         )
+        add(chain, penalties)
     if s.temperature <= 0.0:
         add(chain, llama_cpp.llama_sampler_init_greedy())
-        return chain
+        return
     if s.top_k > 0:
         add(chain, llama_cpp.llama_sampler_init_top_k(s.top_k))
     if s.top_p < 1.0:
@@ -235,7 +248,6 @@ def build_sampler(model: Model, s: Sampling) -> Any:
         add(chain, llama_cpp.llama_sampler_init_min_p(s.min_p, 1))
     add(chain, llama_cpp.llama_sampler_init_temp(s.temperature))
     add(chain, llama_cpp.llama_sampler_init_dist(DEFAULT_SEED if s.seed is None else s.seed))
-    return chain
 
 
 def free_sampler(chain: Any) -> None:

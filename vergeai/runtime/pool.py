@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
-from vergeai.runtime.worker import Worker
+from vergeai.runtime.worker import Worker, WorkerState
 from vergeai.state.records import Assistant
 
 log = logging.getLogger("vergeai.pool")
 
 
+MAX_RESTART_DELAY = 60.0
+
+
 class Pool:
     def __init__(self) -> None:
         self.workers: dict[str, Worker] = {}
+        self.restarts: dict[str, int] = {}
         self._retiring: list[Worker] = []
         self._lock = threading.Lock()
 
@@ -23,8 +28,30 @@ class Pool:
     def status(self, assistant: Assistant) -> str:
         worker = self.workers.get(assistant.name)
         if worker is None:
-            return "offline"
+            return WorkerState.OFFLINE
+        if worker.crashed:
+            return WorkerState.RESTARTING
         return worker.status
+
+    def error(self, name: str) -> str:
+        worker = self.workers.get(name)
+        if worker is None:
+            return "not loaded"
+        return worker.error or str(self.status(worker.assistant))
+
+    def heal(self) -> None:
+        """Replace workers whose thread died, with a growing delay if they keep dying."""
+        with self._lock:
+            for name, worker in list(self.workers.items()):
+                if not worker.crashed:
+                    continue
+                count = self.restarts.get(name, 0)
+                delay = min(MAX_RESTART_DELAY, 0.5 * 2**count)
+                if time.monotonic() - worker.ended_at < delay:
+                    continue
+                log.warning("restarting assistant %s (restart %d)", name, count + 1)
+                self.restarts[name] = count + 1
+                self._start(worker.assistant)
 
     def reconcile(self, assistants: dict[str, Assistant]) -> None:
         """Start workers for online assistants, retire those gone offline or changed.
@@ -39,7 +66,7 @@ class Pool:
                     wanted is None
                     or not wanted.online
                     or wanted.load_key() != worker.assistant.load_key()
-                    or (worker.status == "error" and wanted != worker.assistant)
+                    or (worker.status == WorkerState.ERROR and wanted != worker.assistant)
                 ):
                     self._retire(name)
                 else:
@@ -47,10 +74,15 @@ class Pool:
             for name, wanted in assistants.items():
                 if wanted.online and name not in self.workers:
                     log.info("loading assistant %s (%s)", name, wanted.model)
-                    worker = Worker(wanted)
-                    self.workers[name] = worker
-                    worker.start()
+                    self.restarts.pop(name, None)
+                    self._start(wanted)
             self._retiring = [w for w in self._retiring if w.thread.is_alive()]
+
+    def _start(self, assistant: Assistant) -> None:
+        worker = Worker(assistant)
+        worker.restarts = self.restarts.get(assistant.name, 0)
+        self.workers[assistant.name] = worker
+        worker.start()
 
     def _retire(self, name: str) -> None:
         worker = self.workers.pop(name)

@@ -5,6 +5,11 @@ queue; each step it moves waiting jobs into free slots (the slot whose
 cached tokens share the longest prefix with the prompt), then decodes one
 batch holding every active slot's next tokens (continuous batching), and
 samples each slot with its own native sampler chain.
+
+Whatever goes wrong with one request (its sampler, a failed decode of its
+tokens, an exception while sampling it) fails that request alone and frees
+its slot; the other slots keep generating. Anything else that escapes the
+loop ends the thread in state ``restarting``, and the pool starts a new one.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from vergeai.errors import ContextOverflow, QueueFull, Unavailable
+from vergeai.gguf import GgufError, check_gguf
 from vergeai.runtime.job import Delta, Failed, Finished, Job
 from vergeai.runtime.llama import (
     Context,
@@ -55,6 +62,17 @@ class Rendered:
     opens_think: bool  # the prompt leaves a <think> block open: output starts as reasoning
 
 
+class WorkerState(StrEnum):
+    LOADING = "loading"
+    ONLINE = "online"
+    ERROR = "error"  # the model could not be loaded; an admin has to act
+    RESTARTING = "restarting"  # the thread died; the pool replaces the worker
+    OFFLINE = "offline"
+
+
+RESTART_RETRY_AFTER = 2
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -67,7 +85,7 @@ class Worker:
     def __init__(self, assistant: Assistant) -> None:
         self.assistant = assistant
         self.name = assistant.name
-        self.status = "loading"
+        self.status = WorkerState.LOADING
         self.error: str | None = None
         self.model: Model | None = None
         self.ctx: Context | None = None
@@ -76,6 +94,8 @@ class Worker:
         self.waiting: deque[Job] = deque()
         self.cond = threading.Condition()
         self.stopping = False
+        self.restarts = 0  # how many workers of this assistant died before this one
+        self.ended_at = 0.0  # time.monotonic() when the thread ended
         self.requests_served = 0
         self.tokens_generated = 0
         self.started_at = time.time()
@@ -99,6 +119,15 @@ class Worker:
         self.thread.join(timeout)
 
     @property
+    def crashed(self) -> bool:
+        """The thread died while the assistant should be serving."""
+        return (
+            not self.stopping
+            and self.ended_at > 0
+            and self.status in (WorkerState.ONLINE, WorkerState.RESTARTING)
+        )
+
+    @property
     def busy(self) -> int:
         return sum(1 for s in self.slots if s.job is not None)
 
@@ -116,8 +145,9 @@ class Worker:
             "assistant": self.name,
             "model": a.display_model,
             "model_path": a.model,
-            "state": self.status,
+            "state": WorkerState.RESTARTING if self.crashed else self.status,
             "error": self.error,
+            "restarts": self.restarts,
             "ctx": self.n_ctx,
             "parallel": a.parallel,
             "threads": a.threads or os.cpu_count() or 1,
@@ -163,14 +193,14 @@ class Worker:
 
     def submit(self, job: Job) -> None:
         with self.cond:
-            if self.stopping or self.status != "online":
-                raise Unavailable(f"assistant {self.name!r} is going offline")
+            if self.stopping or self.status != WorkerState.ONLINE:
+                raise Unavailable(f"assistant {self.name!r} is going offline", retry_after=5)
             free = sum(1 for s in self.slots if s.job is None)
             if len(self.waiting) >= self.assistant.max_queue + free:
                 raise QueueFull(
                     f"assistant {self.name!r} has {len(self.waiting)} requests waiting; "
                     "try again shortly",
-                    headers={"Retry-After": "1"},
+                    retry_after=1,
                 )
             self.waiting.append(job)
             self.cond.notify_all()
@@ -181,37 +211,47 @@ class Worker:
         t0 = time.perf_counter()
         try:
             a = self.assistant
+            check_gguf(a.model)
             self.model = shared_models.acquire(a.model, a.gpu_layers)
             self.template = build_template(a, self.model)
             self.ctx = Context(self.model, a.ctx, a.parallel, a.threads)
             self.slots = [Slot(seq=i) for i in range(a.parallel)]
         except Exception as exc:  # llama.cpp reports load failures many ways
             self.error = str(exc) or type(exc).__name__
-            self.status = "error"
+            if isinstance(exc, GgufError):
+                self.error = f"model file {a.model}: {exc}"
+            self._set_status(WorkerState.ERROR)
             log.error("assistant %s failed to load: %s", self.name, self.error)
             self._release()
             return
         self.load_seconds = time.perf_counter() - t0
-        self.status = "online"
+        self._set_status(WorkerState.ONLINE)
         log.info("assistant %s online in %.2fs", self.name, self.load_seconds)
         try:
             while self._step():
                 pass
         except Exception as exc:
-            log.exception("assistant %s worker crashed", self.name)
-            self.error = f"worker crashed: {exc}"
-            self.status = "error"
+            log.exception("assistant %s: the worker thread died; it will be restarted", self.name)
+            self.error = f"worker thread died: {exc}"
+            self._set_status(WorkerState.RESTARTING)
             for slot in self.slots:
                 if slot.job:
-                    slot.job.emit(Failed(self.error))
+                    slot.job.emit(Failed(self.error, retry_after=RESTART_RETRY_AFTER))
+                    slot.job = None
         finally:
             with self.cond:
+                gone = "is restarting" if self.status == WorkerState.RESTARTING else "went offline"
                 for job in self.waiting:
-                    job.emit(Failed(f"assistant {self.name!r} went offline"))
+                    job.emit(Failed(f"assistant {self.name!r} {gone}", retry_after=1))
                 self.waiting.clear()
-            if self.status != "error":
-                self.status = "offline"
+                if self.status == WorkerState.ONLINE and self.stopping:
+                    self.status = WorkerState.OFFLINE
             self._release()
+            self.ended_at = time.monotonic()
+
+    def _set_status(self, status: WorkerState) -> None:
+        with self.cond:
+            self.status = status
 
     def _release(self) -> None:
         for slot in self.slots:
@@ -253,57 +293,87 @@ class Worker:
             if job.cancelled.is_set():
                 continue
             slot = max(free, key=lambda s: (common_prefix(s.tokens, job.tokens), -s.last_used))
-            self._start(slot, job)
+            slot.job = job
+            try:
+                self._start(slot, job)
+            except Exception as exc:
+                self._fail(slot, f"could not start generating: {exc}", exc)
 
     def _start(self, slot: Slot, job: Job) -> None:
         assert self.ctx is not None and self.model is not None
+        # Keep the longest cached prefix, but always re-evaluate the last
+        # prompt token: its logits are what the first sampled token needs.
         keep = min(common_prefix(slot.tokens, job.tokens), len(job.tokens) - 1)
         if keep < len(slot.tokens) and not self.ctx.clear_from(slot.seq, keep):
             self.ctx.clear_from(slot.seq, 0)
             keep = 0
         del slot.tokens[keep:]
-        slot.pending = job.tokens[keep:]
-        slot.job = job
-        slot.sampler = build_sampler(self.model, job.sampling)
+        slot.sampler = build_sampler(self.model, job.sampling, self.ctx.n_ctx_seq)
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         slot.stops = StopMatcher(job.stop)
+        slot.pending = job.tokens[keep:]
         job.cache_n = keep
         job.t_start = time.perf_counter()
 
     def _decode_step(self) -> None:
+        """Decode one batch: each generating slot's next token, then prompt chunks.
+
+        If llama_decode refuses the batch, each slot's part is decoded on its
+        own, so only a request whose own tokens fail is failed.
+        """
         assert self.ctx is not None
         budget = self.ctx.n_batch
-        entries: list[tuple[int, int, int, bool]] = []
-        outputs: list[tuple[Slot, int]] = []
+        plan: list[tuple[Slot, list[int]]] = []
         active = [s for s in self.slots if s.job is not None]
-        # generating slots first (one token each), then prompt chunks fill the batch
         active.sort(key=lambda s: len(s.pending) > 1)
         for slot in active:
             if budget <= 0:
                 break
             take = slot.pending[:budget]
-            last = len(take) == len(slot.pending)
-            base = len(slot.tokens)
-            for i, token in enumerate(take):
-                wants = last and i == len(take) - 1
-                entries.append((token, base + i, slot.seq, wants))
-            if last:
-                outputs.append((slot, len(entries) - 1))
-            slot.tokens.extend(take)
-            del slot.pending[: len(take)]
+            plan.append((slot, take))
             budget -= len(take)
+        entries = [e for slot, take in plan for e in self._entries(slot, take)]
         status = self.ctx.decode(entries)
-        if status != 0:
-            log.error("llama_decode failed with status %d on assistant %s", status, self.name)
-            for slot in active:
+        if status == 0:
+            self._advance(plan)
+            return
+        log.warning(
+            "llama_decode failed with status %d on assistant %s; decoding each request apart",
+            status,
+            self.name,
+        )
+        for slot, take in plan:
+            self.ctx.clear_from(slot.seq, len(slot.tokens))
+            status = self.ctx.decode(self._entries(slot, take))
+            if status == 0:
+                self._advance([(slot, take)])
+            else:
                 self.ctx.clear_from(slot.seq, 0)
                 slot.tokens.clear()
-                if slot.job is not None:
-                    slot.job.emit(Failed("the model failed to decode this request"))
-                    self._finish(slot, None)
-            return
-        for slot, index in outputs:
-            self._sample(slot, index)
+                self._fail(slot, f"the model failed to decode this request (status {status})")
+
+    @staticmethod
+    def _entries(slot: Slot, take: list[int]) -> list[tuple[int, int, int, bool]]:
+        """Batch entries for a slot's next tokens; logits only after its last pending one."""
+        base = len(slot.tokens)
+        last = len(take) == len(slot.pending)
+        return [
+            (token, base + i, slot.seq, last and i == len(take) - 1) for i, token in enumerate(take)
+        ]
+
+    def _advance(self, plan: list[tuple[Slot, list[int]]]) -> None:
+        """Record a decoded batch, then sample every slot whose prompt is done."""
+        index = -1
+        for slot, take in plan:
+            index += len(take)
+            done = len(take) == len(slot.pending)
+            slot.tokens.extend(take)
+            del slot.pending[: len(take)]
+            if done:
+                try:
+                    self._sample(slot, index)
+                except Exception as exc:
+                    self._fail(slot, f"sampling failed: {exc}", exc)
 
     def _sample(self, slot: Slot, index: int) -> None:
         assert self.ctx is not None and self.model is not None
@@ -325,6 +395,16 @@ class Worker:
             self._finish(slot, "length")
         else:
             slot.pending = [token]
+
+    def _fail(self, slot: Slot, message: str, exc: Exception | None = None) -> None:
+        """Fail the slot's request alone; the others keep generating."""
+        if exc is not None:
+            log.error("assistant %s: a request failed: %s", self.name, message, exc_info=exc)
+        else:
+            log.error("assistant %s: a request failed: %s", self.name, message)
+        assert slot.job is not None
+        slot.job.emit(Failed(message))
+        self._finish(slot, None)
 
     def _finish(self, slot: Slot, reason: str | None) -> None:
         """End the slot's job; reason None means cancelled or failed (nothing more sent)."""
@@ -351,7 +431,8 @@ class Worker:
             self.last_prompt_per_second = float(timings["prompt_per_second"])
             self.last_predicted_per_second = float(timings["predicted_per_second"])
         self.tokens_generated += job.n_generated
-        free_sampler(slot.sampler)
+        if slot.sampler is not None:
+            free_sampler(slot.sampler)
         slot.sampler = None
         slot.job = None
         slot.pending = []

@@ -24,6 +24,8 @@ class ServerConfig:
     log_format: str = "text"
     metrics_public: bool = False
     grace_seconds: float = 30.0
+    read_timeout: float = 30.0  # for a request's headers and body; also keep-alive idle
+    max_connections: int = 512
 
     def check(self, where: str) -> ServerConfig:
         def bad(name: str, why: str) -> StateError:
@@ -37,6 +39,10 @@ class ServerConfig:
             raise bad("log_format", f"must be one of {', '.join(LOG_FORMATS)}")
         if not 0 <= self.grace_seconds <= 3600:
             raise bad("grace_seconds", "must be between 0 and 3600")
+        if not 1 <= self.read_timeout <= 3600:
+            raise bad("read_timeout", "must be between 1 and 3600")
+        if not 1 <= self.max_connections <= 1_000_000:
+            raise bad("max_connections", "must be between 1 and 1000000")
         if (self.certfile is None) != (self.keyfile is None):
             raise bad("certfile", "certfile and keyfile go together")
         return self

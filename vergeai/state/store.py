@@ -50,12 +50,22 @@ class Store:
         self.root = Path(root)
 
     def ensure(self) -> None:
+        """Create the state dir (0700), or tighten an existing one to 0700."""
         try:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise StateError(f"cannot create state directory {self.root}: {exc}") from exc
         if not self.root.is_dir():
             raise StateError(f"state directory {self.root} is not a directory")
+        mode = self.root.stat().st_mode & 0o777
+        if mode != 0o700:
+            try:
+                os.chmod(self.root, 0o700)
+            except OSError as exc:
+                raise StateError(
+                    f"state directory {self.root} has mode {mode:04o} and cannot be "
+                    f"tightened to 0700 ({exc.strerror}); fix it with 'chmod 700 {self.root}'"
+                ) from exc
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -127,6 +137,7 @@ class Store:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            self._remove_stale_temp_files()
             state = self.load()
             before = _serialize(state)
             yield state
@@ -137,11 +148,23 @@ class Store:
         finally:
             os.close(fd)
 
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files left by writers that died mid-write (kill -9, power loss).
+
+        Writers create their temp file only while holding the lock, which we
+        hold now, so every temp file here belongs to a dead writer.
+        """
+        for name in FILES:
+            for tmp in self.root.glob(f".{name}.*.tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+
     def _write(self, name: str, text: str) -> None:
         path = self.path(name)
         tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(text)
                 fh.flush()

@@ -1,0 +1,247 @@
+"""Every request field the schema accepts, sent through the real model.
+
+The cases are checked against the schema's own field table: a field added to
+``CHAT_FIELDS`` without a case here fails ``test_every_field_has_a_case``.
+Each accepted field is sent with a non-default value alone and while another
+stream runs on the same assistant; the answer is 200, the other stream ends
+with [DONE], and the assistant stays online. Refused fields are a 400 naming
+the field, and their neutral values are accepted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from conftest import Deployment
+from helpers import HELLO, NO_EOS, BackgroundStream, error_of, sse_events
+
+from vergeai.api.schemas import CHAT_FIELDS
+
+PARTS = [{"type": "text", "text": "Hi"}, {"type": "text", "text": "!"}]
+BASE: dict[str, Any] = {"model": "gemma", "messages": HELLO, "max_tokens": 4}
+
+# field -> a non-default value (sent on top of BASE)
+CASES: dict[str, Any] = {
+    "model": "gemma",
+    "messages": [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "developer", "content": "Be kind."},
+        {"role": "user", "content": PARTS},
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": "Go on."},
+    ],
+    "stream": True,
+    "stream_options": {"include_usage": True},
+    "max_tokens": 3,
+    "max_completion_tokens": 2,
+    "n_predict": 2,
+    "temperature": 1.7,
+    "top_p": 0.3,
+    "top_k": 3,
+    "min_p": 0.3,
+    "stop": ["\n", "."],
+    "seed": 12345,
+    "presence_penalty": 1.5,
+    "frequency_penalty": -1.5,
+    "repeat_penalty": 1.4,
+    "repeat_last_n": -1,
+    "logit_bias": {"563": 5, "1": -100},
+    "chat_template_kwargs": {"enable_thinking": False},
+    "reasoning_format": "none",
+    "session_id": "matrix-session",
+    "grammar": 'root ::= "yes" | "no"',
+    # accepted and ignored
+    "user": "alice@example.com",
+    "store": True,
+    "metadata": {"team": "search"},
+    "service_tier": "auto",
+    "parallel_tool_calls": False,
+    "prompt_cache_key": "k1",
+    "safety_identifier": "u-1",
+    "reasoning_effort": "low",
+    "verbosity": "low",
+    "cache_prompt": False,
+    "n_keep": 10,
+    "id_slot": 1,
+    "samplers": ["top_k", "temperature"],
+    "mirostat_tau": 4.0,
+    "mirostat_eta": 0.2,
+    "dynatemp_exponent": 1.5,
+    "xtc_threshold": 0.2,
+    "dry_base": 1.5,
+    "dry_allowed_length": 3,
+    "dry_penalty_last_n": -1,
+    "dry_sequence_breakers": ["\n"],
+}
+# refused field -> a value that asks for the feature
+REFUSED: dict[str, Any] = {
+    "n": 2,
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+    "tool_choice": "required",
+    "functions": [{"name": "f", "parameters": {}}],
+    "function_call": {"name": "f"},
+    "response_format": {"type": "json_object"},
+    "logprobs": True,
+    "top_logprobs": 3,
+    "audio": {"voice": "alloy", "format": "wav"},
+    "modalities": ["text", "audio"],
+    "prediction": {"type": "content", "content": "x"},
+    "web_search_options": {},
+    "json_schema": {"type": "object"},
+    "mirostat": 2,
+    "typical_p": 0.5,
+    "tfs_z": 0.9,
+    "dynatemp_range": 0.5,
+    "xtc_probability": 0.5,
+    "dry_multiplier": 0.8,
+    "top_n_sigma": 1.0,
+    "ignore_eos": True,
+    "n_probs": 5,
+}
+
+
+def post(d: Deployment, body: dict[str, Any]) -> httpx.Response:
+    with d.server.http(d.admin_token) as http:
+        return http.post("/v1/chat/completions", json=body)
+
+
+def check_answer(response: httpx.Response, body: dict[str, Any]) -> dict[str, Any]:
+    """200 and a whole answer (streamed or not); returns the last chunk or the body."""
+    assert response.status_code == 200, response.text
+    if not body.get("stream"):
+        return dict(response.json())
+    events = sse_events(response)
+    assert events[-1] == "[DONE]", events
+    assert not any("error" in e for e in events if isinstance(e, dict)), events
+    return dict(events[-2])
+
+
+def assistant_online(d: Deployment) -> bool:
+    health = httpx.get(f"{d.server.root_url}/health").json()
+    return bool(health["status"] == "ok" and health["assistants"]["gemma"] == "online")
+
+
+def test_every_field_has_a_case() -> None:
+    accepted = {f.name for f in CHAT_FIELDS if f.kind != "refused"}
+    refused = {f.name for f in CHAT_FIELDS if f.kind == "refused"}
+    assert set(CASES) == accepted, "fields without a case, or cases for no field"
+    assert set(REFUSED) == refused
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_accepted_field_alone_and_beside_a_stream(deployment: Deployment, name: str) -> None:
+    body = {**BASE, name: CASES[name]}
+    check_answer(post(deployment, body), body)
+    with BackgroundStream(deployment.server.root_url, deployment.admin_token, "gemma") as other:
+        check_answer(post(deployment, body), body)
+    assert other.completed(), other.events[-3:]
+    assert assistant_online(deployment)
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_refused_field_is_400_naming_it(deployment: Deployment, name: str) -> None:
+    response = post(deployment, {**BASE, name: REFUSED[name]})
+    assert response.status_code == 400, response.text
+    err = error_of(response)
+    assert err["param"] == name and name in err["message"]
+    assert err["code"] == "unsupported_parameter"
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_refused_field_with_its_neutral_value_is_accepted(
+    deployment: Deployment, name: str
+) -> None:
+    spec = next(f for f in CHAT_FIELDS if f.name == name)
+    for neutral in spec.neutral:
+        body = {**BASE, "max_tokens": 1, name: neutral}
+        assert post(deployment, body).status_code == 200, (name, neutral)
+    # true is not 1, and 1 is not false
+    if name == "n":
+        assert post(deployment, {**BASE, "n": True}).status_code == 400
+
+
+# the fields' effects, where one answer can show them
+
+
+def greedy(d: Deployment, max_tokens: int = 24, **extra: Any) -> dict[str, Any]:
+    body = {"model": "gemma", "messages": HELLO, "temperature": 0, "max_tokens": max_tokens,
+            "logit_bias": NO_EOS, **extra}  # fmt: skip
+    response = post(d, body)
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def content(reply: dict[str, Any]) -> str:
+    return str(reply["choices"][0]["message"]["content"])
+
+
+def test_length_fields_bound_the_answer(deployment: Deployment) -> None:
+    for name in ("max_tokens", "max_completion_tokens", "n_predict"):
+        reply = greedy(deployment, **{"max_tokens": None, name: 3})
+        assert reply["usage"]["completion_tokens"] == 3, name
+        assert reply["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize(
+    "penalty",
+    [
+        {"presence_penalty": 2.0},
+        {"frequency_penalty": 2.0},
+        {"repeat_penalty": 2.0},
+        {"repeat_penalty": 2.0, "repeat_last_n": -1},
+    ],
+)
+def test_penalties_change_a_repetitive_greedy_answer(
+    deployment: Deployment, penalty: dict[str, Any]
+) -> None:
+    plain = content(greedy(deployment, 48))
+    assert content(greedy(deployment, 48, **penalty)) != plain
+
+
+def test_repeat_last_n_zero_turns_the_repeat_penalty_off(deployment: Deployment) -> None:
+    plain = content(greedy(deployment, 48))
+    assert content(greedy(deployment, 48, repeat_penalty=2.0, repeat_last_n=0)) == plain
+
+
+def test_top_k_one_is_greedy(deployment: Deployment) -> None:
+    plain = content(greedy(deployment, 16))
+    sampled = greedy(deployment, 16, temperature=1.5, top_k=1, seed=7)
+    assert content(sampled) == plain
+
+
+def test_min_p_one_is_greedy(deployment: Deployment) -> None:
+    plain = content(greedy(deployment, 16))
+    assert content(greedy(deployment, 16, temperature=1.5, min_p=1.0, seed=7)) == plain
+
+
+def test_grammar_constrains_the_answer(deployment: Deployment) -> None:
+    reply = greedy(deployment, 8, grammar='root ::= "yes" | "no"', logit_bias=None)
+    assert content(reply) in ("yes", "no")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("top_k", -1),
+        ("top_k", 1.5),
+        ("min_p", 2),
+        ("repeat_penalty", 0),
+        ("repeat_penalty", "x"),
+        ("repeat_last_n", -2),
+        ("presence_penalty", 10**400),
+        ("frequency_penalty", float("inf")),
+        ("n_predict", "all"),
+    ],
+)
+def test_bad_sampling_values_are_400(deployment: Deployment, field: str, value: Any) -> None:
+    import json
+
+    raw = json.dumps({**BASE, field: value}).encode()
+    with deployment.server.http(deployment.admin_token) as http:
+        response = http.post(
+            "/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"}
+        )
+    assert response.status_code == 400, response.text
+    assert error_of(response)["param"] in (field, None)
