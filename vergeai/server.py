@@ -49,15 +49,32 @@ def limit_connections(max_connections: int) -> None:
     open_connections = 0
 
     class CappedTCPServer(hypercorn.asyncio.tcp_server.TCPServer):  # type: ignore[misc]
+        counted = False
+
         async def run(self) -> None:
             nonlocal open_connections
             if open_connections >= max_connections:
                 await refuse(self.reader, self.writer)
                 return
             open_connections += 1
+            self.counted = True
             try:
                 await super().run()
             finally:
+                self.uncount()
+
+        async def _read_data(self) -> None:
+            # run() lingers until the keep-alive timer ends even after the
+            # client has gone; the connection stops counting when reading ends
+            try:
+                await super()._read_data()
+            finally:
+                self.uncount()
+
+        def uncount(self) -> None:
+            nonlocal open_connections
+            if self.counted:
+                self.counted = False
                 open_connections -= 1
 
     hypercorn.asyncio.run.TCPServer = CappedTCPServer  # type: ignore[attr-defined]

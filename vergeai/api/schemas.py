@@ -269,7 +269,7 @@ def _same(a: Any, b: Any) -> bool:
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return bool(type(a) in (int, float, str, type(None)) and a == b)
+    return bool(type(a) in (bool, int, float, str, type(None)) and a == b)
 
 
 def _check_fields(body: dict[str, Any]) -> None:
@@ -309,13 +309,14 @@ def parse_chat_request(body: Any) -> ChatRequest:
         include_usage = options.get("include_usage", False)
         if not isinstance(include_usage, bool):
             raise _bad("stream_options.include_usage", "must be a boolean")
-    max_tokens = _integer(body, "max_completion_tokens", 1, MAX_TOKENS)
-    if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", 1, MAX_TOKENS)
-    if max_tokens is None:
-        # llama-server's name; -1 there means "until the context is full"
-        n_predict = _integer(body, "n_predict", -1, MAX_TOKENS)
-        max_tokens = None if n_predict in (None, -1, 0) else n_predict
+    # the first one given wins; n_predict is llama-server's name, where -1 means no limit
+    n_predict = _integer(body, "n_predict", -1, MAX_TOKENS)
+    limits = (
+        _integer(body, "max_completion_tokens", 1, MAX_TOKENS),
+        _integer(body, "max_tokens", 1, MAX_TOKENS),
+        None if n_predict in (-1, 0) else n_predict,
+    )
+    max_tokens = next((n for n in limits if n is not None), None)
     return ChatRequest(
         model=model,
         messages=_messages(body.get("messages")),
