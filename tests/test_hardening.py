@@ -314,3 +314,14 @@ def test_json_access_log_stays_one_object_per_line(tmp_path: Path, model_path: s
     assert access[0]["assistant"] == "-" and access[0]["status"] == 404
     assert access[1]["path"] == "/v1/models/x\ny"
     assert all("request_id" in r for r in access)
+
+
+def test_log_escaping() -> None:
+    from vergeai.logs import escape, log_token
+
+    assert escape("plain text é 🦀") == "plain text é 🦀"
+    assert escape("a\nb\r\x00\x07\x1b\u202e\u2028\ud800") == (
+        "a\\x0ab\\x0d\\x00\\x07\\x1b\\u202e\\u2028\\ud800"
+    )
+    assert log_token("a b=c\"d'e\\f") == "a\\x20b\\x3dc\\x22d\\x27e\\x5cf"
+    assert log_token("") == "-"

@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -270,6 +271,48 @@ def test_failed_write_keeps_the_old_file_and_no_temp_file(
     monkeypatch.undo()
     assert snapshot(store.root) == before
     assert {p.name for p in store.root.iterdir()} == {".lock", USERS, KEYS, ASSISTANTS}
+
+
+KILLED_WRITER = """
+import os, sys, time
+from pathlib import Path
+from vergeai.state.records import User
+from vergeai.state.store import Store
+
+os.replace = lambda *args: time.sleep(60)  # stop between writing the temp file and renaming it
+with Store(Path(sys.argv[1])).transaction() as state:
+    state.users["mallory"] = User(name="mallory")
+"""
+
+
+def test_temp_files_of_a_killed_writer_are_removed_by_the_next_write(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    cli_ok(state, "user", "create", "alice")
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(state)])
+    try:
+        deadline = time.monotonic() + 30
+        while not list(state.glob(f".{USERS}.*.tmp")):
+            assert time.monotonic() < deadline and writer.poll() is None
+            time.sleep(0.02)
+    finally:
+        writer.kill()  # kill -9 mid-write
+        writer.wait()
+    assert list(state.glob(f".{USERS}.*.tmp"))
+    cli_ok(state, "user", "create", "bob")
+    assert not list(state.glob("*.tmp")) and not list(state.glob(".*.tmp"))
+    assert set(Store(state).load().users) == {"alice", "bob"}
+
+
+def test_an_existing_loose_state_dir_is_tightened_to_0700(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    os.chmod(state, 0o755)
+    (state / f".{USERS}.4242.tmp").write_text("half a file")
+    os.chmod(state / f".{USERS}.4242.tmp", 0o644)
+    cli_ok(state, "user", "create", "alice")
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert stat.S_IMODE((state / USERS).stat().st_mode) == 0o600
+    assert not (state / f".{USERS}.4242.tmp").exists()
 
 
 def test_state_dir_that_is_a_file(tmp_path: Path) -> None:

@@ -1,0 +1,163 @@
+"""Faults inside a model worker, on the real model: one request fails alone, a dead thread restarts.
+
+The faults are injected by patching one worker method or llama call for one
+request (the one whose prompt holds a marker token); everything else is the
+real llama.cpp context and the real worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from vergeai.runtime.job import Delta, Event, Failed, Finished, Job
+from vergeai.runtime.llama import Sampling
+from vergeai.runtime.pool import Pool
+from vergeai.runtime.worker import Worker, WorkerState
+from vergeai.state.records import Assistant
+
+MARKER = 9999  # a token id that only the faulty request's prompt holds
+NO_EOS = {1: -100.0, 106: -100.0, 212: -100.0}
+
+
+def sampling(seed: int = 1) -> Sampling:
+    return Sampling(
+        temperature=0.0, top_p=1.0, top_k=40, min_p=0.05, seed=seed, presence_penalty=0.0,
+        frequency_penalty=0.0, repeat_penalty=1.0, repeat_last_n=64, logit_bias=dict(NO_EOS),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pool(model_path: str) -> Iterator[Pool]:
+    assistant = Assistant(
+        name="gemma", model=model_path, chat_format="gemma", ctx=256, parallel=2, threads=2
+    )
+    pool = Pool()
+    pool.reconcile({"gemma": assistant})
+    wait_online(pool)
+    yield pool
+    pool.close()
+
+
+def wait_online(pool: Pool, timeout: float = 30) -> Worker:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pool.heal()
+        worker = pool.get("gemma")
+        if worker is not None and worker.status == WorkerState.ONLINE and not worker.crashed:
+            return worker
+        time.sleep(0.05)
+    raise AssertionError("the worker did not come online")
+
+
+async def generate(worker: Worker, tokens: list[int], max_tokens: int = 12) -> list[Event]:
+    job = Job(tokens=tokens, sampling=sampling(), max_tokens=max_tokens, stop=[],
+              loop=asyncio.get_running_loop())  # fmt: skip
+    worker.submit(job)
+    return [event async for event in job.events()]
+
+
+async def side_by_side(worker: Worker) -> tuple[list[Event], list[Event]]:
+    good = worker.tokenize(
+        "<start_of_turn>user\nCount to ten.<end_of_turn>\n<start_of_turn>model\n"
+    )
+    bad = [*good[:-1], MARKER, good[-1]]
+    return await asyncio.gather(generate(worker, good, 24), generate(worker, bad))
+
+
+def outcome(events: list[Event]) -> type:
+    return type(events[-1])
+
+
+def check_isolated(worker: Worker, good: list[Event], bad: list[Event]) -> None:
+    assert outcome(bad) is Failed, bad
+    assert outcome(good) is Finished, good
+    done = good[-1]
+    assert isinstance(done, Finished) and done.completion_tokens == 24
+    assert sum(len(e.text) for e in good if isinstance(e, Delta)) > 0
+    deadline = time.monotonic() + 2  # the slot is freed just after the last event is sent
+    while worker.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker.status == WorkerState.ONLINE and worker.busy == 0
+
+
+def test_a_failing_sampler_fails_only_its_request(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = wait_online(pool)
+
+    def start(slot: Any, job: Job) -> None:
+        if MARKER in job.tokens:
+            raise RuntimeError("this function takes at least 5 arguments (4 given)")
+        real_start(slot, job)
+
+    real_start = worker._start
+    monkeypatch.setattr(worker, "_start", start)
+    good, bad = asyncio.run(side_by_side(worker))
+    check_isolated(worker, good, bad)
+    failed = bad[-1]
+    assert isinstance(failed, Failed) and "5 arguments" in failed.message
+    assert failed.retry_after is None
+
+
+def test_a_failing_decode_fails_only_its_request(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = wait_online(pool)
+    assert worker.ctx is not None
+    ctx = worker.ctx
+    real = ctx.decode
+
+    def decode(entries: list[tuple[int, int, int, bool]]) -> int:
+        if any(token == MARKER for token, *_ in entries):
+            return -1
+        return real(entries)
+
+    monkeypatch.setattr(ctx, "decode", decode)
+    good, bad = asyncio.run(side_by_side(worker))
+    check_isolated(worker, good, bad)
+
+
+def test_an_exception_while_sampling_fails_only_its_request(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = wait_online(pool)
+    real = worker._sample
+
+    def sample(slot: Any, index: int) -> None:
+        if MARKER in slot.job.tokens and slot.job.n_generated == 3:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+        real(slot, index)
+
+    monkeypatch.setattr(worker, "_sample", sample)
+    good, bad = asyncio.run(side_by_side(worker))
+    check_isolated(worker, good, bad)
+    assert sum(isinstance(e, Delta) for e in bad) > 0  # it failed mid-answer
+
+
+def test_a_dead_worker_thread_is_restarted_without_an_admin(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = wait_online(pool)
+
+    def die() -> None:
+        raise MemoryError("the worker loop itself broke")
+
+    monkeypatch.setattr(worker, "_decode_step", die)
+    good, bad = asyncio.run(side_by_side(worker))
+    for events in (good, bad):
+        failed = events[-1]
+        assert isinstance(failed, Failed) and failed.retry_after is not None
+    worker.join(10)
+    assert worker.crashed
+    assert pool.status(worker.assistant) == WorkerState.RESTARTING
+    assert worker.stats()["state"] == "restarting"
+    replacement = wait_online(pool)
+    assert replacement is not worker
+    assert replacement.restarts == 1 and pool.restarts["gemma"] == 1
+    good, bad = asyncio.run(side_by_side(replacement))
+    assert outcome(good) is Finished and outcome(bad) is Finished
