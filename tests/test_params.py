@@ -10,6 +10,8 @@ the field, and their neutral values are accepted.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -245,3 +247,18 @@ def test_bad_sampling_values_are_400(deployment: Deployment, field: str, value: 
         )
     assert response.status_code == 400, response.text
     assert error_of(response)["param"] in (field, None)
+
+
+def test_readme_lists_every_field_where_it_belongs() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Request fields", 1)[1].split("\n## ", 1)[0]
+    groups = {"honoured": "**Honoured:**", "ignored": "**Accepted and ignored**",
+              "refused": "**Refused**"}  # fmt: skip
+    for kind, marker in groups.items():
+        bullet = section.split(marker, 1)[1].split("\n- ", 1)[0]
+        named = set(re.findall(r"`([a-z_]+)`", bullet))
+        expected = {f.name for f in CHAT_FIELDS if f.kind == kind}
+        assert expected <= named, (kind, expected - named)
+        others = {f.name for f in CHAT_FIELDS if f.kind != kind}
+        # a refused field's neutral value may be quoted in its bullet, nothing else
+        assert not (named & others), (kind, named & others)

@@ -65,7 +65,7 @@ class Service:
             return False
         self.state = state
         self.keys = KeyIndex(state)
-        self.pool.reconcile(state.assistants)
+        self.pool.reconcile(state.assistants, retry_failed=force)
         log.info(
             "state dir loaded: %d assistants, %d users", len(state.assistants), len(state.users)
         )

@@ -57,6 +57,7 @@ def _worker_fields(w: dict[str, Any]) -> list[tuple[str, str]]:
         ("last prompt tok/s", f"{w['last_prompt_per_second']:.1f}"),
         ("last decode tok/s", f"{w['last_predicted_per_second']:.1f}"),
         ("uptime", _duration(w["uptime_seconds"])),
+        ("restarts", str(w["restarts"])),
     ]
 
 

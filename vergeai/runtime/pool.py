@@ -53,11 +53,13 @@ class Pool:
                 self.restarts[name] = count + 1
                 self._start(worker.assistant)
 
-    def reconcile(self, assistants: dict[str, Assistant]) -> None:
+    def reconcile(self, assistants: dict[str, Assistant], retry_failed: bool = False) -> None:
         """Start workers for online assistants, retire those gone offline or changed.
 
         A retired worker refuses new jobs at once and frees its context when
-        its in-flight jobs are done; its successor loads alongside.
+        its in-flight jobs are done; its successor loads alongside. A worker
+        that failed to load is retried when its assistant changes, or when
+        asked (SIGHUP).
         """
         with self._lock:
             for name, worker in list(self.workers.items()):
@@ -66,7 +68,10 @@ class Pool:
                     wanted is None
                     or not wanted.online
                     or wanted.load_key() != worker.assistant.load_key()
-                    or (worker.status == WorkerState.ERROR and wanted != worker.assistant)
+                    or (
+                        worker.status == WorkerState.ERROR
+                        and (retry_failed or wanted != worker.assistant)
+                    )
                 ):
                     self._retire(name)
                 else:
