@@ -184,6 +184,21 @@ def test_model_names_cannot_forge_or_hide_log_lines(hard: Hard) -> None:
     assert not any(c in log for c in "\x00\x07\u202e\x1b")
 
 
+def test_hostile_grammars_are_400_and_cannot_crash_or_forge(hard: Hard) -> None:
+    deep = "root ::= " + "(" * 20_000 + '"a"' + ")" * 20_000  # overflowed llama.cpp's stack
+    forged = 'root ::= "a\n2026-01-01 00:00:00,000 INFO vergeai.access: forged ::= ]'
+    for grammar, why in ((deep, "nest deeper"), (forged, "could not parse")):
+        body = {"model": "gemma", "messages": HELLO, "grammar": grammar}
+        response = hard.post(body)
+        assert response.status_code == 400, response.text
+        assert why in error_of(response)["message"]
+    assert hard.post({"model": "gemma", "messages": HELLO, "max_tokens": 1}).status_code == 200
+    time.sleep(0.2)
+    log = hard.server.log()
+    assert "vergeai.llama_cpp" in log  # llama.cpp's complaint is logged, escaped
+    assert not any(line.startswith("2026-01-01 00:00:00,000") for line in log.splitlines())
+
+
 def test_exceptions_are_logged_once_without_traceback_noise(hard: Hard) -> None:
     log = hard.server.log()
     assert "Traceback" not in log

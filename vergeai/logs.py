@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
+import threading
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 
 def escape(text: str, also: str = "") -> str:
@@ -60,9 +63,38 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def setup_logging(level: str = "info", fmt: str = "text") -> None:
-    handler = logging.StreamHandler()
+def setup_logging(level: str = "info", fmt: str = "text", capture_native: bool = False) -> None:
+    """Log to stderr; with capture_native, native code's stderr becomes log lines too."""
+    stream = _native_stderr_to_log() if capture_native else sys.stderr
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def _native_stderr_to_log() -> TextIO:
+    """Point file descriptor 2 at a pipe read into the log; return the real stderr.
+
+    llama.cpp prints some errors straight to stderr, quoting client input
+    (a grammar it could not parse) with its newlines. Read a line at a time
+    and logged, that text is escaped like any other, and JSON logs stay one
+    object per line. Python's own sys.stderr keeps writing to the real one.
+    """
+    real = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+    sys.stderr.flush()
+    read_fd, write_fd = os.pipe()
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+    sys.stderr = real
+    threading.Thread(target=_pump, args=(read_fd,), name="native-stderr", daemon=True).start()
+    return real
+
+
+def _pump(read_fd: int) -> None:
+    log = logging.getLogger("vergeai.native")
+    with open(read_fd, "rb") as pipe:
+        for raw in pipe:
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if line.strip():
+                log.warning("%s", line)

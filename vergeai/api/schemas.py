@@ -15,6 +15,7 @@ MAX_STOPS = 16
 MAX_STOP_LENGTH = 1024
 MAX_LOGIT_BIAS = 1024
 MAX_GRAMMAR = 64 * 1024
+MAX_GRAMMAR_DEPTH = 256
 REASONING_FORMATS = ("none", "auto", "deepseek", "deepseek-legacy")
 MAX_TOKENS = 1_000_000
 
@@ -258,7 +259,36 @@ def _grammar(value: Any) -> str | None:
         raise _bad("grammar", "must be a GBNF grammar string")
     if len(value) > MAX_GRAMMAR:
         raise _bad("grammar", f"at most {MAX_GRAMMAR} characters")
+    if _group_depth(value) > MAX_GRAMMAR_DEPTH:
+        raise _bad("grammar", f"groups nest deeper than {MAX_GRAMMAR_DEPTH} levels")
     return value
+
+
+def _group_depth(grammar: str) -> int:
+    """How deep ( ) groups nest, outside literals, classes and comments.
+
+    llama.cpp's grammar parser recurses once per level: some 20,000 levels
+    overflow its stack and kill the process, so we refuse deep ones first.
+    """
+    depth = deepest = 0
+    i, n = 0, len(grammar)
+    while i < n:
+        ch = grammar[i]
+        if ch in '"[':
+            close = '"' if ch == '"' else "]"
+            i += 1
+            while i < n and grammar[i] != close:
+                i += 2 if grammar[i] == "\\" else 1
+        elif ch == "#":
+            while i < n and grammar[i] not in "\r\n":
+                i += 1
+        elif ch == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch == ")":
+            depth -= 1
+        i += 1
+    return deepest
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -122,7 +122,7 @@ def serve(
     for path in (opts.certfile, opts.keyfile):
         if path is not None and not Path(path).is_file():
             fail(f"{path} is not a readable file")
-    setup_logging(opts.log_level, opts.log_format)
+    setup_logging(opts.log_level, opts.log_format, capture_native=True)
     # imported here so that the other commands start without llama.cpp and the web stack
     from vergeai.api.admin import AdminSocketBusy
     from vergeai.server import run

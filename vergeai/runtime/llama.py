@@ -7,8 +7,8 @@ count) use one loaded copy of its memory-mapped weights.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
-import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -31,16 +31,30 @@ class LoadError(VergeError):
     pass
 
 
-GGML_LOG_ERROR = 4
+GGML_LOG_ERROR, GGML_LOG_CONT = 4, 5
 _verbose = False
+_llama_log = logging.getLogger("vergeai.llama_cpp")
+_partial: list[str] = []  # text of a line that llama.cpp has not ended yet
+_last_level = 0
 
 
 @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
 def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     # llama-cpp-python's own callback maps ggml's levels wrongly and prints
-    # every model-load notice; we print errors only, unless asked for debug.
-    if _verbose or level == GGML_LOG_ERROR:
-        sys.stderr.write(text.decode("utf-8", "replace"))
+    # every model-load notice. We pass errors (and, for debug, everything) to
+    # Python logging a line at a time, so that text a client controls (a
+    # grammar llama.cpp quotes back) is escaped like any other log line.
+    global _last_level
+    if level != GGML_LOG_CONT:
+        _last_level = level
+    errors = _last_level == GGML_LOG_ERROR
+    if not (_verbose or errors):
+        return
+    *lines, rest = (("".join(_partial)) + text.decode("utf-8", "replace")).split("\n")
+    _partial[:] = [rest]
+    for line in lines:
+        if line.strip():
+            _llama_log.log(logging.WARNING if errors else logging.DEBUG, line)
 
 
 def init_backend(verbose: bool = False) -> None:
