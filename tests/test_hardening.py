@@ -274,6 +274,7 @@ def test_connections_over_the_cap_get_503_until_some_close(hard: Hard) -> None:
         response = httpx.get(f"{hard.server.root_url}/health")
         assert response.status_code == 503
         assert response.headers["retry-after"] == "1"
+        assert re.fullmatch(r"[0-9a-f]{32}", response.headers["x-request-id"])
         assert "too many open connections" in error_of(response)["message"]
     finally:
         for sock in idle:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import signal
+import uuid
 
 import hypercorn.asyncio.run
 import hypercorn.asyncio.tcp_server
@@ -86,7 +87,8 @@ async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
     ).encode()
     head = (
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-        f"retry-after: 1\r\nconnection: close\r\ncontent-length: {len(body)}\r\n\r\n"
+        f"retry-after: 1\r\nx-request-id: {uuid.uuid4().hex}\r\nconnection: close\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
     )
     with contextlib.suppress(Exception):
         # read what the client already sent, so that closing does not reset the answer
