@@ -154,10 +154,11 @@ def test_raw_bodies_and_content_types(fuzz_server: Server) -> None:
     normal_request_works(fuzz_server)
 
 
+# what a client library lets through: latin-1 text without edge whitespace
 HEADER_TEXT = st.text(
     alphabet=st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"),
     max_size=60,
-)
+).map(lambda text: text.strip(" \t"))
 
 
 def test_models_and_headers(fuzz_server: Server) -> None:
@@ -178,8 +179,8 @@ def test_models_and_headers(fuzz_server: Server) -> None:
         for url in (f"{fuzz_server.base_url}/models", f"{fuzz_server.base_url}/models/{quoted}"):
             response = httpx.get(url, headers=headers, params=query, timeout=30)
             check(response)
-            if request_id is not None and REQUEST_ID_RE.fullmatch(request_id.strip(" \t")):
-                assert response.headers["x-request-id"] == request_id.strip(" \t")
+            if request_id is not None and REQUEST_ID_RE.fullmatch(request_id):
+                assert response.headers["x-request-id"] == request_id
             else:
                 assert len(response.headers["x-request-id"]) == 32
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from conftest import Deployment
 from helpers import HELLO, NO_EOS, BackgroundStream, error_of, sse_events
@@ -262,3 +263,25 @@ def test_readme_lists_every_field_where_it_belongs() -> None:
         others = {f.name for f in CHAT_FIELDS if f.kind != kind}
         # a refused field's neutral value may be quoted in its bullet, nothing else
         assert not (named & others), (kind, named & others)
+
+
+def test_the_openai_client_sends_them_all(deployment: Deployment) -> None:
+    client = deployment.server.client(deployment.user_token)
+    extra = {"top_k": 5, "min_p": 0.1, "repeat_penalty": 1.2, "repeat_last_n": 32}
+    raw = client.chat.completions.with_raw_response.create(
+        model="gemma", messages=HELLO, max_tokens=6, presence_penalty=0.5,
+        frequency_penalty=0.5, temperature=0.7, top_p=0.9, seed=3, stop=["\n\n"],
+        user="alice", metadata={"a": "b"}, store=False, extra_body=extra,
+    )  # fmt: skip
+    assert raw.headers["x-request-id"]
+    assert raw.parse().choices[0].finish_reason in ("length", "stop")
+    stream = client.chat.completions.create(
+        model="gemma", messages=HELLO, max_tokens=6, presence_penalty=0.5, stream=True,
+        stream_options={"include_usage": True}, extra_body=extra,
+    )  # fmt: skip
+    chunks = list(stream)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="gemma", messages=HELLO, n=2)
+    assert info.value.code == "unsupported_parameter"
+    assert info.value.body["param"] == "n"  # type: ignore[index]
