@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, StreamingResponse
@@ -13,6 +13,7 @@ from starlette.types import Receive, Scope, Send
 
 from vergeai.errors import BodyTooLarge, InvalidRequest, RequestTimeout, VergeError, error_body
 
+T = TypeVar("T")
 MAX_BODY = 1024 * 1024
 MAX_DEPTH = 64
 
@@ -109,6 +110,21 @@ async def wait_for_disconnect(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Await ``work`` while one task watches the client; None if it left first."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, gone):
+            pending.cancel()
+        await asyncio.gather(task, gone, return_exceptions=True)
+    if task.cancelled():
+        return None
+    return task.result()
 
 
 class EventStream(StreamingResponse):

@@ -6,7 +6,7 @@ import secrets
 import time
 from typing import Any
 
-from vergeai.runtime.job import Finished
+from vergeai.api.generation import Done
 
 
 class Reply:
@@ -25,18 +25,10 @@ class Reply:
             "system_fingerprint": self.name,
         }
 
-    @staticmethod
-    def usage(done: Finished) -> dict[str, int]:
-        return {
-            "prompt_tokens": done.prompt_tokens,
-            "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens,
-        }
-
-    def whole(self, content: str, reasoning: str, done: Finished) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": content}
-        if reasoning:
-            message["reasoning_content"] = reasoning
+    def whole(self, done: Done) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": done.content}
+        if done.reasoning:
+            message["reasoning_content"] = done.reasoning
         return {
             **self.base(),
             "choices": [
@@ -47,8 +39,8 @@ class Reply:
                     "finish_reason": done.finish_reason,
                 }
             ],
-            "usage": self.usage(done),
-            "timings": done.timings,
+            "usage": done.usage(),
+            "timings": done.timings.to_json(),
         }
 
     def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
@@ -59,5 +51,5 @@ class Reply:
             ],
         }
 
-    def usage_chunk(self, done: Finished) -> dict[str, Any]:
-        return {**self.base(), "choices": [], "usage": self.usage(done)}
+    def usage_chunk(self, done: Done) -> dict[str, Any]:
+        return {**self.base(), "choices": [], "usage": done.usage()}

@@ -7,9 +7,45 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from vergeai.runtime.llama import Sampling
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class Timings:
+    """llama-server's ``timings`` object: what was evaluated and generated, and how fast."""
+
+    cache_n: int
+    prompt_n: int
+    prompt_ms: float
+    predicted_n: int
+    predicted_ms: float
+
+    @property
+    def prompt_per_second(self) -> float:
+        return self.prompt_n * 1000.0 / self.prompt_ms if self.prompt_ms > 0 else 0.0
+
+    @property
+    def predicted_per_second(self) -> float:
+        return self.predicted_n * 1000.0 / self.predicted_ms if self.predicted_ms > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cache_n": self.cache_n,
+            "prompt_n": self.prompt_n,
+            "prompt_ms": self.prompt_ms,
+            "prompt_per_token_ms": self.prompt_ms / self.prompt_n if self.prompt_n else 0.0,
+            "prompt_per_second": self.prompt_per_second,
+            "predicted_n": self.predicted_n,
+            "predicted_ms": self.predicted_ms,
+            "predicted_per_token_ms": (
+                self.predicted_ms / self.predicted_n if self.predicted_n else 0.0
+            ),
+            "predicted_per_second": self.predicted_per_second,
+        }
 
 
 @dataclass
@@ -19,10 +55,10 @@ class Delta:
 
 @dataclass
 class Finished:
-    finish_reason: str
+    finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
-    timings: dict[str, float | int]
+    timings: Timings
 
 
 @dataclass
@@ -66,23 +102,12 @@ class Job:
             if not isinstance(event, Delta):
                 return
 
-    def timings(self) -> dict[str, Any]:
+    def timings(self) -> Timings:
         end = time.perf_counter()
-        prompt_n = len(self.tokens) - self.cache_n
-        prompt_ms = (self.t_first - self.t_start) * 1000.0
-        predicted_ms = (end - self.t_first) * 1000.0
-        return {
-            "cache_n": self.cache_n,
-            "prompt_n": prompt_n,
-            "prompt_ms": prompt_ms,
-            "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
-            "prompt_per_second": prompt_n * 1000.0 / prompt_ms if prompt_ms > 0 else 0.0,
-            "predicted_n": self.n_generated,
-            "predicted_ms": predicted_ms,
-            "predicted_per_token_ms": (
-                predicted_ms / self.n_generated if self.n_generated else 0.0
-            ),
-            "predicted_per_second": (
-                self.n_generated * 1000.0 / predicted_ms if predicted_ms > 0 else 0.0
-            ),
-        }
+        return Timings(
+            cache_n=self.cache_n,
+            prompt_n=len(self.tokens) - self.cache_n,
+            prompt_ms=(self.t_first - self.t_start) * 1000.0,
+            predicted_n=self.n_generated,
+            predicted_ms=(end - self.t_first) * 1000.0,
+        )

@@ -26,7 +26,7 @@ from typing import Any
 
 from vergeai.errors import ContextOverflow, QueueFull, Unavailable
 from vergeai.gguf import GgufError, check_gguf
-from vergeai.runtime.job import Delta, Failed, Finished, Job
+from vergeai.runtime.job import Delta, Failed, Finished, FinishReason, Job
 from vergeai.runtime.llama import (
     Context,
     Model,
@@ -406,7 +406,7 @@ class Worker:
         slot.job.emit(Failed(message))
         self._finish(slot, None)
 
-    def _finish(self, slot: Slot, reason: str | None) -> None:
+    def _finish(self, slot: Slot, reason: FinishReason | None) -> None:
         """End the slot's job; reason None means cancelled or failed (nothing more sent)."""
         job = slot.job
         assert job is not None
@@ -428,8 +428,8 @@ class Worker:
                 )
             )
             self.requests_served += 1
-            self.last_prompt_per_second = float(timings["prompt_per_second"])
-            self.last_predicted_per_second = float(timings["predicted_per_second"])
+            self.last_prompt_per_second = timings.prompt_per_second
+            self.last_predicted_per_second = timings.predicted_per_second
         self.tokens_generated += job.n_generated
         if slot.sampler is not None:
             free_sampler(slot.sampler)

@@ -1,0 +1,300 @@
+"""One generation from submit to release: the part of the request path every endpoint shares.
+
+:func:`start` prepares the prompt (system prompt, chat history, thinking)
+and submits the job; the :class:`Generation` it returns owns the job, the
+chat-history session lease, the reasoning/answer split and the history
+write. Endpoints read its typed events inside ``async with generation``;
+leaving the block cancels the job and releases the lease, exactly once,
+whatever happened (the end, an error, a client gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from vergeai.api.conversation import Lease, Prepared, Sessions, prepare
+from vergeai.api.schemas import ChatRequest
+from vergeai.errors import InvalidRequest, Unavailable, VergeError
+from vergeai.runtime.job import Delta, Failed, FinishReason, Job, Timings
+from vergeai.runtime.llama import GrammarError, Sampling, check_grammar
+from vergeai.runtime.reasoning import ReasoningSplitter
+from vergeai.runtime.worker import Worker, WorkerState
+from vergeai.service import Service
+from vergeai.state.history import SessionKey
+from vergeai.state.records import Assistant
+
+log = logging.getLogger("vergeai.generation")
+
+# llama-server's sampling defaults, used when neither request nor assistant sets one
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_P = 0.95
+DEFAULT_TOP_K = 40
+DEFAULT_MIN_P = 0.05
+DEFAULT_MAX_TOKENS = 2048
+
+
+class GenerationFailed(VergeError):
+    status = 500
+    type = "server_error"
+    code = "generation_failed"
+
+
+def failure(event: Failed) -> VergeError:
+    if event.retry_after is not None:
+        return Unavailable(event.message, retry_after=event.retry_after)
+    return GenerationFailed(event.message)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """New text of the answer, split into reasoning and content (either may be empty)."""
+
+    reasoning: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Done:
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    timings: Timings
+    content: str  # the whole answer
+    reasoning: str
+    ttft: float  # seconds from submit to the first token
+    session: dict[str, Any] | None  # id, turns used and dropped, when history is on
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+class Answer:
+    """The generated text, split into reasoning and content unless asked raw."""
+
+    def __init__(self, raw: bool, opens_think: bool) -> None:
+        self.splitter = None if raw else ReasoningSplitter(opens_think)
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+
+    def feed(self, text: str) -> Piece:
+        return self._keep(*(self.splitter.feed(text) if self.splitter else ("", text)))
+
+    def flush(self) -> Piece:
+        return self._keep(*(self.splitter.flush() if self.splitter else ("", "")))
+
+    def _keep(self, reasoning: str, content: str) -> Piece:
+        self.reasoning.append(reasoning)
+        self.content.append(content)
+        return Piece(reasoning, content)
+
+    @property
+    def in_reasoning(self) -> bool:
+        return bool(self.splitter and self.splitter.in_reasoning)
+
+
+@dataclass
+class Memory:
+    """Where a finished turn goes: the chat-history session the lease holds."""
+
+    sessions: Sessions
+    lease: Lease
+    prepared: Prepared
+    messages: list[dict[str, str]]
+
+    async def remember(self, assistant: Assistant, answer: str, tokens: int) -> dict[str, Any]:
+        prepared = self.prepared
+        turn = [
+            (m, n)
+            for m, n in zip(self.messages, prepared.message_tokens, strict=True)
+            if m["role"] != "system"
+        ]
+        turn.append(({"role": "assistant", "content": answer}, tokens))
+        history = self.sessions.history
+        await asyncio.to_thread(history.append, self.lease.key, turn, assistant.history_turns)
+        return {
+            "id": self.lease.key.session,
+            "turns_used": prepared.turns_used,
+            "turns_dropped": prepared.turns_dropped,
+        }
+
+
+class Generation:
+    def __init__(
+        self, assistant: Assistant, answer: Answer, job: Job, lease: Lease | None,
+        memory: Memory | None,
+    ) -> None:  # fmt: skip
+        self.assistant = assistant
+        self.answer = answer
+        self.job = job
+        self.lease = lease
+        self.memory = memory
+        self._closed = False
+
+    async def __aenter__(self) -> Generation:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the job and release the session; safe to call again."""
+        if self._closed:
+            return
+        self._closed = True
+        self.job.cancel()
+        if self.lease is not None:
+            self.lease.release()
+
+    async def events(self) -> AsyncIterator[Piece | Done]:
+        """Pieces of text as they come, then one Done; a failure raises its error."""
+        async for event in self.job.events():
+            if isinstance(event, Delta):
+                piece = self.answer.feed(event.text)
+                if piece.reasoning or piece.content:
+                    yield piece
+            elif isinstance(event, Failed):
+                raise failure(event)
+            else:
+                piece = self.answer.flush()
+                if piece.reasoning or piece.content:
+                    yield piece
+                content = "".join(self.answer.content)
+                if event.finish_reason == "length" and self.answer.in_reasoning:
+                    name = self.assistant.name
+                    log.warning(
+                        "assistant %s ran out of tokens while thinking (%d tokens, no answer "
+                        "yet); use 'vergeai assistant edit %s --disable-think' or a larger "
+                        "max_tokens",
+                        name,
+                        event.completion_tokens,
+                        name,
+                    )
+                yield Done(
+                    finish_reason=event.finish_reason,
+                    prompt_tokens=event.prompt_tokens,
+                    completion_tokens=event.completion_tokens,
+                    timings=event.timings,
+                    content=content,
+                    reasoning="".join(self.answer.reasoning),
+                    ttft=self.job.t_first - self.job.t_created,
+                    session=(
+                        await self.memory.remember(self.assistant, content, event.completion_tokens)
+                        if self.memory is not None
+                        else None
+                    ),
+                )
+                return
+
+    async def whole(self) -> Done:
+        """Read to the end; the finished answer."""
+        async for event in self.events():
+            if isinstance(event, Done):
+                return event
+        raise GenerationFailed("the generation ended without an answer")
+
+
+def online_worker(service: Service, name: str) -> Worker:
+    worker = service.pool.get(name)
+    if worker is None:
+        raise Unavailable(
+            f"assistant {name!r} is offline; an admin can bring it online with "
+            f"'vergeai assistant online {name}'"
+        )
+    if worker.status == WorkerState.LOADING:
+        raise Unavailable(
+            f"assistant {name!r} is still loading its model; try again shortly", retry_after=5
+        )
+    if worker.crashed:
+        raise Unavailable(f"assistant {name!r} is restarting; try again shortly", retry_after=2)
+    if worker.status != WorkerState.ONLINE:
+        raise Unavailable(f"assistant {name!r} failed to load its model: {worker.error}")
+    return worker
+
+
+def sampling_for(req: ChatRequest, assistant: Assistant) -> Sampling:
+    def pick(value: float | None, default: float | None, fallback: float) -> float:
+        return value if value is not None else default if default is not None else fallback
+
+    return Sampling(
+        temperature=pick(req.temperature, assistant.temperature, DEFAULT_TEMPERATURE),
+        top_p=pick(req.top_p, assistant.top_p, DEFAULT_TOP_P),
+        top_k=DEFAULT_TOP_K if req.top_k is None else req.top_k,
+        min_p=DEFAULT_MIN_P if req.min_p is None else req.min_p,
+        seed=None if req.seed is None else req.seed % 2**32,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repeat_penalty=req.repeat_penalty,
+        repeat_last_n=req.repeat_last_n,
+        logit_bias=req.logit_bias,
+        grammar=req.grammar,
+    )
+
+
+async def check_request(worker: Worker, req: ChatRequest) -> None:
+    """What only the loaded model can tell: token ids in range, a grammar it can parse."""
+    assert worker.model is not None
+    model = worker.model
+    if any(t >= model.n_vocab for t in req.logit_bias):
+        raise InvalidRequest(
+            f"'logit_bias': token ids must be below the vocabulary size {model.n_vocab}",
+            param="logit_bias",
+        )
+    if req.grammar:
+        try:
+            await asyncio.to_thread(check_grammar, model, req.grammar)
+        except GrammarError as exc:
+            raise InvalidRequest(f"'grammar': {exc.message}", param="grammar") from None
+
+
+async def start(
+    worker: Worker, sessions: Sessions, user: str, req: ChatRequest, session_id: str | None
+) -> Generation:
+    """Prepare the prompt and submit the job; the caller enters the Generation."""
+    assistant = worker.assistant
+    await check_request(worker, req)
+    max_tokens = req.max_tokens or assistant.max_tokens or DEFAULT_MAX_TOKENS
+    thinking = req.enable_thinking
+    if thinking is None and assistant.disable_think:
+        thinking = False
+    key = SessionKey(user, assistant.name, session_id) if session_id else None
+    lease = await sessions.lease(key) if key and assistant.chat_history else None
+    try:
+        turns = []
+        if lease is not None:
+            turns = await asyncio.to_thread(
+                sessions.history.turns, lease.key, assistant.history_days
+            )
+        prepared = await asyncio.to_thread(
+            prepare,
+            worker,
+            assistant.system_prompt,
+            turns,
+            req.messages,
+            thinking,
+            max_tokens,
+            lease is not None,
+        )
+        worker.check_prompt(prepared.rendered.tokens)
+        job = Job(
+            tokens=prepared.rendered.tokens,
+            sampling=sampling_for(req, assistant),
+            max_tokens=max_tokens,
+            stop=req.stop,
+            loop=asyncio.get_running_loop(),
+        )
+        memory = Memory(sessions, lease, prepared, req.messages) if lease else None
+        answer = Answer(req.raw_reasoning, prepared.rendered.opens_think)
+        worker.submit(job)
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
+    return Generation(assistant, answer, job, lease, memory)
