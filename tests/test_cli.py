@@ -687,7 +687,7 @@ def test_failed_commands_leave_no_temp_files(state: Path, model_path: str) -> No
     fails(state, "user", "create", "alice")
     fails(state, "key", "create", "--user", "alice", "--name", "k")
     fails(state, "assistant", "create", "gemma", "--model", model_path)
-    fails(state, "assistant", "edit", "gemma", "--ctx", "99999999999")
+    fails(state, "assistant", "edit", "gemma", "--ctx", "99999999999", code=2)
     assert {p.name for p in state.iterdir()} == STATE_FILES
 
 
@@ -840,18 +840,54 @@ def test_assistant_edit_out_of_range_is_a_usage_error(
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
-        (["--ctx", "20000000"], "ctx"),
-        (["--max-tokens", "2000000"], "max_tokens"),
-        (["--gpu-layers", "200000"], "gpu_layers"),
-        (["--max-queue", "200000"], "max_queue"),
+        (["--ctx", "20000000"], "--ctx': must be between 16 and 10000000"),
+        (["--max-tokens", "2000000"], "--max-tokens': must be between 1 and 1000000"),
+        (["--gpu-layers", "200000"], "--gpu-layers': must be between -1 and 100000"),
+        (["--max-queue", "200000"], "--max-queue': must be between 0 and 100000"),
+        (["--top-p", "0"], "--top-p': must be greater than 0 and at most 1"),
+        (["--chat-format", "x"], "'x' is not one of gemma, chatml, llama-3, mistral-instruct"),
+        (["--temperature", "none"], "--temperature'"),  # nothing to clear on create
     ],
 )
-def test_assistant_limits_beyond_the_option_ranges(
+def test_assistant_limits_are_usage_errors_naming_the_range(
     state: Path, model_path: str, bad: list[str], message: str
 ) -> None:
-    err = fails(state, "assistant", "create", "gemma", "--model", model_path, *bad)
+    err = fails(state, "assistant", "create", "gemma", "--model", model_path, *bad, code=2)
     assert message in err
     assert not (state / "assistants.toml").exists()
+
+
+def test_assistant_edit_none_clears_an_optional_setting(state: Path, model_path: str) -> None:
+    values = ["--temperature", "0.3", "--top-p", "0.5", "--max-tokens", "9", "--threads", "2",
+              "--chat-format", "gemma"]  # fmt: skip
+    cli_ok(state, "assistant", "create", "gemma", "--model", model_path, *values)
+    cleared = [v if v.startswith("--") else "none" for v in values]
+    cli_ok(state, "assistant", "edit", "gemma", *cleared)
+    row = show(state, "gemma")
+    assert [row[k] for k in ("temperature", "top_p", "max_tokens", "threads", "chat_format")] == [
+        None
+    ] * 5
+    assert "chat_format" not in (state / "assistants.toml").read_text()
+    # a setting that has a value always cannot be cleared
+    fails(state, "assistant", "edit", "gemma", "--ctx", "none", code=2)
+
+
+def test_assistant_options_come_from_the_record_table() -> None:
+    from vergeai.state.records import setting_of
+
+    def run_help(*args: str) -> str:
+        return CliRunner().invoke(app, [*args, "--help"]).stdout
+
+    create = run_help("assistant", "create")
+    edit = run_help("assistant", "edit")
+    for f in dataclasses.fields(Assistant):
+        meta = setting_of(f)
+        if meta is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in create and flag in edit, flag
+        if meta.span():
+            assert meta.span().split()[-1] in create, (flag, meta.span())
 
 
 def test_assistant_system_prompt_file(state: Path, model_path: str, tmp_path: Path) -> None:
@@ -941,7 +977,7 @@ def test_assistant_edit_failures_change_nothing(
     assert "not a GGUF" in err
     err = fails(state, "assistant", "edit", "gemma", "--model", str(tmp_path))
     assert "directory" in err
-    fails(state, "assistant", "edit", "gemma", "--ctx", "20000000")
+    fails(state, "assistant", "edit", "gemma", "--ctx", "20000000", code=2)
     assert snapshot(state) == before
 
 

@@ -292,3 +292,24 @@ def test_every_documented_command_and_option_exists() -> None:
         + "\n".join(extra)
         + "\nAdd them to the CLI, or take them out of the page."
     )
+
+
+def test_assistant_option_ranges_match_the_record_table() -> None:
+    """Each assistant option's entry states the range its field declares."""
+    import dataclasses
+
+    from vergeai.state.records import Assistant, setting_of
+
+    text = PAGE.read_text(encoding="utf-8")
+    section = text.split(".SS Assistant options", 1)[1].split("\n.SS ", 1)[0]
+    entries = section.split("\n.TP\n")
+    for f in dataclasses.fields(Assistant):
+        meta = setting_of(f)
+        if meta is None or not meta.span():
+            continue
+        flag = "\\-\\-" + f.name.replace("_", "\\-")
+        entry = next((e for e in entries if e.split("\n", 1)[0].endswith(f"{flag} \" N\"")
+                      or e.split("\n", 1)[0].endswith(f"{flag} \" F\"")), None)  # fmt: skip
+        assert entry is not None, flag
+        span = meta.span().replace("-", "\\-")
+        assert span in " ".join(entry.split()), (flag, span)

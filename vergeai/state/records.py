@@ -3,17 +3,75 @@
 Each record converts to and from a plain TOML table. ``from_toml`` raises
 :class:`RecordError` naming the offending field, so that a hand-edited file
 gives a message, not a traceback.
+
+A record's fields are its table: each setting's default, range, choices and
+help text are declared once, in the field's :func:`setting` metadata, and
+drive loading, validation and the CLI options that set it.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 ROLES = ("admin", "user")
+CHAT_FORMATS = ("gemma", "chatml", "llama-3", "mistral-instruct")
+KINDS: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a field accepts and how the CLI offers it."""
+
+    help: str
+    lo: float | None = None
+    hi: float | None = None
+    above: bool = False  # the value must be above lo, not equal to it
+    choices: tuple[str, ...] = ()
+    off: str = ""  # a boolean's negative flag ("enable-think" for --disable-think)
+    metavar: str = ""
+
+    def check(self, name: str, value: Any) -> None:
+        if value is None:
+            return
+        if self.choices and value not in self.choices:
+            raise RecordError(name, f"{value!r} is not one of {', '.join(self.choices)}")
+        if self.lo is None or self.hi is None:
+            return
+        if not self.lo <= value <= self.hi or (self.above and value == self.lo):
+            raise RecordError(name, f"must be {self.span()}")
+
+    def span(self) -> str:
+        """The range in words, as errors, help and the man page say it."""
+        if self.lo is None or self.hi is None:
+            return ""
+        lo, hi = _number(self.lo), _number(self.hi)
+        return f"greater than {lo} and at most {hi}" if self.above else f"between {lo} and {hi}"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def setting(default: Any = MISSING, **meta: Any) -> Any:
+    """A dataclass field with its Setting (``default`` may be left out: required)."""
+    if default is MISSING:
+        return field(metadata={"setting": Setting(**meta)})
+    return field(default=default, metadata={"setting": Setting(**meta)})
+
+
+def setting_of(f: Field[Any]) -> Setting | None:
+    meta = f.metadata.get("setting")
+    return meta if isinstance(meta, Setting) else None
+
+
+def kind_of(f: Field[Any]) -> tuple[str, bool]:
+    """The field's base type name and whether it may be None ("float | None")."""
+    names = str(f.type).split(" | ")
+    return names[0], "None" in names[1:]
 
 
 class RecordError(ValueError):
@@ -81,6 +139,38 @@ def _drop_none(data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if v is not None}
 
 
+def _load(cls: Any, data: dict[str, Any], **given: Any) -> Any:
+    """A record from its TOML table, field by field as the dataclass declares them."""
+    _known_only(cls, data, *given)
+    values = dict(given)
+    for f in fields(cls):
+        if f.name in values:
+            continue
+        base, optional = kind_of(f)
+        if f.default is not MISSING:
+            default = f.default
+        elif f.default_factory is not MISSING:
+            default = f.default_factory()
+        else:
+            default = None if optional else ""
+        if base == "datetime":
+            values[f.name] = _datetime(data.get(f.name, default), f.name, optional)
+        elif base == "list[str]":
+            items = _typed(data, f.name, list, default)
+            if not all(isinstance(item, str) for item in items):
+                raise RecordError(f.name, "expected a list of names")
+            values[f.name] = items
+        else:
+            values[f.name] = _typed(data, f.name, KINDS[base], default)
+    return cls(**values).validate()
+
+
+def _check_settings(record: Any) -> None:
+    for f in fields(record):
+        if (meta := setting_of(f)) is not None:
+            meta.check(f.name, getattr(record, f.name))
+
+
 @dataclass
 class User:
     name: str
@@ -103,17 +193,7 @@ class User:
 
     @classmethod
     def from_toml(cls, name: str, data: dict[str, Any]) -> User:
-        _known_only(cls, data, "name")
-        assistants = _typed(data, "assistants", list, ["*"])
-        if not all(isinstance(a, str) for a in assistants):
-            raise RecordError("assistants", "expected a list of names")
-        return cls(
-            name=name,
-            role=_typed(data, "role", str, "user"),
-            enabled=_typed(data, "enabled", bool, True),
-            assistants=assistants,
-            created=_datetime(data.get("created", now()), "created") or now(),
-        ).validate()
+        return _load(cls, data, name=name)  # type: ignore[no-any-return]
 
     def to_toml(self) -> dict[str, Any]:
         data = asdict(self)
@@ -148,17 +228,7 @@ class ApiKey:
 
     @classmethod
     def from_toml(cls, data: dict[str, Any]) -> ApiKey:
-        _known_only(cls, data)
-        return cls(
-            name=_typed(data, "name", str, ""),
-            user=_typed(data, "user", str, ""),
-            hash=_typed(data, "hash", str, ""),
-            prefix=_typed(data, "prefix", str, ""),
-            description=_typed(data, "description", str, ""),
-            created=_datetime(data.get("created", now()), "created") or now(),
-            expires=_datetime(data.get("expires"), "expires", optional=True),
-            revoked=_datetime(data.get("revoked"), "revoked", optional=True),
-        ).validate()
+        return _load(cls, data)  # type: ignore[no-any-return]
 
     def to_toml(self) -> dict[str, Any]:
         return _drop_none(asdict(self))
@@ -167,23 +237,36 @@ class ApiKey:
 @dataclass
 class Assistant:
     name: str
-    model: str
-    model_name: str = ""
-    system_prompt: str = ""
-    disable_think: bool = False
-    chat_history: bool = False
-    history_turns: int = 50
-    history_days: int = 30
-    temperature: float | None = None
-    top_p: float | None = None
-    max_tokens: int | None = None
-    ctx: int = 4096
-    threads: int | None = None
-    gpu_layers: int = 0
-    chat_format: str | None = None
-    parallel: int = 1
-    max_queue: int = 64
-    online: bool = True
+    model: str = setting(help="Path of a GGUF model file.", metavar="FILE.gguf")
+    model_name: str = setting("", help="Display name of the underlying model.", metavar="DISPLAY")
+    system_prompt: str = setting("", help="System prompt put before every chat.", metavar="TEXT")
+    disable_think: bool = setting(False, help="Suppress the model's thinking.", off="enable-think")
+    chat_history: bool = setting(
+        False, help="Remember sessions across calls.", off="no-chat-history"
+    )
+    history_turns: int = setting(50, lo=1, hi=10_000, help="Turns kept per session.")
+    history_days: int = setting(30, lo=1, hi=36_500, help="Idle days until a session expires.")
+    temperature: float | None = setting(
+        None, lo=0, hi=2, help="Default sampling temperature [0.8].", metavar="F"
+    )
+    top_p: float | None = setting(
+        None, lo=0, hi=1, above=True, help="Default top-p [0.95].", metavar="F"
+    )
+    max_tokens: int | None = setting(
+        None, lo=1, hi=1_000_000, help="Default completion token limit [2048]."
+    )
+    ctx: int = setting(4096, lo=16, hi=10_000_000, help="Context size in tokens, per slot.")
+    threads: int | None = setting(None, lo=1, hi=1024, help="CPU threads [all].")
+    gpu_layers: int = setting(0, lo=-1, hi=100_000, help="Layers to offload to a GPU; -1 = all.")
+    chat_format: str | None = setting(
+        None,
+        choices=CHAT_FORMATS,
+        help="Chat template for GGUFs without one [the GGUF's own].",
+        metavar="NAME",
+    )
+    parallel: int = setting(1, lo=1, hi=64, help="Requests decoded together.")
+    max_queue: int = setting(64, lo=0, hi=100_000, help="Requests that may wait; then 503.")
+    online: bool = setting(True, help="Load the model when serving.", off="offline")
     created: datetime = field(default_factory=now)
 
     LOAD_SETTINGS = ("model", "ctx", "threads", "gpu_layers", "chat_format", "parallel")
@@ -203,52 +286,12 @@ class Assistant:
         check_name(self.name)
         if not self.model:
             raise RecordError("model", "must name a GGUF file")
-        if self.temperature is not None and not 0.0 <= self.temperature <= 2.0:
-            raise RecordError("temperature", "must be between 0 and 2")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise RecordError("top_p", "must be greater than 0 and at most 1")
-        if self.max_tokens is not None and not 1 <= self.max_tokens <= 1_000_000:
-            raise RecordError("max_tokens", "must be a positive integer")
-        if not 16 <= self.ctx <= 10_000_000:
-            raise RecordError("ctx", "must be between 16 and 10000000")
-        if self.threads is not None and not 1 <= self.threads <= 1024:
-            raise RecordError("threads", "must be between 1 and 1024")
-        if not -1 <= self.gpu_layers <= 100_000:
-            raise RecordError("gpu_layers", "must be -1 (all) or a count of layers")
-        if not 1 <= self.parallel <= 64:
-            raise RecordError("parallel", "must be between 1 and 64")
-        if not 1 <= self.history_turns <= 10_000:
-            raise RecordError("history_turns", "must be between 1 and 10000")
-        if not 1 <= self.history_days <= 36_500:
-            raise RecordError("history_days", "must be between 1 and 36500")
-        if not 0 <= self.max_queue <= 100_000:
-            raise RecordError("max_queue", "must be between 0 and 100000")
+        _check_settings(self)
         return self
 
     @classmethod
     def from_toml(cls, name: str, data: dict[str, Any]) -> Assistant:
-        _known_only(cls, data, "name")
-        return cls(
-            name=name,
-            model=_typed(data, "model", str, ""),
-            model_name=_typed(data, "model_name", str, ""),
-            system_prompt=_typed(data, "system_prompt", str, ""),
-            disable_think=_typed(data, "disable_think", bool, False),
-            chat_history=_typed(data, "chat_history", bool, False),
-            history_turns=_typed(data, "history_turns", int, 50),
-            history_days=_typed(data, "history_days", int, 30),
-            temperature=_typed(data, "temperature", float, None),
-            top_p=_typed(data, "top_p", float, None),
-            max_tokens=_typed(data, "max_tokens", int, None),
-            ctx=_typed(data, "ctx", int, 4096),
-            threads=_typed(data, "threads", int, None),
-            gpu_layers=_typed(data, "gpu_layers", int, 0),
-            chat_format=_typed(data, "chat_format", str, None),
-            parallel=_typed(data, "parallel", int, 1),
-            max_queue=_typed(data, "max_queue", int, 64),
-            online=_typed(data, "online", bool, True),
-            created=_datetime(data.get("created", now()), "created") or now(),
-        ).validate()
+        return _load(cls, data, name=name)  # type: ignore[no-any-return]
 
     def to_toml(self) -> dict[str, Any]:
         data = _drop_none(asdict(self))

@@ -1,0 +1,123 @@
+"""CLI options made from a record's field table, so that create and edit share one declaration.
+
+Each field with a :class:`~vergeai.state.records.Setting` becomes an option
+(``top_p`` → ``--top-p``, booleans a ``--flag/--off-flag`` pair) with the
+field's help, choices and range; a value out of range is a usage error
+(exit 2). On ``edit``, an optional setting takes ``none`` to clear it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Annotated, Any
+
+import typer
+
+from vergeai.state.records import KINDS, RecordError, Setting, kind_of, setting_of
+
+UNSET = "none"
+
+
+class Unset:
+    """The value of an option given as ``none``: back to the field's default."""
+
+    def __repr__(self) -> str:
+        return UNSET
+
+
+CLEAR = Unset()
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parser(name: str, kind: type, meta: Setting, clearable: bool) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        if clearable and text == UNSET:
+            return CLEAR
+        value = kind(text)  # a ValueError is click's "not a valid ..." usage error
+        try:
+            meta.check(name, value)
+        except RecordError as exc:
+            raise typer.BadParameter(str(exc).split(": ", 1)[1]) from None
+        return value
+
+    parse.__name__ = kind.__name__  # click names the expected type after the parser
+    return parse
+
+
+def _help(meta: Setting, base: str, clearable: bool) -> str:
+    extra = []
+    if meta.choices:
+        extra.append(", ".join(meta.choices))
+    elif span := meta.span():
+        extra.append(span)
+    if clearable:
+        extra.append(f"'{UNSET}' clears it")
+    if not extra:
+        return meta.help
+    return f"{meta.help.rstrip('.')} ({'; '.join(extra)})."
+
+
+def options(
+    record: type,
+    editing: bool,
+    parsers: dict[str, Callable[[str], Any]] | None = None,
+    skip: Iterable[str] = (),
+) -> list[inspect.Parameter]:
+    """One keyword parameter per setting of ``record``, each defaulting to None (not given)."""
+    params = []
+    for f in dataclasses.fields(record):
+        meta = setting_of(f)
+        if meta is None or f.name in skip:
+            continue
+        base, optional = kind_of(f)
+        clearable = editing and optional
+        if base == "bool":
+            annotation: Any = Annotated[
+                bool | None, typer.Option(f"{flag_of(f.name)}/--{meta.off}", help=meta.help)
+            ]
+        else:
+            kind = KINDS[base]
+            parse = (parsers or {}).get(f.name) or _parser(f.name, kind, meta, clearable)
+            metavar = meta.metavar or {"int": "N", "float": "F"}.get(base, "TEXT")
+            option = typer.Option(
+                flag_of(f.name),
+                help=_help(meta, base, clearable),
+                metavar=metavar,
+                parser=parse,
+                show_default=False,
+            )
+            annotation = Annotated[kind | None, option]
+        params.append(
+            inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation
+            )
+        )
+    return params
+
+
+def command(params: list[inspect.Parameter], body: Callable[..., None]) -> Callable[..., None]:
+    """A function Typer can read: ``params`` as its signature, calling ``body`` with them."""
+
+    def run(**kwargs: Any) -> None:
+        body(**kwargs)
+
+    run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    run.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
+    run.__doc__ = body.__doc__
+    run.__name__ = body.__name__
+    return run
+
+
+def apply(record: Any, values: dict[str, Any]) -> None:
+    """Set every given value on ``record``; CLEAR puts the field's default back."""
+    defaults = {f.name: f.default for f in dataclasses.fields(record)}
+    for name, value in values.items():
+        if value is CLEAR:
+            setattr(record, name, defaults[name])
+        elif value is not None:
+            setattr(record, name, value)
