@@ -6,6 +6,7 @@ import typer
 
 from vergeai import __version__
 from vergeai.cli import assistant, history, key, serve, user, workers
+from vergeai.cli.common import StateDirOption, given
 
 app = typer.Typer(
     name="vergeai",
@@ -34,8 +35,13 @@ def root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version."
     ),
+    state_dir: StateDirOption = None,
 ) -> None:
-    """Self-hosted, OpenAI-compatible API for local GGUF models."""
+    """Self-hosted, OpenAI-compatible API for local GGUF models.
+
+    --state-dir may come before the command or after it (the latter wins).
+    """
+    given.state_dir = state_dir
 
 
 def main() -> None:

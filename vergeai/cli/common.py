@@ -36,7 +36,19 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts
 YesOption = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
 
 
+class _Given:
+    """--state-dir given before the command (the root callback sets it on every run)."""
+
+    state_dir: Path | None = None
+
+
+given = _Given()
+
+
 def store_for(state_dir: Path | None) -> Store:
+    """The command's --state-dir, else the one given before the command, else the default."""
+    if state_dir is None:
+        state_dir = given.state_dir
     return Store(state_dir if state_dir is not None else default_state_dir())
 
 

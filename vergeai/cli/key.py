@@ -66,7 +66,8 @@ def create(
     with failures(), store_for(state_dir).transaction() as state:
         if user not in state.users:
             fail(f"no user named {user!r}")
-        if any(k.name == name for k in state.keys_of(user)):
+        # a revoked key's name is free again; the old key stays listed as revoked
+        if any(k.name == name and k.revoked is None for k in state.keys_of(user)):
             fail(f"user {user!r} already has a key named {name!r}")
         key = ApiKey(
             name=name,
@@ -129,11 +130,12 @@ def revoke(
         matches = [k for k in state.keys if k.name == key_name and (user is None or k.user == user)]
         if not matches:
             fail(f"no key named {key_name!r}" + (f" for user {user!r}" if user else ""))
-        if len(matches) > 1:
-            users = ", ".join(sorted(k.user for k in matches))
+        live = [k for k in matches if k.revoked is None]
+        if not live:
+            fail(f"key {key_name!r} of user {matches[0].user!r} is already revoked")
+        if len(live) > 1:
+            users = ", ".join(sorted(k.user for k in live))
             fail(f"several users have a key named {key_name!r} ({users}); pass --user")
-        key = matches[0]
-        if key.revoked is not None:
-            fail(f"key {key_name!r} of user {key.user!r} is already revoked")
+        key = live[0]
         key.revoked = now()
     say(f"revoked key {key_name} of user {key.user}")

@@ -81,7 +81,7 @@ def options(
                 bool | None, typer.Option(f"{flag_of(f.name)}/--{meta.off}", help=meta.help)
             ]
         else:
-            kind = KINDS[base]
+            kind = KINDS.get(base, str)  # other kinds (lists) come with their own parser
             parse = (parsers or {}).get(f.name) or _parser(f.name, kind, meta, clearable)
             metavar = meta.metavar or {"int": "N", "float": "F"}.get(base, "TEXT")
             option = typer.Option(
@@ -91,7 +91,7 @@ def options(
                 parser=parse,
                 show_default=False,
             )
-            annotation = Annotated[kind | None, option]
+            annotation = Annotated[Any, option]
         params.append(
             inspect.Parameter(
                 f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation
@@ -115,7 +115,10 @@ def command(params: list[inspect.Parameter], body: Callable[..., None]) -> Calla
 
 def apply(record: Any, values: dict[str, Any]) -> None:
     """Set every given value on ``record``; CLEAR puts the field's default back."""
-    defaults = {f.name: f.default for f in dataclasses.fields(record)}
+    defaults = {
+        f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        for f in dataclasses.fields(record)
+    }
     for name, value in values.items():
         if value is CLEAR:
             setattr(record, name, defaults[name])

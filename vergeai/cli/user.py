@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import dataclasses
+import inspect
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
+from vergeai.cli import settings
 from vergeai.cli.common import (
     JsonOption,
     StateDirOption,
@@ -17,13 +21,13 @@ from vergeai.cli.common import (
     say,
     store_for,
 )
-from vergeai.state.records import ROLES, User, check_name, now
+from vergeai.state.records import User, check_name, now
 
 app = typer.Typer(help="Manage users: who may call which assistants.", no_args_is_help=True)
 
 
 def parse_assistants(value: str) -> list[str]:
-    names = [n.strip() for n in value.split(",") if n.strip()]
+    names = list(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
     if not names:
         raise typer.BadParameter("give assistant names separated by commas, or '*'")
     for name in names:
@@ -35,26 +39,47 @@ def parse_assistants(value: str) -> list[str]:
     return ["*"] if "*" in names else names
 
 
-@app.command("create")
-def create(
-    name: Annotated[str, typer.Argument(help="User name.")],
-    role: Annotated[str, typer.Option(help="admin or user.")] = "user",
-    assistants: Annotated[
-        str, typer.Option(help="Assistants this user may call: a,b or '*' for all.")
-    ] = "*",
-    state_dir: StateDirOption = None,
-) -> None:
+NameArg = Annotated[str, typer.Argument(help="User name.")]
+
+
+def _params() -> list[inspect.Parameter]:
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    return [
+        inspect.Parameter("name", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=NameArg),
+        *settings.options(User, editing=False, parsers={"assistants": parse_assistants}),
+        inspect.Parameter("state_dir", keyword, default=None, annotation=StateDirOption),
+    ]
+
+
+def create(name: str, state_dir: Path | None, **values: Any) -> None:
     """Create a user."""
-    if role not in ROLES:
-        raise typer.BadParameter(f"must be one of {', '.join(ROLES)}", param_hint="--role")
-    allowed = parse_assistants(assistants)
     with failures():
-        user = User(name=check_name(name), role=role, assistants=allowed).validate()
+        user = User(name=check_name(name))
+        settings.apply(user, values)
+        user.validate()
         with store_for(state_dir).transaction() as state:
             if name in state.users:
                 fail(f"user {name!r} already exists")
             state.users[name] = user
-    say(f"created user {name} (role {role}, assistants {','.join(allowed)})")
+    say(f"created user {name} (role {user.role}, assistants {','.join(user.assistants)})")
+
+
+def edit(name: str, state_dir: Path | None, **values: Any) -> None:
+    """Change a user's role or assistants; a running server applies it live."""
+    if all(v is None for v in values.values()):
+        raise typer.BadParameter("nothing to change: give at least one setting")
+    with failures(), store_for(state_dir).transaction() as state:
+        user = state.users.get(name)
+        if user is None:
+            fail(f"no user named {name!r}")
+        changed = dataclasses.replace(user)
+        settings.apply(changed, values)
+        state.users[name] = changed.validate()
+    say(f"updated user {name}")
+
+
+app.command("create")(settings.command(_params(), create))
+app.command("edit")(settings.command(_params(), edit))
 
 
 @app.command("list")

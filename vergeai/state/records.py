@@ -174,15 +174,21 @@ def _check_settings(record: Any) -> None:
 @dataclass
 class User:
     name: str
-    role: str = "user"
+    role: str = setting("user", choices=ROLES, help="What the user may do.", metavar="ROLE")
     enabled: bool = True
-    assistants: list[str] = field(default_factory=lambda: ["*"])
+    assistants: list[str] = field(
+        default_factory=lambda: ["*"],
+        metadata={
+            "setting": Setting(
+                help="Assistants this user may call: a,b or '*' for all.", metavar="NAMES"
+            )
+        },
+    )
     created: datetime = field(default_factory=now)
 
     def validate(self) -> User:
         check_name(self.name)
-        if self.role not in ROLES:
-            raise RecordError("role", f"{self.role!r} is not one of {', '.join(ROLES)}")
+        _check_settings(self)
         for name in self.assistants:
             if name != "*":
                 check_name(name, "assistants")
@@ -207,7 +213,7 @@ class ApiKey:
     user: str
     hash: str
     prefix: str
-    description: str = ""
+    description: str = setting("", help="What the key is for.", metavar="TEXT")
     created: datetime = field(default_factory=now)
     expires: datetime | None = None
     revoked: datetime | None = None
@@ -215,6 +221,7 @@ class ApiKey:
     def validate(self) -> ApiKey:
         check_name(self.name)
         check_name(self.user, "user")
+        _check_settings(self)
         if not re.fullmatch(r"[0-9a-f]{64}", self.hash):
             raise RecordError("hash", "expected a 64-digit hex SHA-256")
         return self
