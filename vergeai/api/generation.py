@@ -127,14 +127,10 @@ class Memory:
 
 
 class Generation:
-    def __init__(
-        self, assistant: Assistant, answer: Answer, job: Job, lease: Lease | None,
-        memory: Memory | None,
-    ) -> None:  # fmt: skip
+    def __init__(self, assistant: Assistant, answer: Answer, job: Job, memory: Memory | None):
         self.assistant = assistant
         self.answer = answer
         self.job = job
-        self.lease = lease
         self.memory = memory
         self._closed = False
 
@@ -150,8 +146,8 @@ class Generation:
             return
         self._closed = True
         self.job.cancel()
-        if self.lease is not None:
-            self.lease.release()
+        if self.memory is not None:
+            self.memory.lease.release()
 
     async def events(self) -> AsyncIterator[Piece | Done]:
         """Pieces of text as they come, then one Done; a failure raises its error."""
@@ -168,15 +164,7 @@ class Generation:
                     yield piece
                 content = "".join(self.answer.content)
                 if event.finish_reason == "length" and self.answer.in_reasoning:
-                    name = self.assistant.name
-                    log.warning(
-                        "assistant %s ran out of tokens while thinking (%d tokens, no answer "
-                        "yet); use 'vergeai assistant edit %s --disable-think' or a larger "
-                        "max_tokens",
-                        name,
-                        event.completion_tokens,
-                        name,
-                    )
+                    self._warn_thinking_cut(event.completion_tokens)
                 yield Done(
                     finish_reason=event.finish_reason,
                     prompt_tokens=event.prompt_tokens,
@@ -192,6 +180,16 @@ class Generation:
                     ),
                 )
                 return
+
+    def _warn_thinking_cut(self, tokens: int) -> None:
+        name = self.assistant.name
+        log.warning(
+            "assistant %s ran out of tokens while thinking (%d tokens, no answer yet); use "
+            "'vergeai assistant edit %s --disable-think' or a larger max_tokens",
+            name,
+            tokens,
+            name,
+        )
 
     async def whole(self) -> Done:
         """Read to the end; the finished answer."""
@@ -297,4 +295,4 @@ async def start(
         if lease is not None:
             lease.release()
         raise
-    return Generation(assistant, answer, job, lease, memory)
+    return Generation(assistant, answer, job, memory)
