@@ -1,15 +1,121 @@
-"""Test helpers shared by several test modules (fixtures stay in conftest)."""
+"""Test helpers shared by the test modules: constants, the CLI, servers, clients.
+
+Fixtures and pytest hooks stay in conftest.py; everything else that more
+than one module uses lives here.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
+import socket
+import ssl
+import subprocess
+import sys
 import threading
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
+import openai
+from typer.testing import CliRunner
 
-NO_EOS = {"1": -100, "106": -100, "212": -100}  # every end-of-generation token of Gemma 3
+from vergeai.cli import app as cli_app
+
+if TYPE_CHECKING:
+    from vergeai.service import Service
+
+T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+EOS = 1
+END_OF_TURN = 106  # Gemma's <end_of_turn>
+EOS_TEXT = 212  # </s>, also end-of-generation
+# a logit_bias that bans every end-of-generation token of Gemma 3: answers run to max_tokens
+NO_EOS = {str(t): -100 for t in (EOS, END_OF_TURN, EOS_TEXT)}
 HELLO = [{"role": "user", "content": "What is the capital of France?"}]
+
+# the refused request fields -> a value that asks for the feature (test_params checks
+# that it names every refused field of the schema)
+REFUSED: dict[str, Any] = {
+    "n": 2,
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+    "tool_choice": "required",
+    "functions": [{"name": "f", "parameters": {}}],
+    "function_call": {"name": "f"},
+    "response_format": {"type": "json_object"},
+    "logprobs": True,
+    "top_logprobs": 3,
+    "audio": {"voice": "alloy", "format": "wav"},
+    "modalities": ["text", "audio"],
+    "prediction": {"type": "content", "content": "x"},
+    "web_search_options": {},
+    "json_schema": {"type": "object"},
+    "mirostat": 2,
+    "typical_p": 0.5,
+    "tfs_z": 0.9,
+    "dynatemp_range": 0.5,
+    "xtc_probability": 0.5,
+    "dry_multiplier": 0.8,
+    "top_n_sigma": 1.0,
+    "ignore_eos": True,
+    "n_probs": 5,
+}
+
+
+# the CLI
+
+
+def run_cli(state_dir: Path, *args: str, input: str | None = None) -> tuple[int, str, str]:
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    result = CliRunner().invoke(cli_app, [*args, "--state-dir", str(state_dir)], input=input)
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def cli_ok(state_dir: Path, *args: str) -> str:
+    code, out, err = run_cli(state_dir, *args)
+    assert code == 0, f"vergeai {' '.join(args)} exited {code}: {err}"
+    return out
+
+
+def make_state(state_dir: Path, model_path: str, online: bool = True) -> tuple[str, str]:
+    """An admin `root`, a user `bob` limited to `gemma`; assistants `gemma` and `other`.
+
+    `other` is always offline; `gemma` too unless ``online``. Returns the
+    admin's and bob's tokens.
+    """
+    cli_ok(state_dir, "user", "create", "root", "--role", "admin")
+    cli_ok(state_dir, "user", "create", "bob", "--assistants", "gemma")
+    common = ["--model", model_path, "--chat-format", "gemma", "--threads", "2"]
+    gemma = ["--ctx", "1024", "--parallel", "2", *([] if online else ["--offline"])]
+    cli_ok(state_dir, "assistant", "create", "gemma", *common, *gemma)
+    cli_ok(state_dir, "assistant", "create", "other", *common, "--ctx", "512", "--offline")
+    admin = cli_ok(state_dir, "key", "create", "--user", "root", "--name", "admin").strip()
+    user = cli_ok(state_dir, "key", "create", "--user", "bob", "--name", "app").strip()
+    return admin, user
+
+
+# waiting
+
+
+def eventually(check: Callable[[], bool], timeout: float = 2.5, what: str = "") -> None:
+    """For what takes its own time: a model loading, a log line being written."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout}s: {what}")
+
+
+# responses
 
 
 def sse_events(response: httpx.Response) -> list[Any]:
@@ -32,12 +138,109 @@ def error_of(response: httpx.Response) -> dict[str, Any]:
     return dict(body["error"])
 
 
+# `vergeai serve` as a subprocess: the real-model tier
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    state_dir: Path
+    port: int
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    extra_args: list[str] = field(default_factory=list)
+    tls: ssl.SSLContext | None = None  # trust for a server started with a certificate
+
+    @property
+    def root_url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.root_url}/v1"
+
+    def start(self, wait_online: bool = True, timeout: float = 60.0) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "vergeai", "serve", "--port", str(self.port),
+                 "--state-dir", str(self.state_dir), *self.extra_args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vergeai serve exited:\n{self.log()}")
+            try:
+                r = httpx.get(f"{self.root_url}/health", timeout=1.0, verify=self.tls or True)
+                if r.status_code == 200 or not wait_online:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"vergeai serve did not come up:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return int(self.proc.returncode)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_logged(self, text: str, timeout: float = 5.0) -> str:
+        """The log once it holds ``text``: the access line of a request is written after
+        its response was sent, so a test that reads the log right away can miss it."""
+        eventually(lambda: text in self.log(), timeout, what=f"{text!r} in the server log")
+        return self.log()
+
+    def client(self, token: str, **kwargs: object) -> openai.OpenAI:
+        http = httpx.Client(verify=self.tls or True, timeout=60)
+        return openai.OpenAI(
+            base_url=self.base_url, api_key=token, max_retries=0, http_client=http, **kwargs
+        )  # type: ignore[arg-type]
+
+    def http(self, token: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(
+            base_url=self.root_url, headers=headers, timeout=60, verify=self.tls or True
+        )
+
+
+@dataclass
+class Deployment:
+    """A served state dir with an admin, a limited user, and their keys."""
+
+    server: Server
+    admin_token: str
+    user_token: str
+    assistant: str = "gemma"
+    other: str = "other"
+
+
 class BackgroundStream:
-    """A streamed chat completion running in a thread while the test does other things."""
+    """A streamed chat completion running in a thread while the test does other things.
+
+    As a context manager it waits for the first event on entry and for the
+    end of the stream on exit; ``start()`` and ``join()`` do the same alone.
+    """
 
     def __init__(self, root_url: str, token: str, model: str, max_tokens: int = 24) -> None:
         self.events: list[Any] = []
         self.status = 0
+        self.error: BaseException | None = None
+        self.max_tokens = max_tokens
         self.started = threading.Event()
         self.body = {
             "model": model,
@@ -45,41 +248,141 @@ class BackgroundStream:
             "max_tokens": max_tokens,
             "logit_bias": NO_EOS,
             "stream": True,
+            "stream_options": {"include_usage": True},
         }
         self.url = f"{root_url}/v1/chat/completions"
         self.headers = {"Authorization": f"Bearer {token}"}
         self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> BackgroundStream:
+    def start(self, timeout: float = 30) -> BackgroundStream:
         self.thread.start()
-        assert self.started.wait(30), "the background stream never started"
+        assert self.started.wait(timeout), "the background stream never started"
         return self
 
+    def join(self, timeout: float = 60) -> None:
+        self.thread.join(timeout)
+
+    def __enter__(self) -> BackgroundStream:
+        return self.start()
+
     def __exit__(self, *exc: object) -> None:
-        self.thread.join(60)
+        self.join()
 
     def _run(self) -> None:
-        with (
-            httpx.Client(timeout=60) as http,
-            http.stream("POST", self.url, json=self.body, headers=self.headers) as response,
-        ):
-            self.status = response.status_code
-            for line in response.iter_lines():
-                if line.startswith("data: "):
-                    payload = line[len("data: ") :]
-                    self.events.append(payload if payload == "[DONE]" else json.loads(payload))
-                    self.started.set()
-        self.started.set()
+        try:
+            with (
+                httpx.Client(timeout=60) as http,
+                http.stream("POST", self.url, json=self.body, headers=self.headers) as response,
+            ):
+                self.status = response.status_code
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        payload = line[len("data: ") :]
+                        self.events.append(payload if payload == "[DONE]" else json.loads(payload))
+                        self.started.set()
+        except BaseException as exc:  # reported by completed()
+            self.error = exc
+        finally:
+            self.started.set()
 
     def completed(self) -> bool:
         """Ended with [DONE] after every token it asked for, and no error event."""
-        self.thread.join(60)
-        if self.status != 200 or not self.events or self.events[-1] != "[DONE]":
+        self.join()
+        if self.error is not None or self.status != 200:
             return False
-        if any("error" in e for e in self.events if isinstance(e, dict)):
+        if not self.events or self.events[-1] != "[DONE]":
             return False
-        pieces = [
-            c["delta"].get("content") or "" for e in self.events[:-1] for c in e.get("choices", [])
-        ]
-        last = self.events[-2]
-        return bool(pieces) and last["choices"][0]["finish_reason"] == "length"
+        chunks = self.events[:-1]
+        if any("error" in c for c in chunks):
+            return False
+        choices = [choice for c in chunks for choice in c["choices"]]
+        pieces = [choice["delta"].get("content") or "" for choice in choices]
+        usage = chunks[-1].get("usage") or {}
+        return (
+            any(pieces)
+            and choices[-1]["finish_reason"] == "length"
+            and usage.get("completion_tokens") == self.max_tokens
+        )
+
+
+# the app in-process: the fast tier
+
+
+class AppClient:
+    """`create_app` over httpx's ASGI transport, driven from synchronous tests.
+
+    No Hypercorn and no model: for what the HTTP layer decides alone (auth,
+    validation, routing, error shapes). The state dir is read when the
+    client is made and on ``refresh()``; the server polls it instead.
+    """
+
+    def __init__(self, state_dir: Path, metrics_public: bool = False) -> None:
+        # imported here: modules that only test the CLI need not load the app and llama.cpp
+        from vergeai.api.app import create_app
+        from vergeai.service import Service
+        from vergeai.state.store import Store
+
+        self.service: Service = Service(Store(state_dir))
+        self.refresh()
+        self.app = create_app(self.service, metrics_public=metrics_public)
+        self.transport = httpx.ASGITransport(app=self.app)
+        self.runner = asyncio.Runner()
+        self.http = httpx.AsyncClient(transport=self.transport, base_url="http://vergeai.test")
+
+    def __enter__(self) -> AppClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.runner.run(self.http.aclose())
+        self.runner.close()
+        self.service.pool.close()
+
+    def refresh(self) -> None:
+        """Apply what the CLI changed in the state dir."""
+        assert self.service.refresh(force=True), "the state dir did not load"
+
+    def run(self, work: Awaitable[T]) -> T:
+        """Await ``work`` (a coroutine, or an awaitable such as the openai client's pages)."""
+
+        async def wait() -> T:
+            return await work
+
+        return self.runner.run(wait())
+
+    def request(
+        self, method: str, url: str, token: str | None = None, **kwargs: Any
+    ) -> httpx.Response:
+        if token is not None:
+            kwargs["headers"] = {"Authorization": f"Bearer {token}", **kwargs.get("headers", {})}
+        return self.run(self.http.request(method, url, **kwargs))
+
+    def get(self, url: str, token: str | None = None, **kwargs: Any) -> httpx.Response:
+        return self.request("GET", url, token, **kwargs)
+
+    def post(self, url: str, token: str | None = None, **kwargs: Any) -> httpx.Response:
+        return self.request("POST", url, token, **kwargs)
+
+    def openai(self, token: str) -> openai.AsyncOpenAI:
+        """The official client over the same transport; run its calls with ``run()``."""
+        return openai.AsyncOpenAI(
+            base_url="http://vergeai.test/v1",
+            api_key=token,
+            max_retries=0,
+            http_client=httpx.AsyncClient(transport=self.transport),  # type: ignore[arg-type]
+        )
+
+
+@dataclass
+class FastDeployment:
+    """The state of ``make_state(online=False)`` behind an in-process app."""
+
+    app: AppClient
+    admin_token: str
+    user_token: str
+
+    @property
+    def state_dir(self) -> Path:
+        return self.app.service.store.root

@@ -12,9 +12,10 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Server, cli_ok, free_port
+from helpers import NO_EOS, Server, cli_ok, free_port, run_cli
 
-NO_EOS = {"1": -100, "106": -100, "212": -100}  # every end-of-generation token
+from vergeai.state.admin_socket import ask
+
 PROMPTS = [
     "Tell me about whales.",
     "What is 2+2?",
@@ -28,8 +29,10 @@ class Slots:
         self.server = server
         self.token = token
 
-    def pieces(self, model: str, content: str, max_tokens: int = 24) -> list[str]:
-        """Greedy streamed answer, one piece per generated token."""
+    def pieces(
+        self, model: str, content: str, max_tokens: int = 24, seen: list[float] | None = None
+    ) -> list[str]:
+        """Greedy streamed answer, one piece per generated token (each one's arrival in seen)."""
         body = {
             "model": model,
             "messages": [{"role": "user", "content": content}],
@@ -49,6 +52,8 @@ class Slots:
                     chunk = json.loads(line[6:])
                     if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                         pieces.append(chunk["choices"][0]["delta"]["content"])
+                        if seen is not None:
+                            seen.append(time.monotonic())
         return pieces
 
     def chat(self, model: str, messages: list[dict[str, str]], **extra: Any) -> dict[str, Any]:
@@ -63,8 +68,6 @@ class Slots:
     def workers(self) -> dict[str, Any]:
         with self.server.http(self.token) as http:
             assert http.get("/health").status_code == 200
-        from vergeai.state.admin_socket import ask
-
         snapshot = ask(self.server.state_dir, "workers")
         assert snapshot is not None
         return snapshot
@@ -117,15 +120,35 @@ def test_batched_requests_give_their_solo_answers(slots: Slots) -> None:
 
 
 def test_requests_really_run_in_one_batch(slots: Slots) -> None:
-    start = time.monotonic()
-    slots.pieces("par", PROMPTS[0], max_tokens=48)
-    one = time.monotonic() - start
-    start = time.monotonic()
-    with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda p: slots.pieces("par", p, max_tokens=48), PROMPTS))
-    four = time.monotonic() - start
-    # decoded one after another, four would take ~4x one; batched, far less
-    assert four < 3.0 * one, (one, four)
+    """Four streams on four slots are decoded together, not one after another.
+
+    Not timed: this test once compared the wall time of four requests with
+    that of one, and a ratio of times breaks on a busy 2-core machine. What
+    it checks instead cannot be bent by load: the workers view shows all
+    four slots busy at one moment, and every stream is half way through its
+    answer before any other has finished (one after another, the first
+    would end before the last began). The worker has one thread, which
+    decodes every busy slot's next token in one batch per step, so streams
+    that progress side by side are batched.
+    """
+    seen: list[list[float]] = [[] for _ in PROMPTS]
+    busy: set[int] = set()
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        streams = [
+            pool.submit(slots.pieces, "par", p, 64, arrivals)
+            for p, arrivals in zip(PROMPTS, seen, strict=True)
+        ]
+        while not all(s.done() for s in streams):
+            snapshot = ask(slots.server.state_dir, "workers")
+            assert snapshot is not None
+            par = next(w for w in snapshot["workers"] if w["assistant"] == "par")
+            busy.add(par["busy_slots"])
+            time.sleep(0.02)
+        assert all(len(s.result()) == 64 for s in streams)
+    assert max(busy) == 4, busy
+    halfway = max(arrivals[len(arrivals) // 2] for arrivals in seen)
+    first_end = min(arrivals[-1] for arrivals in seen)
+    assert halfway < first_end, "a stream was not half way through when another ended"
 
 
 def test_slot_reuse_keeps_each_conversation_prefix(slots: Slots) -> None:
@@ -211,26 +234,26 @@ def test_two_assistants_share_one_gguf_in_memory(slots: Slots) -> None:
     rss_before = before["helper"]["rss_bytes"]
     model_bytes = {w["assistant"]: w for w in before["workers"]}["par"]["model_bytes"]
     cli_ok(slots.server.state_dir, "assistant", "online", "twin")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        workers = {w["assistant"]: w for w in slots.workers()["workers"]}
-        if workers.get("twin", {}).get("state") == "online":
-            break
-        time.sleep(0.1)
-    slots.chat("twin", [{"role": "user", "content": "Hi"}], max_tokens=2)
-    after = slots.workers()
-    twin = {w["assistant"]: w for w in after["workers"]}["twin"]
-    grew = after["helper"]["rss_bytes"] - rss_before
-    # a second copy of the weights would add ~model_bytes; sharing adds its KV cache and less
-    assert grew < model_bytes / 2, (grew, model_bytes, twin["kv_cache_bytes"])
-    cli_ok(slots.server.state_dir, "assistant", "offline", "twin")
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            workers = {w["assistant"]: w for w in slots.workers()["workers"]}
+            if workers.get("twin", {}).get("state") == "online":
+                break
+            time.sleep(0.1)
+        slots.chat("twin", [{"role": "user", "content": "Hi"}], max_tokens=2)
+        after = slots.workers()
+        twin = {w["assistant"]: w for w in after["workers"]}["twin"]
+        grew = after["helper"]["rss_bytes"] - rss_before
+        # a second copy of the weights would add ~model_bytes; sharing adds its KV cache and less
+        assert grew < model_bytes / 2, (grew, model_bytes, twin["kv_cache_bytes"])
+    finally:
+        cli_ok(slots.server.state_dir, "assistant", "offline", "twin")
 
 
 def test_parallel_setting_is_shown_and_validated(slots: Slots, tmp_path: Path) -> None:
     par = {w["assistant"]: w for w in slots.workers()["workers"]}["par"]
     assert par["parallel"] == 4 and par["busy_slots"] == 0
-    from conftest import run_cli
-
     code, _, _ = run_cli(tmp_path, "assistant", "edit", "par", "--parallel", "0")
     assert code == 2
     assert httpx.get(f"{slots.server.root_url}/health").json()["assistants"]["par"] == "online"

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import tomli_w
-from conftest import cli_ok, run_cli
+from helpers import cli_ok, run_cli
 from typer.testing import CliRunner
 
 from vergeai.cli import app

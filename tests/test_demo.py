@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
-from conftest import ROOT, cli_ok, free_port
+from helpers import ROOT, cli_ok, free_port
 
 TOKEN_RE = re.compile(r"vai-[A-Za-z0-9_-]{43}")
 

@@ -15,8 +15,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from conftest import Server, cli_ok, free_port
-from helpers import HELLO, error_of
+from helpers import HELLO, Server, cli_ok, error_of, free_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -2,7 +2,8 @@
 
 One server: ``gemma`` (online, 2 slots), ``broken`` (online, but its GGUF was
 truncated after it was created), ``spare`` (offline); config.toml sets a 2 s
-read timeout and a cap of 6 open connections.
+read timeout and a cap of 6 open connections. Hostile bodies that are
+refused before any model is involved are tested in test_api_fast.py.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import re
 import shutil
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +21,19 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Server, cli_ok, free_port
-from helpers import HELLO, NO_EOS, BackgroundStream, error_of
+from helpers import (
+    HELLO,
+    NO_EOS,
+    BackgroundStream,
+    Server,
+    cli_ok,
+    error_of,
+    eventually,
+    free_port,
+    run_cli,
+)
 
+CHAT = "/v1/chat/completions"
 READ_TIMEOUT = 2
 MAX_CONNECTIONS = 6
 
@@ -31,23 +43,15 @@ class Hard:
     server: Server
     token: str
     truncated_size: int
-    full_size: int
 
     def post(self, body: Any, **kwargs: Any) -> httpx.Response:
         with self.server.http(self.token) as http:
             return http.post("/v1/chat/completions", json=body, **kwargs)
 
-    def raw(self, raw: bytes) -> httpx.Response:
-        with self.server.http(self.token) as http:
-            return http.post(
-                "/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"}
-            )
-
-    def metrics(self) -> str:
-        with self.server.http(self.token) as http:
-            response = http.get("/metrics")
-        assert response.status_code == 200, response.text
-        return response.text
+    def marked(self, body: Any) -> tuple[httpx.Response, str]:
+        """A request with its own X-Request-ID, to find its access line in the log."""
+        mark = f"hard-{uuid.uuid4().hex[:12]}"
+        return self.post(body, headers={"X-Request-ID": mark}), mark
 
     def health(self) -> httpx.Response:
         return httpx.get(f"{self.server.root_url}/health")
@@ -65,7 +69,6 @@ def hard(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator[
     cli_ok(state, "assistant", "create", "broken", "--model", str(link), *common)
     cli_ok(state, "assistant", "create", "spare", "--model", model_path, *common, "--offline")
     truncated = root / "truncated.gguf"
-    full_size = Path(model_path).stat().st_size
     with open(model_path, "rb") as src, open(truncated, "wb") as dst:
         dst.write(src.read(50_000_000))
     link.unlink()
@@ -77,7 +80,7 @@ def hard(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator[
     server = Server(state_dir=state, port=free_port(), log_path=root / "serve.log")
     server.start()
     try:
-        yield Hard(server, token, 50_000_000, full_size)
+        yield Hard(server, token, 50_000_000)
     finally:
         server.stop()
 
@@ -109,76 +112,34 @@ def test_health_is_degraded_naming_the_failed_assistant(hard: Hard) -> None:
     assert f"truncated: {hard.truncated_size} of" in body["failed"]["broken"]
 
 
-def test_every_503_has_retry_after(hard: Hard) -> None:
-    for model in ("broken", "spare"):
-        response = hard.post({"model": model, "messages": HELLO, "max_tokens": 1})
-        assert response.status_code == 503
-        assert int(response.headers["retry-after"]) > 0
-        assert error_of(response)["type"] == "unavailable_error"
-    message = error_of(hard.post({"model": "broken", "messages": HELLO}))["message"]
-    assert "truncated" in message
+def test_a_failed_load_is_503_with_retry_after(hard: Hard) -> None:
+    """An offline assistant's 503 is tested in test_api_fast.py."""
+    eventually(lambda: hard.health().json()["assistants"]["broken"] == "error", timeout=30)
+    response = hard.post({"model": "broken", "messages": HELLO, "max_tokens": 1})
+    assert response.status_code == 503
+    assert int(response.headers["retry-after"]) > 0
+    err = error_of(response)
+    assert err["type"] == "unavailable_error"
+    assert "truncated" in err["message"]
 
 
 # hostile input
 
 
-def test_lone_surrogates_are_400_and_metrics_stay_up(hard: Hard) -> None:
-    bodies = [
-        b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}',
-        b'{"model": "gemma", "messages": [], "grammar": "\\ud800"}',
-        b'{"model": "gemma", "messages": [{"role": "user", "content": "\\udfff"}]}',
-        b'{"model": "gemma", "messages": [{"role": "user", "content": "hi"}], "\\ud800": 1}',
-    ]
-    for raw in bodies:
-        response = hard.raw(raw)
-        assert response.status_code == 400, response.text
-        assert "surrogate" in error_of(response)["message"]
-    hard.metrics()
-
-
-def test_unknown_model_names_share_one_metrics_label(hard: Hard) -> None:
-    assert hard.post({"model": "nope", "messages": HELLO}).status_code == 404
-    before = hard.metrics()
-    for i in range(20):
-        response = hard.post({"model": f"nope-{i}", "messages": HELLO})
-        assert response.status_code == 404
-    after = hard.metrics()
-    assert "nope-" not in after
-    labels = set(re.findall(r'assistant="([^"]*)"', after))
-    assert labels <= {"-", "gemma", "broken", "spare"}
-    assert len(after.splitlines()) == len(before.splitlines())
-
-
-def test_huge_integers_are_400_not_500(hard: Hard) -> None:
-    for field in ("max_tokens", "seed", "temperature", "top_k"):
-        raw = b'{"model": "gemma", "messages": [], "%s": 1%s}' % (field.encode(), b"0" * 4400)
-        response = hard.raw(raw)
-        assert response.status_code == 400, response.text
-    for value in (10**30, -(10**30)):
-        body = {"model": "gemma", "messages": HELLO, "seed": value}
-        assert hard.post(body).status_code == 400
-
-
-def test_nan_duplicates_and_deep_nesting_are_400(hard: Hard) -> None:
-    for raw in (
-        b'{"model": "gemma", "messages": [], "temperature": NaN}',
-        b'{"model": "gemma", "model": "spare", "messages": []}',
-        b'{"model": "gemma", "messages": ' + b"[" * 500 + b"]" * 500 + b"}",
-    ):
-        response = hard.raw(raw)
-        assert response.status_code == 400, response.text
-        assert error_of(response)["type"] == "invalid_request_error"
-
-
 def test_model_names_cannot_forge_or_hide_log_lines(hard: Hard) -> None:
     forged = "gemma\n2026-01-01 00:00:00,000 INFO vergeai.access: GET /admin 200 user=root"
+    marks = []
     for model in (forged, "a\x00b\x07c\u202ed", "x" * 100_000):
-        response = hard.post({"model": model, "messages": HELLO})
+        response, mark = hard.marked({"model": model, "messages": HELLO})
+        marks.append(mark)
         assert response.status_code == 404
         assert len(response.text) < 2000  # the name is not echoed whole
     with hard.server.http(hard.token) as http:
-        assert http.get("/v1/models/a%0Ab%1B%5B31m").status_code == 404
-    log = hard.server.log()
+        marks.append(f"hard-{uuid.uuid4().hex[:12]}")
+        path = "/v1/models/a%0Ab%1B%5B31m"
+        assert http.get(path, headers={"X-Request-ID": marks[-1]}).status_code == 404
+    for mark in marks:  # every one of them was logged: what is not in the log was escaped
+        log = hard.server.wait_logged(f"request_id={mark}")
     assert not any(line.startswith("2026-01-01 00:00:00,000") for line in log.splitlines())
     assert "\\x0a2026-01-01 00:00:00,000" not in log  # the name never reached the log at all
     assert not any(c in log for c in "\x00\x07\u202e\x1b")
@@ -187,45 +148,45 @@ def test_model_names_cannot_forge_or_hide_log_lines(hard: Hard) -> None:
 def test_hostile_grammars_are_400_and_cannot_crash_or_forge(hard: Hard) -> None:
     deep = "root ::= " + "(" * 20_000 + '"a"' + ")" * 20_000  # overflowed llama.cpp's stack
     forged = 'root ::= "a\n2026-01-01 00:00:00,000 INFO vergeai.access: forged ::= ]'
+    complaints = hard.server.log().count("vergeai.llama_cpp")
     for grammar, why in ((deep, "nest deeper"), (forged, "could not parse")):
         body = {"model": "gemma", "messages": HELLO, "grammar": grammar}
         response = hard.post(body)
         assert response.status_code == 400, response.text
         assert why in error_of(response)["message"]
     assert hard.post({"model": "gemma", "messages": HELLO, "max_tokens": 1}).status_code == 200
-    time.sleep(0.2)
+    # llama.cpp's complaint about the forged grammar is logged, escaped
+    eventually(
+        lambda: hard.server.log().count("vergeai.llama_cpp") > complaints,
+        what="llama.cpp's complaint in the log",
+    )
     log = hard.server.log()
-    assert "vergeai.llama_cpp" in log  # llama.cpp's complaint is logged, escaped
     assert not any(line.startswith("2026-01-01 00:00:00,000") for line in log.splitlines())
 
 
 def test_exceptions_are_logged_once_without_traceback_noise(hard: Hard) -> None:
-    log = hard.server.log()
+    """Requests of the kinds that once raised inside the server or broke its logging."""
+    marks: list[str] = []
+
+    def headers() -> dict[str, str]:
+        marks.append(f"hard-{uuid.uuid4().hex[:12]}")
+        return {"X-Request-ID": marks[-1], "Content-Type": "application/json"}
+
+    surrogate = b'{"model": "\\ud800", "messages": [{"role": "user", "content": "\\udfff"}]}'
+    stream = {"model": "gemma", "messages": HELLO, "max_tokens": 300, "logit_bias": NO_EOS,
+              "stream": True}  # fmt: skip
+    with hard.server.http(hard.token) as http:
+        assert http.post(CHAT, content=surrogate, headers=headers()).status_code == 400
+        assert http.get("/v1/models/%ED%A0%80%FF", headers=headers()).status_code == 404
+        bad_grammar = {"model": "gemma", "messages": HELLO, "grammar": "root ::= ]"}
+        assert http.post(CHAT, json=bad_grammar, headers=headers()).status_code == 400
+        with http.stream("POST", CHAT, json=stream, headers=headers()) as response:
+            assert response.status_code == 200
+            next(response.iter_lines())  # then the client goes away mid-stream
+    for mark in marks:
+        log = hard.server.wait_logged(f"request_id={mark}", timeout=15)
     assert "Traceback" not in log
     assert "Logging error" not in log
-
-
-# request ids
-
-
-def test_every_response_has_a_request_id(hard: Hard) -> None:
-    with hard.server.http(hard.token) as http:
-        responses = [
-            http.get("/v1/models"),
-            http.get("/health"),
-            http.get("/v1/nothing"),
-            http.post("/v1/chat/completions", json={"model": "gemma", "messages": HELLO,
-                                                     "max_tokens": 1}),
-            http.post("/v1/chat/completions", json={"model": "gemma"}),
-        ]  # fmt: skip
-        mine = http.get("/v1/models", headers={"X-Request-ID": "trace-42.a"})
-        bad = http.get("/v1/models", headers={"X-Request-ID": "bad id\twith\x7f"})
-    ids = [r.headers["x-request-id"] for r in responses]
-    assert len(set(ids)) == len(ids) and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
-    assert mine.headers["x-request-id"] == "trace-42.a"
-    assert re.fullmatch(r"[0-9a-f]{32}", bad.headers["x-request-id"])
-    time.sleep(0.2)
-    assert "request_id=trace-42.a" in hard.server.log()
 
 
 # slow and abusive connections
@@ -286,18 +247,15 @@ def test_connections_over_the_cap_get_503_until_some_close(hard: Hard) -> None:
 # the state dir and the model file
 
 
-def test_a_truncated_gguf_is_refused_by_the_cli(
-    hard: Hard, tmp_path: Path, model_path: str
-) -> None:
-    from conftest import run_cli
-
+def test_a_truncated_gguf_is_refused_by_the_cli(tmp_path: Path, model_path: str) -> None:
+    full_size = Path(model_path).stat().st_size
     state = tmp_path / "state"
     part = tmp_path / "part.gguf"
     with open(model_path, "rb") as src:
         part.write_bytes(src.read(50_000_000))
     code, _, err = run_cli(state, "assistant", "create", "a", "--model", str(part))
     assert code == 1
-    assert f"truncated: 50000000 of {hard.full_size} bytes" in err
+    assert f"truncated: 50000000 of {full_size} bytes" in err
     head = tmp_path / "head.gguf"
     with open(model_path, "rb") as src:
         head.write_bytes(src.read(1000))

@@ -2,7 +2,8 @@
 
 One server for the module, with an assistant `mem` that remembers sessions
 (4 turns kept, 512-token context) and `plain`, the same model without history.
-The tests run in file order and share the server; each uses its own session ids.
+The tests share the server; each makes the sessions it checks, under ids of
+its own, so that it passes alone and in any order.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -20,13 +22,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import Server, cli_ok, free_port, run_cli
+from helpers import NO_EOS, Server, cli_ok, error_of, free_port, run_cli
 
 from vergeai.state.history import History, SessionKey
 
-END_OF_TURN = 106  # Gemma's <end_of_turn>
-EOS = 1
-NO_EOS = {str(t): -100 for t in (EOS, END_OF_TURN, 212)}  # 212 is </s>, also end-of-generation
 SYSTEM = "You are a helpful assistant."
 FILLER = "The quick brown fox jumps over the lazy dog near the quiet river bank. "
 
@@ -266,9 +265,7 @@ def test_every_allowed_character_up_to_128_makes_a_session_id(env: Env) -> None:
 
 def _error(response: httpx.Response) -> dict[str, Any]:
     assert response.status_code == 400, response.text
-    body = response.json()
-    assert set(body) == {"error"}
-    return dict(body["error"])
+    return error_of(response)
 
 
 def test_header_and_body_naming_different_sessions_is_400(env: Env) -> None:
@@ -313,17 +310,20 @@ def test_openai_client_sees_bad_session_as_bad_request(env: Env) -> None:
 
 
 def test_another_user_with_the_same_session_id_sees_an_empty_session(env: Env) -> None:
-    assert len(stored(env, "s1")) == 2  # alice's s1, from the first test
+    chat(env, [user("My name is Zanzibar.")], session="shared")
+    chat(env, [user("What is my name?")], session="shared")
+    alices = stored(env, "shared")
+    assert len(alices) == 2
     question = "What is my name?"
-    bobs = chat(env, [user(question)], session="s1", token=env.bob)
-    assert bobs.session == {"id": "s1", "turns_used": 0, "turns_dropped": 0}
+    bobs = chat(env, [user(question)], session="shared", token=env.bob)
+    assert bobs.session == {"id": "shared", "turns_used": 0, "turns_dropped": 0}
     assert bobs.prompt_tokens == fresh_prompt_tokens(env, question)
-    assert stored(env, "s1", who="bob") == [
+    assert stored(env, "shared", who="bob") == [
         [user(question), {"role": "assistant", "content": bobs.text}]
     ]
-    assert len(stored(env, "s1")) == 2  # alice's is untouched
+    assert stored(env, "shared") == alices  # alice's is untouched
     counts = turn_counts(env)
-    assert counts[("bob", "s1")] == 1 and counts[("alice", "s1")] == 2
+    assert counts[("bob", "shared")] == 1 and counts[("alice", "shared")] == 2
 
 
 # 4. stateless calls
@@ -470,17 +470,18 @@ def test_history_beyond_the_context_drops_the_oldest_whole_turns(env: Env) -> No
 
 
 def test_history_survives_a_restart(env: Env) -> None:
-    turns = turn_counts(env)[("alice", "s1")]
-    assert 0 < turns < 4
+    chat(env, [user("My name is Zanzibar.")], session="restart")
+    chat(env, [user("I live in Lyon.")], session="restart")
     env.server.stop()
     env.server.start()
     wait_all_online(env.server)
-    call = chat(env, [user("Do you still know my name?")], session="s1")
-    assert call.session == {"id": "s1", "turns_used": turns, "turns_dropped": 0}
-    assert turn_counts(env)[("alice", "s1")] == turns + 1
+    call = chat(env, [user("Do you still know my name?")], session="restart")
+    assert call.session == {"id": "restart", "turns_used": 2, "turns_dropped": 0}
+    assert turn_counts(env)[("alice", "restart")] == 3
 
 
 def test_history_db_is_private_and_in_wal_mode(env: Env) -> None:
+    chat(env, [user("Hello.")], session="private")
     path = env.state / "history.db"
     assert path.stat().st_mode & 0o777 == 0o600
     with sqlite3.connect(path) as db:
@@ -550,30 +551,40 @@ def test_disabling_chat_history_keeps_the_sessions(env: Env) -> None:
 
 
 def test_cli_sessions_lists_and_filters(env: Env) -> None:
+    chat(env, [user("One.")], session="listed")
+    chat(env, [user("Two.")], session="listed")
+    chat(env, [user("Three.")], session="listed-bob", token=env.bob)
     rows = session_rows(env)
-    assert {(r["user"], r["id"]) for r in rows} >= {("alice", "s1"), ("bob", "s1")}
+    mine = {(r["user"], r["id"]): r["turns"] for r in rows}
+    assert mine[("alice", "listed")] == 2 and mine[("bob", "listed-bob")] == 1
     for r in rows:
         assert set(r) == {"id", "user", "turns", "tokens", "last_used"}
         assert r["turns"] > 0 and r["tokens"] > 0
         assert isinstance(r["last_used"], str) and r["last_used"]
     assert [r["last_used"] for r in rows] == sorted((r["last_used"] for r in rows), reverse=True)
     bobs = session_rows(env, "--user", "bob")
-    assert [(r["user"], r["id"]) for r in bobs] == [("bob", "s1")]
+    assert bobs == [r for r in rows if r["user"] == "bob"]
+    assert ("bob", "listed-bob") in {(r["user"], r["id"]) for r in bobs}
     assert session_rows(env, "--user", "nobody") == []
     table = cli_ok(env.state, "assistant", "sessions", "mem")
-    assert "s1" in table and "alice" in table and "bob" in table
+    assert "listed-bob" in table and "alice" in table and "bob" in table
     code, out, err = run_cli(env.state, "assistant", "sessions", "ghost", "--json")
     assert code == 1 and out == "" and "ghost" in err
 
 
 def test_cli_clear_history(env: Env) -> None:
+    for session, token in (("clear-1", env.alice), ("clear-2", env.alice), ("clear-1", env.bob)):
+        chat(env, [user("Remember me.")], session=session, token=token)
+    chat(env, [user("And this.")], session="clear-1")
     before = turn_counts(env)
-    assert len(before) > 3
-    cli_ok(env.state, "assistant", "clear-history", "mem", "--session", "s1", "--user", "alice")
+    assert before[("alice", "clear-1")] == 2
+    assert before[("alice", "clear-2")] == before[("bob", "clear-1")] == 1
+    cli_ok(env.state, "assistant", "clear-history", "mem", "--session", "clear-1",
+           "--user", "alice")  # fmt: skip
     after = turn_counts(env)
-    assert after == {k: v for k, v in before.items() if k != ("alice", "s1")}
+    assert after == {k: v for k, v in before.items() if k != ("alice", "clear-1")}
     # the server sees the cleared session at once
-    call = chat(env, [user("Who am I?")], session="s1")
+    call = chat(env, [user("Who am I?")], session="clear-1")
     assert call.session is not None and call.session["turns_used"] == 0
     # clearing a session that is not there fails
     code, _, err = run_cli(env.state, "assistant", "clear-history", "mem", "--session", "zzz")
@@ -603,6 +614,16 @@ def test_cli_clear_history(env: Env) -> None:
 
 
 def test_no_tracebacks_and_no_tokens_in_the_log(env: Env) -> None:
-    log = env.server.log()
+    """Each user's token in a remembered call, a stateless one and a refused one."""
+    marks = []
+    for token in (env.alice, env.bob):
+        for extra, status in (({"session_id": "logged"}, 200), ({}, 200),
+                              ({"session_id": "not valid"}, 400)):  # fmt: skip
+            marks.append(f"history-{uuid.uuid4().hex[:12]}")
+            body = {"model": "mem", "messages": [user("Hi.")], "max_tokens": 2, **extra}
+            response = post(env, body, token, headers={"X-Request-ID": marks[-1]})
+            assert response.status_code == status, response.text
+    for mark in marks:  # the access lines are written after the answers were sent
+        log = env.server.wait_logged(f"request_id={mark}")
     assert "Traceback" not in log
     assert env.alice not in log and env.bob not in log

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import tomli_w
 import typer
-from conftest import cli_ok, run_cli
+from helpers import cli_ok, run_cli
 
 from vergeai.cli import app
 from vergeai.errors import StateError
@@ -522,7 +522,7 @@ VERGEAI = typer.main.get_command(app)
 
 
 def main(state: Path, *args: str) -> tuple[int, str, str]:
-    """Like conftest.run_cli, but as `vergeai` runs (standalone main) on a Click command built
+    """Like helpers.run_cli, but as `vergeai` runs (standalone main) on a Click command built
     once: Typer's test runner rebuilds it on every call, and this matrix makes 600 calls."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

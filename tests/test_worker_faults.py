@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from helpers import NO_EOS
 
 from vergeai.runtime.job import Delta, Event, Failed, Finished, Job
 from vergeai.runtime.llama import Sampling
@@ -21,13 +22,13 @@ from vergeai.runtime.worker import Worker, WorkerState
 from vergeai.state.records import Assistant
 
 MARKER = 9999  # a token id that only the faulty request's prompt holds
-NO_EOS = {1: -100.0, 106: -100.0, 212: -100.0}
+BAN_EOS = {int(token): float(bias) for token, bias in NO_EOS.items()}  # as Sampling takes it
 
 
 def sampling(seed: int = 1) -> Sampling:
     return Sampling(
         temperature=0.0, top_p=1.0, top_k=40, min_p=0.05, seed=seed, presence_penalty=0.0,
-        frequency_penalty=0.0, repeat_penalty=1.0, repeat_last_n=64, logit_bias=dict(NO_EOS),
+        frequency_penalty=0.0, repeat_penalty=1.0, repeat_last_n=64, logit_bias=dict(BAN_EOS),
     )  # fmt: skip
 
 
