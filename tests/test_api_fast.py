@@ -222,7 +222,20 @@ def test_unknown_route_is_json_404(fast: FastDeployment) -> None:
         (hello(n=2), "n"),
         (hello(n=True), "n"),  # true is not 1
         (hello(tools=[{"type": "function"}]), "tools"),
-        (hello(response_format={"type": "json_object"}), "response_format"),
+        (hello(response_format={"type": "xml"}), "response_format"),
+        (hello(response_format="json"), "response_format"),
+        (hello(response_format={"type": "json_schema"}), "response_format.json_schema"),
+        (
+            hello(response_format={"type": "json_schema", "json_schema": {"schema": []}}),
+            "response_format.json_schema.schema",
+        ),
+        (hello(response_format={"type": "json_object"}, grammar='root ::= "x"'), "response_format"),
+        (hello(json_schema={"not": {"type": "string"}}), "json_schema"),
+        (
+            hello(json_schema={"type": "object"}, response_format={"type": "json_object"}),
+            "json_schema",
+        ),
+        (hello(json_schema=[1]), "json_schema"),
         (hello(logprobs=True), "logprobs"),
     ],
 )

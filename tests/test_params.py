@@ -55,6 +55,18 @@ CASES: dict[str, Any] = {
     "reasoning_format": "none",
     "session_id": "matrix-session",
     "grammar": 'root ::= "yes" | "no"',
+    "response_format": {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "a",
+            "schema": {
+                "type": "object",
+                "properties": {"ok": {"type": "boolean"}},
+                "required": ["ok"],
+            },
+        },
+    },
+    "json_schema": {"type": "array", "items": {"type": "integer"}, "maxItems": 2},
     # accepted and ignored
     "user": "alice@example.com",
     "store": True,

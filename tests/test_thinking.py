@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from helpers import Server, cli_ok, eventually, free_port
 
@@ -258,3 +259,22 @@ def test_openai_client_sees_reasoning_content(thinking: Thinking) -> None:
     message = reply.choices[0].message
     assert (message.model_extra or {})["reasoning_content"]
     assert message.content and "think" not in message.content
+
+
+def test_structured_output_turns_thinking_off(thinking: Thinking) -> None:
+    schema = {"type": "object", "properties": {"blue": {"type": "boolean"}}, "required": ["blue"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "sky", "schema": schema}}
+    off = thinking.chat("qwen", max_tokens=1, chat_template_kwargs={"enable_thinking": False})
+
+    def r1_online() -> bool:
+        health = httpx.get(f"{thinking.server.root_url}/health").json()
+        return bool(health["assistants"]["r1"] == "online")
+
+    eventually(r1_online, timeout=30, what="r1 online")
+    for model in ("qwen", "r1"):
+        reply = thinking.chat(model, max_tokens=30, response_format=fmt)
+        message = reply["choices"][0]["message"]
+        assert "reasoning_content" not in message
+        assert isinstance(json.loads(message["content"])["blue"], bool)
+    structured = thinking.chat("qwen", max_tokens=1, response_format=fmt)
+    assert structured["usage"]["prompt_tokens"] == off["usage"]["prompt_tokens"]

@@ -260,7 +260,8 @@ async def start(
     await check_request(worker, req)
     max_tokens = req.max_tokens or assistant.max_tokens or DEFAULT_MAX_TOKENS
     thinking = req.enable_thinking
-    if thinking is None and assistant.disable_think:
+    if (thinking is None and assistant.disable_think) or req.structured:
+        # a schema constrains every output token, so there is no room to think first
         thinking = False
     key = SessionKey(user, assistant.name, session_id) if session_id else None
     lease = await sessions.lease(key) if key and assistant.chat_history else None

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from vergeai.api.structured import response_format_schema, schema_grammar
 from vergeai.errors import InvalidRequest, Unsupported
 from vergeai.state.history import SESSION_ID_RE
 
@@ -18,6 +19,7 @@ MAX_GRAMMAR = 64 * 1024
 MAX_GRAMMAR_DEPTH = 256
 REASONING_FORMATS = ("none", "auto", "deepseek", "deepseek-legacy")
 MAX_TOKENS = 1_000_000
+MEDIA_PARTS = ("image_url", "input_image", "input_audio", "audio_url", "video_url", "file")
 
 log = logging.getLogger("vergeai.chat")
 
@@ -41,7 +43,7 @@ CHAT_FIELDS: tuple[FieldSpec, ...] = (
         "model messages stream stream_options max_tokens max_completion_tokens n_predict "
         "temperature top_p top_k min_p stop seed presence_penalty frequency_penalty "
         "repeat_penalty repeat_last_n logit_bias chat_template_kwargs reasoning_format "
-        "session_id grammar",
+        "session_id grammar response_format json_schema",
     ),
     # accepted for compatibility; they change nothing here
     *_fields(
@@ -57,14 +59,12 @@ CHAT_FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("tool_choice", "refused", (None, "none", "auto")),
     FieldSpec("functions", "refused", ([], None)),
     FieldSpec("function_call", "refused", (None, "none", "auto")),
-    FieldSpec("response_format", "refused", (None, {"type": "text"})),
     FieldSpec("logprobs", "refused", (None, False)),
     FieldSpec("top_logprobs", "refused", (None, 0)),
     FieldSpec("audio", "refused", (None,)),
     FieldSpec("modalities", "refused", (None, ["text"])),
     FieldSpec("prediction", "refused", (None,)),
     FieldSpec("web_search_options", "refused", (None,)),
-    FieldSpec("json_schema", "refused", (None,)),
     FieldSpec("mirostat", "refused", (None, 0)),
     FieldSpec("typical_p", "refused", (None, 1)),
     FieldSpec("tfs_z", "refused", (None, 1)),
@@ -99,6 +99,7 @@ class ChatRequest:
     raw_reasoning: bool = False  # reasoning_format "none": tags stay in content
     session_id: str | None = None
     grammar: str | None = None
+    structured: bool = False  # the grammar comes from response_format or json_schema
 
 
 def _bad(param: str, message: str) -> InvalidRequest:
@@ -152,7 +153,14 @@ def _content(value: Any, where: str) -> str:
     if isinstance(value, list):
         parts = []
         for j, part in enumerate(value):
-            if not isinstance(part, dict) or part.get("type") != "text":
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in MEDIA_PARTS:
+                raise Unsupported(
+                    f"'{where}[{j}]': the models here take text only; {kind} content parts "
+                    "need a multimodal model, which this server cannot load yet",
+                    param=where,
+                )
+            if kind != "text":
                 raise Unsupported(
                     f"'{where}[{j}]': only text content parts are supported", param=where
                 )
@@ -339,6 +347,19 @@ def parse_chat_request(body: Any) -> ChatRequest:
         include_usage = options.get("include_usage", False)
         if not isinstance(include_usage, bool):
             raise _bad("stream_options.include_usage", "must be a boolean")
+    grammar, structured = _grammar(body.get("grammar")), False
+    schema = response_format_schema(body.get("response_format"))
+    param = "response_format"
+    if body.get("json_schema") is not None:
+        if schema is not None:
+            raise _bad("json_schema", "give response_format or json_schema, not both")
+        schema, param = body["json_schema"], "json_schema"
+        if not isinstance(schema, dict):
+            raise _bad("json_schema", "must be a JSON schema object")
+    if schema is not None:
+        if grammar is not None:
+            raise _bad(param, f"give grammar or {param}, not both")
+        grammar, structured = schema_grammar(schema, param), True
     # the first one given wins; n_predict is llama-server's name, where -1 means no limit
     n_predict = _integer(body, "n_predict", -1, MAX_TOKENS)
     limits = (
@@ -367,5 +388,6 @@ def parse_chat_request(body: Any) -> ChatRequest:
         enable_thinking=_enable_thinking(body.get("chat_template_kwargs")),
         raw_reasoning=_reasoning_format(body.get("reasoning_format")),
         session_id=_session_id(body.get("session_id")),
-        grammar=_grammar(body.get("grammar")),
+        grammar=grammar,
+        structured=structured,
     )

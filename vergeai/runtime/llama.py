@@ -217,6 +217,13 @@ def grammar_sampler(model: Model, grammar: str) -> Any:
     return sampler
 
 
+def json_schema_to_gbnf(schema: str) -> str:
+    """llama.cpp's JSON-schema-to-grammar conversion (llama-cpp-python's port of it)."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf as convert
+
+    return str(convert(schema))
+
+
 def check_grammar(model: Model, grammar: str) -> None:
     llama_cpp.llama_sampler_free(grammar_sampler(model, grammar))
 
