@@ -48,8 +48,6 @@ REFUSED: dict[str, Any] = {
     "tool_choice": "required",
     "functions": [{"name": "f", "parameters": {}}],
     "function_call": {"name": "f"},
-    "logprobs": True,
-    "top_logprobs": 3,
     "audio": {"voice": "alloy", "format": "wav"},
     "modalities": ["text", "audio"],
     "prediction": {"type": "content", "content": "x"},

@@ -236,7 +236,11 @@ def test_unknown_route_is_json_404(fast: FastDeployment) -> None:
             "json_schema",
         ),
         (hello(json_schema=[1]), "json_schema"),
-        (hello(logprobs=True), "logprobs"),
+        (hello(logprobs="yes"), "logprobs"),
+        (hello(top_logprobs=3), "top_logprobs"),
+        (hello(logprobs=False, top_logprobs=3), "top_logprobs"),
+        (hello(logprobs=True, top_logprobs=21), "top_logprobs"),
+        (hello(logprobs=True, top_logprobs=-1), "top_logprobs"),
     ],
 )
 def test_bad_requests_are_400_naming_the_field(

@@ -11,6 +11,7 @@ of the accepted ones, is tested in test_api_fast.py.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,8 @@ CASES: dict[str, Any] = {
         },
     },
     "json_schema": {"type": "array", "items": {"type": "integer"}, "maxItems": 2},
+    "logprobs": True,
+    "top_logprobs": 5,  # with logprobs: true (COMPANIONS)
     # accepted and ignored
     "user": "alice@example.com",
     "store": True,
@@ -90,6 +93,9 @@ CASES: dict[str, Any] = {
     "dry_penalty_last_n": -1,
     "dry_sequence_breakers": ["\n"],
 }
+
+# what a field needs beside it to mean anything
+COMPANIONS: dict[str, dict[str, Any]] = {"top_logprobs": {"logprobs": True}}
 
 
 def post(d: Deployment, body: dict[str, Any]) -> httpx.Response:
@@ -122,7 +128,7 @@ def test_every_field_has_a_case() -> None:
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_accepted_field_alone_and_beside_a_stream(deployment: Deployment, name: str) -> None:
-    body = {**BASE, name: CASES[name]}
+    body = {**BASE, **COMPANIONS.get(name, {}), name: CASES[name]}
     check_answer(post(deployment, body), body)
     with BackgroundStream(deployment.server.root_url, deployment.admin_token, "gemma") as other:
         check_answer(post(deployment, body), body)
@@ -234,3 +240,49 @@ def test_the_openai_client_sends_them_all(deployment: Deployment) -> None:
         client.chat.completions.create(model="gemma", messages=HELLO, n=2)
     assert info.value.code == "unsupported_parameter"
     assert info.value.body["param"] == "n"  # type: ignore[index]
+
+
+def test_logprobs_come_from_the_model_distribution(deployment: Deployment) -> None:
+    body = {"model": "gemma", "messages": HELLO, "temperature": 0, "max_tokens": 8,
+            "logprobs": True, "top_logprobs": 5}  # fmt: skip
+    reply = post(deployment, body).json()
+    entries = reply["choices"][0]["logprobs"]["content"]
+    assert len(entries) == reply["usage"]["completion_tokens"] - (
+        reply["choices"][0]["finish_reason"] == "stop"  # the end-of-turn token has none
+    )
+    assert "".join(e["token"] for e in entries) == reply["choices"][0]["message"]["content"]
+    for e in entries:
+        top = e["top_logprobs"]
+        assert len(top) == 5 and e["logprob"] <= 0
+        assert [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)
+        # greedy: the chosen token is the most likely one
+        assert top[0]["token"] == e["token"] and top[0]["logprob"] == e["logprob"]
+        assert sum(math.exp(t["logprob"]) for t in top) <= 1.0 + 1e-6
+        assert bytes(e["bytes"]).decode("utf-8", "replace") == e["token"]
+    plain = post(deployment, {**body, "logprobs": False, "top_logprobs": None}).json()
+    assert plain["choices"][0]["logprobs"] is None
+    assert plain["choices"][0]["message"]["content"] == reply["choices"][0]["message"]["content"]
+
+
+def test_streamed_logprobs_with_the_openai_client(deployment: Deployment) -> None:
+    client = deployment.server.client(deployment.user_token)
+    stream = client.chat.completions.create(
+        model="gemma", messages=HELLO, max_tokens=6, temperature=0, logit_bias=NO_EOS,
+        logprobs=True, top_logprobs=2, stream=True,
+    )  # fmt: skip
+    entries = []
+    text = ""
+    for chunk in stream:
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            if choice.logprobs is not None and choice.logprobs.content:
+                entries.extend(choice.logprobs.content)
+    assert len(entries) == 6 and all(len(e.top_logprobs) == 2 for e in entries)
+    assert "".join(e.token for e in entries) == text
+    whole = client.chat.completions.create(
+        model="gemma", messages=HELLO, max_tokens=6, temperature=0, logit_bias=NO_EOS,
+        logprobs=True,
+    )  # fmt: skip
+    content = whole.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and [e.token for e in content] == [e.token for e in entries]
+    assert all(e.top_logprobs == [] for e in content)

@@ -72,7 +72,7 @@ def _delta(piece: Piece) -> dict[str, str]:
     delta = {}
     if piece.reasoning:
         delta["reasoning_content"] = piece.reasoning
-    if piece.content:
+    if piece.content or not piece.reasoning:  # a chunk of logprobs alone has empty content
         delta["content"] = piece.content
     return delta
 
@@ -98,7 +98,7 @@ async def stream_reply(
             event = first
             while True:
                 if isinstance(event, Piece):
-                    yield sse(reply.chunk(_delta(event)))
+                    yield sse(reply.chunk(_delta(event), logprobs=event.logprobs))
                 else:
                     account(request, event)
                     last = reply.chunk({}, event.finish_reason)

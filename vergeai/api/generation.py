@@ -55,6 +55,10 @@ class Piece:
 
     reasoning: str
     content: str
+    logprobs: list[dict[str, Any]] | None = None  # the new tokens', when asked for
+
+    def __bool__(self) -> bool:
+        return bool(self.reasoning or self.content or self.logprobs)
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ class Done:
     reasoning: str
     ttft: float  # seconds from submit to the first token
     session: dict[str, Any] | None  # id, turns used and dropped, when history is on
+    logprobs: list[dict[str, Any]] | None  # every generated token's, when asked for
 
     def usage(self) -> dict[str, int]:
         return {
@@ -79,21 +84,25 @@ class Done:
 class Answer:
     """The generated text, split into reasoning and content unless asked raw."""
 
-    def __init__(self, raw: bool, opens_think: bool) -> None:
+    def __init__(self, raw: bool, opens_think: bool, logprobs: bool) -> None:
         self.splitter = None if raw else ReasoningSplitter(opens_think)
         self.content: list[str] = []
         self.reasoning: list[str] = []
+        self.logprobs: list[dict[str, Any]] | None = [] if logprobs else None
 
-    def feed(self, text: str) -> Piece:
-        return self._keep(*(self.splitter.feed(text) if self.splitter else ("", text)))
+    def feed(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> Piece:
+        split = self.splitter.feed(text) if self.splitter else ("", text)
+        return self._keep(*split, logprobs)
 
     def flush(self) -> Piece:
-        return self._keep(*(self.splitter.flush() if self.splitter else ("", "")))
+        return self._keep(*(self.splitter.flush() if self.splitter else ("", "")), None)
 
-    def _keep(self, reasoning: str, content: str) -> Piece:
+    def _keep(self, reasoning: str, content: str, logprobs: list[dict[str, Any]] | None) -> Piece:
         self.reasoning.append(reasoning)
         self.content.append(content)
-        return Piece(reasoning, content)
+        if self.logprobs is not None and logprobs:
+            self.logprobs.extend(logprobs)
+        return Piece(reasoning, content, logprobs)
 
     @property
     def in_reasoning(self) -> bool:
@@ -153,14 +162,14 @@ class Generation:
         """Pieces of text as they come, then one Done; a failure raises its error."""
         async for event in self.job.events():
             if isinstance(event, Delta):
-                piece = self.answer.feed(event.text)
-                if piece.reasoning or piece.content:
+                piece = self.answer.feed(event.text, event.logprobs)
+                if piece:
                     yield piece
             elif isinstance(event, Failed):
                 raise failure(event)
             else:
                 piece = self.answer.flush()
-                if piece.reasoning or piece.content:
+                if piece:
                     yield piece
                 content = "".join(self.answer.content)
                 if event.finish_reason == "length" and self.answer.in_reasoning:
@@ -173,6 +182,7 @@ class Generation:
                     content=content,
                     reasoning="".join(self.answer.reasoning),
                     ttft=self.job.t_first - self.job.t_created,
+                    logprobs=self.answer.logprobs,
                     session=(
                         await self.memory.remember(self.assistant, content, event.completion_tokens)
                         if self.memory is not None
@@ -288,9 +298,12 @@ async def start(
             max_tokens=max_tokens,
             stop=req.stop,
             loop=asyncio.get_running_loop(),
+            top_logprobs=req.top_logprobs,
         )
         memory = Memory(sessions, lease, prepared, req.messages) if lease else None
-        answer = Answer(req.raw_reasoning, prepared.rendered.opens_think)
+        answer = Answer(
+            req.raw_reasoning, prepared.rendered.opens_think, req.top_logprobs is not None
+        )
         worker.submit(job)
     except BaseException:
         if lease is not None:

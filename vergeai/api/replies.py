@@ -35,7 +35,7 @@ class Reply:
                 {
                     "index": 0,
                     "message": message,
-                    "logprobs": None,
+                    "logprobs": self.logprobs(done.logprobs),
                     "finish_reason": done.finish_reason,
                 }
             ],
@@ -43,13 +43,23 @@ class Reply:
             "timings": done.timings.to_json(),
         }
 
-    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-        return {
-            **self.base(),
-            "choices": [
-                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            ],
+    def chunk(
+        self,
+        delta: dict[str, Any],
+        finish_reason: str | None = None,
+        logprobs: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        choice = {
+            "index": 0,
+            "delta": delta,
+            "logprobs": self.logprobs(logprobs),
+            "finish_reason": finish_reason,
         }
+        return {**self.base(), "choices": [choice]}
+
+    @staticmethod
+    def logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+        return None if entries is None else {"content": entries, "refusal": None}
 
     def usage_chunk(self, done: Done) -> dict[str, Any]:
         return {**self.base(), "choices": [], "usage": done.usage()}

@@ -19,6 +19,7 @@ MAX_GRAMMAR = 64 * 1024
 MAX_GRAMMAR_DEPTH = 256
 REASONING_FORMATS = ("none", "auto", "deepseek", "deepseek-legacy")
 MAX_TOKENS = 1_000_000
+MAX_TOP_LOGPROBS = 20
 MEDIA_PARTS = ("image_url", "input_image", "input_audio", "audio_url", "video_url", "file")
 
 log = logging.getLogger("vergeai.chat")
@@ -43,7 +44,7 @@ CHAT_FIELDS: tuple[FieldSpec, ...] = (
         "model messages stream stream_options max_tokens max_completion_tokens n_predict "
         "temperature top_p top_k min_p stop seed presence_penalty frequency_penalty "
         "repeat_penalty repeat_last_n logit_bias chat_template_kwargs reasoning_format "
-        "session_id grammar response_format json_schema",
+        "session_id grammar response_format json_schema logprobs top_logprobs",
     ),
     # accepted for compatibility; they change nothing here
     *_fields(
@@ -59,8 +60,6 @@ CHAT_FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("tool_choice", "refused", (None, "none", "auto")),
     FieldSpec("functions", "refused", ([], None)),
     FieldSpec("function_call", "refused", (None, "none", "auto")),
-    FieldSpec("logprobs", "refused", (None, False)),
-    FieldSpec("top_logprobs", "refused", (None, 0)),
     FieldSpec("audio", "refused", (None,)),
     FieldSpec("modalities", "refused", (None, ["text"])),
     FieldSpec("prediction", "refused", (None,)),
@@ -100,6 +99,7 @@ class ChatRequest:
     session_id: str | None = None
     grammar: str | None = None
     structured: bool = False  # the grammar comes from response_format or json_schema
+    top_logprobs: int | None = None  # None: no logprobs
 
 
 def _bad(param: str, message: str) -> InvalidRequest:
@@ -129,6 +129,17 @@ def _number(
         span = f"above {lo:g} and at most {hi:g}" if low_open else f"between {lo:g} and {hi:g}"
         raise _bad(name, f"must be {span}")
     return value
+
+
+def _top_logprobs(body: dict[str, Any]) -> int | None:
+    """None without logprobs; else how many alternatives each token lists (0-20)."""
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise _bad("logprobs", "must be a boolean")
+    top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if top is not None and not wanted:
+        raise _bad("top_logprobs", "needs 'logprobs': true")
+    return (top or 0) if wanted else None
 
 
 def _repeat_last_n(body: dict[str, Any]) -> int:
@@ -390,4 +401,5 @@ def parse_chat_request(body: Any) -> ChatRequest:
         session_id=_session_id(body.get("session_id")),
         grammar=grammar,
         structured=structured,
+        top_logprobs=_top_logprobs(body),
     )

@@ -51,6 +51,7 @@ class Timings:
 @dataclass
 class Delta:
     text: str
+    logprobs: list[dict[str, Any]] | None = None  # one entry per token, when asked for
 
 
 @dataclass
@@ -77,6 +78,7 @@ class Job:
     max_tokens: int
     stop: list[str]
     loop: asyncio.AbstractEventLoop
+    top_logprobs: int | None = None  # None: no logprobs; else how many alternatives
     queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     t_created: float = field(default_factory=time.perf_counter)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import llama_cpp
+import numpy as np
+import numpy.typing as npt
 
 from vergeai.errors import VergeError
 
@@ -320,6 +322,12 @@ class Context:
 
     def sample(self, sampler: Any, index: int) -> int:
         return int(llama_cpp.llama_sampler_sample(sampler, self.ptr, index))
+
+    def logits(self, index: int) -> npt.NDArray[np.float32]:
+        """The raw next-token logits at batch output ``index`` (a view; copy to keep)."""
+        ptr = llama_cpp.llama_get_logits_ith(self.ptr, index)
+        array: npt.NDArray[np.float32] = np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+        return array
 
     def free(self) -> None:
         if self.ptr:

@@ -34,6 +34,7 @@ from vergeai.runtime.llama import (
     free_sampler,
     shared_models,
 )
+from vergeai.runtime.logprobs import entry, log_softmax
 from vergeai.runtime.prompt import ChatTemplate, Message
 from vergeai.runtime.reasoning import close_open_think, prompt_opens_think
 from vergeai.runtime.stops import StopMatcher
@@ -379,6 +380,9 @@ class Worker:
         assert self.ctx is not None and self.model is not None
         job = slot.job
         assert job is not None and slot.stops is not None
+        distribution = None
+        if job.top_logprobs is not None:
+            distribution = log_softmax(self.ctx.logits(index))
         token = self.ctx.sample(slot.sampler, index)
         if job.n_generated == 0:
             job.t_first = time.perf_counter()
@@ -387,7 +391,10 @@ class Worker:
             self._finish(slot, "stop")
             return
         text = slot.stops.feed(slot.decoder.decode(self.model.piece(token)))
-        if text:
+        if distribution is not None:
+            assert job.top_logprobs is not None
+            job.emit(Delta(text, [entry(self.model, distribution, token, job.top_logprobs)]))
+        elif text:
             job.emit(Delta(text))
         if slot.stops.stopped:
             self._finish(slot, "stop")
