@@ -43,7 +43,6 @@ HELLO = [{"role": "user", "content": "What is the capital of France?"}]
 # the refused request fields -> a value that asks for the feature (test_params checks
 # that it names every refused field of the schema)
 REFUSED: dict[str, Any] = {
-    "n": 2,
     "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
     "tool_choice": "required",
     "functions": [{"name": "f", "parameters": {}}],

@@ -219,7 +219,9 @@ def test_unknown_route_is_json_404(fast: FastDeployment) -> None:
         (hello(chat_template_kwargs="x"), "chat_template_kwargs"),
         (hello(reasoning_format="sideways"), "reasoning_format"),
         (hello(grammar=7), "grammar"),
-        (hello(n=2), "n"),
+        (hello(n=0), "n"),
+        (hello(n=9), "n"),
+        (hello(n=1.5), "n"),
         (hello(n=True), "n"),  # true is not 1
         (hello(tools=[{"type": "function"}]), "tools"),
         (hello(response_format={"type": "xml"}), "response_format"),

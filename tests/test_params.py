@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from helpers import HELLO, NO_EOS, REFUSED, BackgroundStream, Deployment, sse_events
+from helpers import HELLO, NO_EOS, REFUSED, BackgroundStream, Deployment, error_of, sse_events
 
 from vergeai.api.schemas import CHAT_FIELDS
 
@@ -70,6 +70,7 @@ CASES: dict[str, Any] = {
     "json_schema": {"type": "array", "items": {"type": "integer"}, "maxItems": 2},
     "logprobs": True,
     "top_logprobs": 5,  # with logprobs: true (COMPANIONS)
+    "n": 2,
     # accepted and ignored
     "user": "alice@example.com",
     "store": True,
@@ -94,6 +95,7 @@ CASES: dict[str, Any] = {
     "dry_sequence_breakers": ["\n"],
 }
 
+TOOL: Any = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 # what a field needs beside it to mean anything
 COMPANIONS: dict[str, dict[str, Any]] = {"top_logprobs": {"logprobs": True}}
 
@@ -237,9 +239,9 @@ def test_the_openai_client_sends_them_all(deployment: Deployment) -> None:
     chunks = list(stream)
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="gemma", messages=HELLO, n=2)
+        client.chat.completions.create(model="gemma", messages=HELLO, tools=[TOOL])
     assert info.value.code == "unsupported_parameter"
-    assert info.value.body["param"] == "n"  # type: ignore[index]
+    assert info.value.body["param"] == "tools"  # type: ignore[index]
 
 
 def test_logprobs_come_from_the_model_distribution(deployment: Deployment) -> None:
@@ -286,3 +288,53 @@ def test_streamed_logprobs_with_the_openai_client(deployment: Deployment) -> Non
     content = whole.choices[0].logprobs.content  # type: ignore[union-attr]
     assert content is not None and [e.token for e in content] == [e.token for e in entries]
     assert all(e.top_logprobs == [] for e in content)
+
+
+def test_n_choices_share_one_prompt_evaluation(deployment: Deployment) -> None:
+    body = {"model": "gemma", "messages": HELLO, "max_tokens": 12, "temperature": 1.0,
+            "seed": 5, "logit_bias": NO_EOS, "n": 2}  # fmt: skip
+    reply = post(deployment, body).json()
+    choices = reply["choices"]
+    assert [c["index"] for c in choices] == [0, 1]
+    assert all(c["finish_reason"] == "length" for c in choices)
+    assert choices[0]["message"]["content"] != choices[1]["message"]["content"]
+    assert reply["usage"]["completion_tokens"] == 24
+    # choice 0 is what n=1 gives with the same seed, choice 1 what seed+1 gives, up to
+    # the float divergence of decoding two sequences in one batch instead of one
+    one = post(deployment, {**body, "n": 1}).json()["choices"][0]["message"]["content"]
+    other = post(deployment, {**body, "n": 1, "seed": 6}).json()
+    for got, alone in ((choices[0], one), (choices[1], other["choices"][0])):
+        text = got["message"]["content"]
+        alone_text = alone if isinstance(alone, str) else alone["message"]["content"]
+        pairs = zip(text, alone_text, strict=False)
+        same = next((i for i, (a, b) in enumerate(pairs) if a != b), len(text))
+        assert same >= len(alone_text) // 2, (text, alone_text)
+    # the prompt was evaluated once: the n=2 answer's timings count it once
+    assert reply["usage"]["prompt_tokens"] == other["usage"]["prompt_tokens"]
+
+
+def test_n_choices_stream_with_their_index(deployment: Deployment) -> None:
+    client = deployment.server.client(deployment.user_token)
+    stream = client.chat.completions.create(
+        model="gemma", messages=HELLO, max_tokens=5, logit_bias=NO_EOS, n=2, stream=True,
+        stream_options={"include_usage": True}, logprobs=True,
+    )  # fmt: skip
+    texts = {0: "", 1: ""}
+    finished = {}
+    usage = None
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+        usage = chunk.usage or usage
+    assert finished == {0: "length", 1: "length"}
+    assert all(texts.values())
+    assert usage is not None and usage.completion_tokens == 10
+
+
+def test_more_choices_than_slots_is_400(deployment: Deployment) -> None:
+    response = post(deployment, {"model": "gemma", "messages": HELLO, "n": 3})
+    assert response.status_code == 400
+    err = error_of(response)
+    assert err["param"] == "n" and "2" in err["message"]

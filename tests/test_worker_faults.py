@@ -59,7 +59,11 @@ async def generate(worker: Worker, tokens: list[int], max_tokens: int = 12) -> l
     job = Job(tokens=tokens, sampling=sampling(), max_tokens=max_tokens, stop=[],
               loop=asyncio.get_running_loop())  # fmt: skip
     worker.submit(job)
-    return [event async for event in job.events()]
+    events: list[Event] = []
+    while not events or isinstance(events[-1], Delta):
+        _, event = await job.queue.get()
+        events.append(event)
+    return events
 
 
 async def side_by_side(worker: Worker) -> tuple[list[Event], list[Event]]:

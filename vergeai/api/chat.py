@@ -94,14 +94,19 @@ async def stream_reply(
 
     async def body() -> AsyncIterator[bytes]:
         async with gen:
-            yield sse(reply.chunk({"role": "assistant", "content": None}))
+            for index in range(len(gen.answers)):
+                yield sse(reply.chunk({"role": "assistant", "content": None}, index=index))
             event = first
             while True:
                 if isinstance(event, Piece):
-                    yield sse(reply.chunk(_delta(event), logprobs=event.logprobs))
+                    chunk = reply.chunk(_delta(event), logprobs=event.logprobs, index=event.index)
+                    yield sse(chunk)
                 else:
                     account(request, event)
-                    last = reply.chunk({}, event.finish_reason)
+                    *others, final = event.choices
+                    for choice in others:
+                        yield sse(reply.chunk({}, choice.finish_reason, index=choice.index))
+                    last = reply.chunk({}, final.finish_reason, index=final.index)
                     if include_usage:
                         yield sse(last)
                         last = reply.usage_chunk(event)

@@ -19,7 +19,7 @@ from typing import Any
 from vergeai.api.conversation import Lease, Prepared, Sessions, prepare
 from vergeai.api.schemas import ChatRequest
 from vergeai.errors import InvalidRequest, Unavailable, VergeError
-from vergeai.runtime.job import Delta, Failed, FinishReason, Job, Timings
+from vergeai.runtime.job import Delta, Failed, Finished, FinishReason, Job, Timings
 from vergeai.runtime.llama import GrammarError, Sampling, check_grammar
 from vergeai.runtime.reasoning import ReasoningSplitter
 from vergeai.runtime.worker import Worker, WorkerState
@@ -51,27 +51,36 @@ def failure(event: Failed) -> VergeError:
 
 @dataclass(frozen=True)
 class Piece:
-    """New text of the answer, split into reasoning and content (either may be empty)."""
+    """New text of one choice, split into reasoning and content (either may be empty)."""
 
     reasoning: str
     content: str
     logprobs: list[dict[str, Any]] | None = None  # the new tokens', when asked for
+    index: int = 0  # the choice
 
     def __bool__(self) -> bool:
         return bool(self.reasoning or self.content or self.logprobs)
 
 
 @dataclass(frozen=True)
-class Done:
+class Choice:
+    """One finished answer of a request (n of them when it asked for n)."""
+
+    index: int
     finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    timings: Timings
-    content: str  # the whole answer
+    content: str
     reasoning: str
+    logprobs: list[dict[str, Any]] | None  # every generated token's, when asked for
+
+
+@dataclass(frozen=True)
+class Done:
+    choices: list[Choice]
+    prompt_tokens: int
+    completion_tokens: int  # of every choice
+    timings: Timings  # of the first choice
     ttft: float  # seconds from submit to the first token
     session: dict[str, Any] | None  # id, turns used and dropped, when history is on
-    logprobs: list[dict[str, Any]] | None  # every generated token's, when asked for
 
     def usage(self) -> dict[str, int]:
         return {
@@ -90,19 +99,21 @@ class Answer:
         self.reasoning: list[str] = []
         self.logprobs: list[dict[str, Any]] | None = [] if logprobs else None
 
-    def feed(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> Piece:
+    def feed(self, text: str, logprobs: list[dict[str, Any]] | None, index: int) -> Piece:
         split = self.splitter.feed(text) if self.splitter else ("", text)
-        return self._keep(*split, logprobs)
+        return self._keep(*split, logprobs, index)
 
-    def flush(self) -> Piece:
-        return self._keep(*(self.splitter.flush() if self.splitter else ("", "")), None)
+    def flush(self, index: int) -> Piece:
+        return self._keep(*(self.splitter.flush() if self.splitter else ("", "")), None, index)
 
-    def _keep(self, reasoning: str, content: str, logprobs: list[dict[str, Any]] | None) -> Piece:
+    def _keep(
+        self, reasoning: str, content: str, logprobs: list[dict[str, Any]] | None, index: int
+    ) -> Piece:
         self.reasoning.append(reasoning)
         self.content.append(content)
         if self.logprobs is not None and logprobs:
             self.logprobs.extend(logprobs)
-        return Piece(reasoning, content, logprobs)
+        return Piece(reasoning, content, logprobs, index)
 
     @property
     def in_reasoning(self) -> bool:
@@ -136,10 +147,12 @@ class Memory:
 
 
 class Generation:
-    def __init__(self, assistant: Assistant, answer: Answer, job: Job, memory: Memory | None):
+    def __init__(
+        self, assistant: Assistant, answers: list[Answer], job: Job, memory: Memory | None
+    ) -> None:
         self.assistant = assistant
-        self.answer = answer
-        self.job = job
+        self.answers = answers  # one per choice
+        self.job = job  # the first choice's; the others are its followers
         self.memory = memory
         self._closed = False
 
@@ -160,36 +173,47 @@ class Generation:
 
     async def events(self) -> AsyncIterator[Piece | Done]:
         """Pieces of text as they come, then one Done; a failure raises its error."""
-        async for event in self.job.events():
+        finished: dict[int, Finished] = {}
+        while len(finished) < len(self.answers):
+            index, event = await self.job.queue.get()
+            answer = self.answers[index]
             if isinstance(event, Delta):
-                piece = self.answer.feed(event.text, event.logprobs)
+                piece = answer.feed(event.text, event.logprobs, index)
                 if piece:
                     yield piece
             elif isinstance(event, Failed):
                 raise failure(event)
             else:
-                piece = self.answer.flush()
+                piece = answer.flush(index)
                 if piece:
                     yield piece
-                content = "".join(self.answer.content)
-                if event.finish_reason == "length" and self.answer.in_reasoning:
+                if event.finish_reason == "length" and answer.in_reasoning:
                     self._warn_thinking_cut(event.completion_tokens)
-                yield Done(
-                    finish_reason=event.finish_reason,
-                    prompt_tokens=event.prompt_tokens,
-                    completion_tokens=event.completion_tokens,
-                    timings=event.timings,
-                    content=content,
-                    reasoning="".join(self.answer.reasoning),
-                    ttft=self.job.t_first - self.job.t_created,
-                    logprobs=self.answer.logprobs,
-                    session=(
-                        await self.memory.remember(self.assistant, content, event.completion_tokens)
-                        if self.memory is not None
-                        else None
-                    ),
-                )
-                return
+                finished[index] = event
+        choices = [
+            Choice(
+                index=i,
+                finish_reason=finished[i].finish_reason,
+                content="".join(answer.content),
+                reasoning="".join(answer.reasoning),
+                logprobs=answer.logprobs,
+            )
+            for i, answer in enumerate(self.answers)
+        ]
+        first = finished[0]
+        session = None
+        if self.memory is not None:
+            session = await self.memory.remember(
+                self.assistant, choices[0].content, first.completion_tokens
+            )
+        yield Done(
+            choices=choices,
+            prompt_tokens=first.prompt_tokens,
+            completion_tokens=sum(f.completion_tokens for f in finished.values()),
+            timings=first.timings,
+            ttft=self.job.t_first - self.job.t_created,
+            session=session,
+        )
 
     def _warn_thinking_cut(self, tokens: int) -> None:
         name = self.assistant.name
@@ -227,7 +251,9 @@ def online_worker(service: Service, name: str) -> Worker:
     return worker
 
 
-def sampling_for(req: ChatRequest, assistant: Assistant) -> Sampling:
+def sampling_for(req: ChatRequest, assistant: Assistant, choice: int = 0) -> Sampling:
+    """The request's sampling over the assistant's defaults; choice i of n seeds with seed+i."""
+
     def pick(value: float | None, default: float | None, fallback: float) -> float:
         return value if value is not None else default if default is not None else fallback
 
@@ -236,7 +262,7 @@ def sampling_for(req: ChatRequest, assistant: Assistant) -> Sampling:
         top_p=pick(req.top_p, assistant.top_p, DEFAULT_TOP_P),
         top_k=DEFAULT_TOP_K if req.top_k is None else req.top_k,
         min_p=DEFAULT_MIN_P if req.min_p is None else req.min_p,
-        seed=None if req.seed is None else req.seed % 2**32,
+        seed=None if req.seed is None else (req.seed + choice) % 2**32,
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
         repeat_penalty=req.repeat_penalty,
@@ -292,21 +318,30 @@ async def start(
             lease is not None,
         )
         worker.check_prompt(prepared.rendered.tokens)
-        job = Job(
-            tokens=prepared.rendered.tokens,
-            sampling=sampling_for(req, assistant),
-            max_tokens=max_tokens,
-            stop=req.stop,
-            loop=asyncio.get_running_loop(),
-            top_logprobs=req.top_logprobs,
-        )
+        jobs = [
+            Job(
+                tokens=prepared.rendered.tokens,
+                sampling=sampling_for(req, assistant, choice),
+                max_tokens=max_tokens,
+                stop=req.stop,
+                loop=asyncio.get_running_loop(),
+                top_logprobs=req.top_logprobs,
+                choice=choice,
+            )
+            for choice in range(req.n)
+        ]
+        job = jobs[0]
+        job.followers = jobs[1:]
+        for follower in job.followers:
+            follower.queue = job.queue
         memory = Memory(sessions, lease, prepared, req.messages) if lease else None
-        answer = Answer(
-            req.raw_reasoning, prepared.rendered.opens_think, req.top_logprobs is not None
-        )
+        answers = [
+            Answer(req.raw_reasoning, prepared.rendered.opens_think, req.top_logprobs is not None)
+            for _ in jobs
+        ]
         worker.submit(job)
     except BaseException:
         if lease is not None:
             lease.release()
         raise
-    return Generation(assistant, answer, job, memory)
+    return Generation(assistant, answers, job, memory)

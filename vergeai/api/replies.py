@@ -6,7 +6,7 @@ import secrets
 import time
 from typing import Any
 
-from vergeai.api.generation import Done
+from vergeai.api.generation import Choice, Done
 
 
 class Reply:
@@ -26,21 +26,22 @@ class Reply:
         }
 
     def whole(self, done: Done) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": done.content}
-        if done.reasoning:
-            message["reasoning_content"] = done.reasoning
         return {
             **self.base(),
-            "choices": [
-                {
-                    "index": 0,
-                    "message": message,
-                    "logprobs": self.logprobs(done.logprobs),
-                    "finish_reason": done.finish_reason,
-                }
-            ],
+            "choices": [self._choice(c) for c in done.choices],
             "usage": done.usage(),
             "timings": done.timings.to_json(),
+        }
+
+    def _choice(self, choice: Choice) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": choice.content}
+        if choice.reasoning:
+            message["reasoning_content"] = choice.reasoning
+        return {
+            "index": choice.index,
+            "message": message,
+            "logprobs": self.logprobs(choice.logprobs),
+            "finish_reason": choice.finish_reason,
         }
 
     def chunk(
@@ -48,9 +49,10 @@ class Reply:
         delta: dict[str, Any],
         finish_reason: str | None = None,
         logprobs: list[dict[str, Any]] | None = None,
+        index: int = 0,
     ) -> dict[str, Any]:
         choice = {
-            "index": 0,
+            "index": index,
             "delta": delta,
             "logprobs": self.logprobs(logprobs),
             "finish_reason": finish_reason,

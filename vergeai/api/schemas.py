@@ -20,6 +20,7 @@ MAX_GRAMMAR_DEPTH = 256
 REASONING_FORMATS = ("none", "auto", "deepseek", "deepseek-legacy")
 MAX_TOKENS = 1_000_000
 MAX_TOP_LOGPROBS = 20
+MAX_CHOICES = 8
 MEDIA_PARTS = ("image_url", "input_image", "input_audio", "audio_url", "video_url", "file")
 
 log = logging.getLogger("vergeai.chat")
@@ -44,7 +45,7 @@ CHAT_FIELDS: tuple[FieldSpec, ...] = (
         "model messages stream stream_options max_tokens max_completion_tokens n_predict "
         "temperature top_p top_k min_p stop seed presence_penalty frequency_penalty "
         "repeat_penalty repeat_last_n logit_bias chat_template_kwargs reasoning_format "
-        "session_id grammar response_format json_schema logprobs top_logprobs",
+        "session_id grammar response_format json_schema logprobs top_logprobs n",
     ),
     # accepted for compatibility; they change nothing here
     *_fields(
@@ -55,7 +56,6 @@ CHAT_FIELDS: tuple[FieldSpec, ...] = (
         "dry_allowed_length dry_penalty_last_n dry_sequence_breakers",
     ),
     # not supported (yet): a 400 naming the field, unless it asks for nothing
-    FieldSpec("n", "refused", (1, None)),
     FieldSpec("tools", "refused", ([], None)),
     FieldSpec("tool_choice", "refused", (None, "none", "auto")),
     FieldSpec("functions", "refused", ([], None)),
@@ -100,6 +100,7 @@ class ChatRequest:
     grammar: str | None = None
     structured: bool = False  # the grammar comes from response_format or json_schema
     top_logprobs: int | None = None  # None: no logprobs
+    n: int = 1  # choices
 
 
 def _bad(param: str, message: str) -> InvalidRequest:
@@ -402,4 +403,5 @@ def parse_chat_request(body: Any) -> ChatRequest:
         grammar=grammar,
         structured=structured,
         top_logprobs=_top_logprobs(body),
+        n=_integer(body, "n", 1, MAX_CHOICES) or 1,
     )

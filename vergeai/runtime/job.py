@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -73,13 +72,22 @@ Event = Delta | Finished | Failed
 
 @dataclass
 class Job:
+    """One choice of a request; a request for n choices is a leader with n-1 followers.
+
+    The followers share the leader's prompt: the worker evaluates it once and
+    copies its KV cache to their sequences. Every choice reports on the same
+    queue, as ``(choice, event)``.
+    """
+
     tokens: list[int]
     sampling: Sampling
     max_tokens: int
     stop: list[str]
     loop: asyncio.AbstractEventLoop
     top_logprobs: int | None = None  # None: no logprobs; else how many alternatives
-    queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    choice: int = 0
+    followers: list[Job] = field(default_factory=list)
+    queue: asyncio.Queue[tuple[int, Event]] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     t_created: float = field(default_factory=time.perf_counter)
     # filled in by the worker thread
@@ -90,19 +98,18 @@ class Job:
 
     def emit(self, event: Event) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.choice, event))
         except RuntimeError:  # the loop is gone: nobody is listening any more
             self.cancelled.set()
 
     def cancel(self) -> None:
         self.cancelled.set()
+        for follower in self.followers:
+            follower.cancelled.set()
 
-    async def events(self) -> AsyncIterator[Event]:
-        while True:
-            event = await self.queue.get()
-            yield event
-            if not isinstance(event, Delta):
-                return
+    @property
+    def slots_needed(self) -> int:
+        return 1 + len(self.followers)
 
     def timings(self) -> Timings:
         end = time.perf_counter()

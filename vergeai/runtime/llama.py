@@ -307,6 +307,10 @@ class Context:
     def clear_from(self, seq: int, pos: int) -> bool:
         return bool(llama_cpp.llama_memory_seq_rm(self.memory, seq, pos, -1))
 
+    def copy_seq(self, src: int, dst: int) -> None:
+        """``dst`` shares ``src``'s cached tokens (cells are shared, not duplicated)."""
+        llama_cpp.llama_memory_seq_cp(self.memory, src, dst, 0, -1)
+
     def decode(self, entries: list[tuple[int, int, int, bool]]) -> int:
         """entries: (token, pos, seq, wants_logits). Returns llama_decode's status."""
         b = self.batch

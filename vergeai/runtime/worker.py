@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from vergeai.errors import ContextOverflow, QueueFull, Unavailable
+from vergeai.errors import ContextOverflow, InvalidRequest, QueueFull, Unavailable
 from vergeai.gguf import GgufError, check_gguf
 from vergeai.runtime.job import Delta, Failed, Finished, FinishReason, Job
 from vergeai.runtime.llama import (
@@ -54,6 +54,7 @@ class Slot:
     decoder: Any = None
     stops: StopMatcher | None = None
     last_used: float = 0.0
+    leader: Slot | None = None  # a follower waits here until its leader's prompt is decoded
 
 
 @dataclass
@@ -196,6 +197,12 @@ class Worker:
         with self.cond:
             if self.stopping or self.status != WorkerState.ONLINE:
                 raise Unavailable(f"assistant {self.name!r} is going offline", retry_after=5)
+            if job.slots_needed > len(self.slots):
+                raise InvalidRequest(
+                    f"'n': {job.slots_needed} choices need as many slots; assistant "
+                    f"{self.name!r} has {len(self.slots)}",
+                    param="n",
+                )
             free = sum(1 for s in self.slots if s.job is None)
             if len(self.waiting) >= self.assistant.max_queue + free:
                 raise QueueFull(
@@ -286,19 +293,32 @@ class Worker:
         return True
 
     def _admit(self) -> None:
+        """Move waiting jobs, in order, into free slots: a request for n choices takes n."""
         while self.waiting:
-            free = [s for s in self.slots if s.job is None]
-            if not free:
-                return
-            job = self.waiting.popleft()
+            job = self.waiting[0]
             if job.cancelled.is_set():
+                self.waiting.popleft()
                 continue
+            free = [s for s in self.slots if s.job is None]
+            if len(free) < job.slots_needed:
+                return
+            self.waiting.popleft()
             slot = max(free, key=lambda s: (common_prefix(s.tokens, job.tokens), -s.last_used))
             slot.job = job
             try:
                 self._start(slot, job)
             except Exception as exc:
                 self._fail(slot, f"could not start generating: {exc}", exc)
+                for follower in job.followers:
+                    follower.emit(Failed(f"could not start generating: {exc}"))
+                continue
+            others = sorted((s for s in free if s is not slot), key=lambda s: s.last_used)
+            for follower, spare in zip(job.followers, others, strict=False):
+                spare.job = follower
+                try:
+                    self._start_follower(spare, follower, slot)
+                except Exception as exc:
+                    self._fail(spare, f"could not start generating: {exc}", exc)
 
     def _start(self, slot: Slot, job: Job) -> None:
         assert self.ctx is not None and self.model is not None
@@ -316,6 +336,32 @@ class Worker:
         job.cache_n = keep
         job.t_start = time.perf_counter()
 
+    def _start_follower(self, slot: Slot, job: Job, leader: Slot) -> None:
+        """Another choice of the leader's request: it waits for the leader's prompt."""
+        assert self.ctx is not None and self.model is not None
+        slot.sampler = build_sampler(self.model, job.sampling, self.ctx.n_ctx_seq)
+        slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        slot.stops = StopMatcher(job.stop)
+        slot.pending = []
+        slot.leader = leader
+        job.t_start = time.perf_counter()
+
+    def _fork(self, leader: Slot, index: int) -> None:
+        """The leader's prompt is decoded: give its KV cache to each follower and sample it."""
+        assert self.ctx is not None and leader.job is not None
+        for slot in self.slots:
+            if slot.leader is not leader or slot.job is None:
+                continue
+            slot.leader = None
+            self.ctx.clear_from(slot.seq, 0)
+            self.ctx.copy_seq(leader.seq, slot.seq)
+            slot.tokens = list(leader.tokens)
+            slot.job.cache_n = leader.job.cache_n
+            try:
+                self._sample(slot, index)
+            except Exception as exc:
+                self._fail(slot, f"sampling failed: {exc}", exc)
+
     def _decode_step(self) -> None:
         """Decode one batch: each generating slot's next token, then prompt chunks.
 
@@ -325,7 +371,7 @@ class Worker:
         assert self.ctx is not None
         budget = self.ctx.n_batch
         plan: list[tuple[Slot, list[int]]] = []
-        active = [s for s in self.slots if s.job is not None]
+        active = [s for s in self.slots if s.job is not None and s.leader is None]
         active.sort(key=lambda s: len(s.pending) > 1)
         for slot in active:
             if budget <= 0:
@@ -370,6 +416,8 @@ class Worker:
             done = len(take) == len(slot.pending)
             slot.tokens.extend(take)
             del slot.pending[: len(take)]
+            if done and slot.job is not None and slot.job.followers:
+                self._fork(slot, index)
             if done:
                 try:
                     self._sample(slot, index)
@@ -438,6 +486,13 @@ class Worker:
             self.last_prompt_per_second = timings.prompt_per_second
             self.last_predicted_per_second = timings.predicted_per_second
         self.tokens_generated += job.n_generated
+        for follower in self.slots:
+            if follower.leader is slot and follower.job is not None:
+                # the shared prompt was never decoded
+                follower.leader = None
+                if not follower.job.cancelled.is_set():
+                    follower.job.emit(Failed("the request's prompt failed"))
+                self._finish(follower, None)
         if slot.sampler is not None:
             free_sampler(slot.sampler)
         slot.sampler = None
