@@ -105,15 +105,8 @@ def create(
 def edit(name: str, system_prompt_file: Path | None, state_dir: Path | None, **values: Any) -> None:
     """Change an assistant's settings; a running server applies them live."""
     values["system_prompt"] = read_system_prompt(values["system_prompt"], system_prompt_file)
-    if all(v is None for v in values.values()):
-        raise typer.BadParameter("nothing to change: give at least one setting")
     with failures(), store_for(state_dir).transaction() as state:
-        assistant = state.assistants.get(name)
-        if assistant is None:
-            fail(f"no assistant named {name!r}")
-        changed = dataclasses.replace(assistant)
-        settings.apply(changed, values)
-        state.assistants[name] = changed.validate()
+        settings.edit_in(state.assistants, "assistant", name, values)
     say(f"updated assistant {name}")
 
 

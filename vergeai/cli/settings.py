@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
+from vergeai.cli.common import fail
 from vergeai.state.records import KINDS, RecordError, Setting, kind_of, setting_of
 
 UNSET = "none"
@@ -124,3 +125,15 @@ def apply(record: Any, values: dict[str, Any]) -> None:
             setattr(record, name, defaults[name])
         elif value is not None:
             setattr(record, name, value)
+
+
+def edit_in(table: dict[str, Any], what: str, name: str, values: dict[str, Any]) -> None:
+    """Change the given settings of ``table[name]``, validated; nothing given is exit 2."""
+    if all(v is None for v in values.values()):
+        raise typer.BadParameter("nothing to change: give at least one setting")
+    record = table.get(name)
+    if record is None:
+        fail(f"no {what} named {name!r}")
+    changed = dataclasses.replace(record)
+    apply(changed, values)
+    table[name] = changed.validate()

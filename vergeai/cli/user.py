@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from pathlib import Path
 from typing import Annotated, Any
@@ -66,15 +65,8 @@ def create(name: str, state_dir: Path | None, **values: Any) -> None:
 
 def edit(name: str, state_dir: Path | None, **values: Any) -> None:
     """Change a user's role or assistants; a running server applies it live."""
-    if all(v is None for v in values.values()):
-        raise typer.BadParameter("nothing to change: give at least one setting")
     with failures(), store_for(state_dir).transaction() as state:
-        user = state.users.get(name)
-        if user is None:
-            fail(f"no user named {name!r}")
-        changed = dataclasses.replace(user)
-        settings.apply(changed, values)
-        state.users[name] = changed.validate()
+        settings.edit_in(state.users, "user", name, values)
     say(f"updated user {name}")
 
 
