@@ -123,3 +123,15 @@ def test_media_content_parts_are_a_clear_400(deployment: Deployment, kind: str) 
     err = error_of(response)
     assert err["param"] == "messages[0].content" and "text only" in err["message"]
     assert kind in err["message"]
+
+
+def test_langchain_with_structured_output(deployment: Deployment) -> None:
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(
+        model="gemma", base_url=deployment.server.base_url, api_key=deployment.user_token,
+        temperature=0, max_tokens=60, max_retries=0,
+    )  # fmt: skip
+    structured = llm.with_structured_output(City, method="json_schema")
+    result = structured.invoke(HELLO[0]["content"])
+    assert isinstance(result, City) and result.capital in ("Paris", "Rome", "Berlin")
