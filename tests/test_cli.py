@@ -1044,3 +1044,10 @@ def test_version_and_help(state: Path) -> None:
         assert result.exit_code == 0 and "create" in result.stdout
     rc, _, err = run_cli(state, "user", "frobnicate")
     assert rc == 2 and "frobnicate" in err
+
+
+def test_chat_format_choices_are_the_builtin_templates() -> None:
+    from vergeai.runtime.templates import BUILTIN
+    from vergeai.state.records import CHAT_FORMATS
+
+    assert tuple(BUILTIN) == CHAT_FORMATS

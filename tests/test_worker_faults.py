@@ -166,3 +166,41 @@ def test_a_dead_worker_thread_is_restarted_without_an_admin(
     assert replacement.restarts == 1 and pool.restarts["gemma"] == 1
     good, bad = asyncio.run(side_by_side(replacement))
     assert outcome(good) is Finished and outcome(bad) is Finished
+
+
+def test_a_failing_prompt_of_n_choices_frees_every_slot(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = wait_online(pool)
+    assert worker.ctx is not None
+    ctx = worker.ctx
+    real = ctx.decode
+
+    def decode(entries: list[tuple[int, int, int, bool]]) -> int:
+        return -1 if any(token == MARKER for token, *_ in entries) else real(entries)
+
+    monkeypatch.setattr(ctx, "decode", decode)
+    good = worker.tokenize("<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n")
+
+    async def two_choices(tokens: list[int]) -> list[tuple[int, Event]]:
+        loop = asyncio.get_running_loop()
+        leader, follower = (
+            Job(tokens=tokens, sampling=sampling(), max_tokens=6, stop=[], loop=loop, choice=i)
+            for i in range(2)
+        )
+        leader.followers = [follower]
+        follower.queue = leader.queue
+        worker.submit(leader)
+        seen: list[tuple[int, Event]] = []
+        while sum(not isinstance(e, Delta) for _, e in seen) < (1 if MARKER in tokens else 2):
+            seen.append(await leader.queue.get())
+        return seen
+
+    failed = asyncio.run(two_choices([*good[:-1], MARKER, good[-1]]))
+    assert [type(e) for _, e in failed] == [Failed]  # the leader's failure ends the request
+    deadline = time.monotonic() + 2
+    while worker.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker.busy == 0 and worker.status == WorkerState.ONLINE
+    ended = [e for _, e in asyncio.run(two_choices(good)) if isinstance(e, Finished)]
+    assert len(ended) == 2 and all(e.completion_tokens == 6 for e in ended)

@@ -240,13 +240,14 @@ def online_worker(service: Service, name: str) -> Worker:
             f"assistant {name!r} is offline; an admin can bring it online with "
             f"'vergeai assistant online {name}'"
         )
-    if worker.status == WorkerState.LOADING:
+    state = worker.state
+    if state == WorkerState.LOADING:
         raise Unavailable(
             f"assistant {name!r} is still loading its model; try again shortly", retry_after=5
         )
-    if worker.crashed:
+    if state == WorkerState.RESTARTING:
         raise Unavailable(f"assistant {name!r} is restarting; try again shortly", retry_after=2)
-    if worker.status != WorkerState.ONLINE:
+    if state != WorkerState.ONLINE:
         raise Unavailable(f"assistant {name!r} failed to load its model: {worker.error}")
     return worker
 

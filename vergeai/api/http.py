@@ -112,19 +112,26 @@ async def wait_for_disconnect(request: Request) -> None:
             return
 
 
+async def race_disconnect(work: Awaitable[T], gone: Awaitable[None]) -> asyncio.Future[T]:
+    """Run ``work`` while ``gone`` watches the client; whichever ends first stops the other.
+
+    Returns ``work``'s task, done or cancelled (the client left first).
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(gone)
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, watcher):
+            pending.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+    return task
+
+
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
     """Await ``work`` while one task watches the client; None if it left first."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(wait_for_disconnect(request))
-    try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for pending in (task, gone):
-            pending.cancel()
-        await asyncio.gather(task, gone, return_exceptions=True)
-    if task.cancelled():
-        return None
-    return task.result()
+    task = await race_disconnect(work, wait_for_disconnect(request))
+    return None if task.cancelled() else task.result()
 
 
 class EventStream(StreamingResponse):
@@ -149,14 +156,11 @@ class EventStream(StreamingResponse):
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        stream = asyncio.ensure_future(self.stream_response(send))
-        gone = asyncio.ensure_future(self.listen_for_disconnect(receive))
         try:
-            await asyncio.wait({stream, gone}, return_when=asyncio.FIRST_COMPLETED)
+            stream = await race_disconnect(
+                self.stream_response(send), self.listen_for_disconnect(receive)
+            )
         finally:
-            for task in (stream, gone):
-                task.cancel()
-            await asyncio.gather(stream, gone, return_exceptions=True)
             if self.on_close is not None:
                 # runs even when the body never started, which skips its own finally
                 self.on_close()

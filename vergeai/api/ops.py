@@ -16,10 +16,14 @@ async def health(request: Request) -> JSONResponse:
     503 when none can, "loading" while models are still loading.
     """
     service: Service = request.app.state.service
-    wanted = {n: a for n, a in sorted(service.state.assistants.items()) if a.online}
-    states = {name: service.pool.status(a) for name, a in wanted.items()}
+    assistants = {
+        name: service.pool.status(a) for name, a in sorted(service.state.assistants.items())
+    }
+    states = {n: assistants[n] for n, a in service.state.assistants.items() if a.online}
     serving = [n for n, s in states.items() if s == WorkerState.ONLINE]
-    failed = sorted(n for n, s in states.items() if s not in (WorkerState.ONLINE, "loading"))
+    failed = sorted(
+        n for n, s in states.items() if s not in (WorkerState.ONLINE, WorkerState.LOADING)
+    )
     loading = any(s == WorkerState.LOADING for s in states.values())
     if len(serving) == len(states):
         status = "ok"
@@ -28,12 +32,7 @@ async def health(request: Request) -> JSONResponse:
     else:
         status = "degraded"
     code = 200 if serving or not states else 503
-    body: dict[str, object] = {
-        "status": status,
-        "assistants": {
-            name: service.pool.status(a) for name, a in sorted(service.state.assistants.items())
-        },
-    }
+    body: dict[str, object] = {"status": status, "assistants": assistants}
     if failed:
         body["failed"] = {n: service.pool.error(n) for n in failed}
     headers = {"Retry-After": "5"} if code == 503 else None

@@ -19,6 +19,7 @@ MAX_GRAMMAR = 64 * 1024
 MAX_GRAMMAR_DEPTH = 256
 REASONING_FORMATS = ("none", "auto", "deepseek", "deepseek-legacy")
 MAX_TOKENS = 1_000_000
+DEFAULT_REPEAT_LAST_N = 64  # llama-server's
 MAX_TOP_LOGPROBS = 20
 MAX_CHOICES = 8
 MEDIA_PARTS = ("image_url", "input_image", "input_audio", "audio_url", "video_url", "file")
@@ -92,7 +93,7 @@ class ChatRequest:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repeat_penalty: float = 1.0
-    repeat_last_n: int = 64  # llama-server's default; -1: the whole context
+    repeat_last_n: int = DEFAULT_REPEAT_LAST_N  # -1: the whole context
     logit_bias: dict[int, float] = field(default_factory=dict)
     enable_thinking: bool | None = None
     raw_reasoning: bool = False  # reasoning_format "none": tags stay in content
@@ -145,7 +146,7 @@ def _top_logprobs(body: dict[str, Any]) -> int | None:
 
 def _repeat_last_n(body: dict[str, Any]) -> int:
     value = _integer(body, "repeat_last_n", -1, 1_000_000)
-    return 64 if value is None else value
+    return DEFAULT_REPEAT_LAST_N if value is None else value
 
 
 def _integer(body: dict[str, Any], name: str, lo: int, hi: int) -> int | None:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
 
 from vergeai.cli.common import fail
-from vergeai.state.records import KINDS, RecordError, Setting, kind_of, setting_of
+from vergeai.state.records import KINDS, RecordError, Setting, default_of, kind_of, setting_of
 
 UNSET = "none"
 
@@ -50,7 +50,7 @@ def _parser(name: str, kind: type, meta: Setting, clearable: bool) -> Callable[[
     return parse
 
 
-def _help(meta: Setting, base: str, clearable: bool) -> str:
+def _help(meta: Setting, clearable: bool) -> str:
     extra = []
     if meta.choices:
         extra.append(", ".join(meta.choices))
@@ -67,13 +67,12 @@ def options(
     record: type,
     editing: bool,
     parsers: dict[str, Callable[[str], Any]] | None = None,
-    skip: Iterable[str] = (),
 ) -> list[inspect.Parameter]:
     """One keyword parameter per setting of ``record``, each defaulting to None (not given)."""
     params = []
     for f in dataclasses.fields(record):
         meta = setting_of(f)
-        if meta is None or f.name in skip:
+        if meta is None:
             continue
         base, optional = kind_of(f)
         clearable = editing and optional
@@ -87,7 +86,7 @@ def options(
             metavar = meta.metavar or {"int": "N", "float": "F"}.get(base, "TEXT")
             option = typer.Option(
                 flag_of(f.name),
-                help=_help(meta, base, clearable),
+                help=_help(meta, clearable),
                 metavar=metavar,
                 parser=parse,
                 show_default=False,
@@ -116,10 +115,7 @@ def command(params: list[inspect.Parameter], body: Callable[..., None]) -> Calla
 
 def apply(record: Any, values: dict[str, Any]) -> None:
     """Set every given value on ``record``; CLEAR puts the field's default back."""
-    defaults = {
-        f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        for f in dataclasses.fields(record)
-    }
+    defaults = {f.name: default_of(f) for f in dataclasses.fields(record)}
     for name, value in values.items():
         if value is CLEAR:
             setattr(record, name, defaults[name])

@@ -13,8 +13,6 @@ import numpy.typing as npt
 
 from vergeai.runtime.llama import Model
 
-MAX_TOP_LOGPROBS = 20
-
 
 def log_softmax(logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
     shifted = logits.astype(np.float64) - float(logits.max())

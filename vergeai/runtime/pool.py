@@ -27,11 +27,7 @@ class Pool:
 
     def status(self, assistant: Assistant) -> str:
         worker = self.workers.get(assistant.name)
-        if worker is None:
-            return WorkerState.OFFLINE
-        if worker.crashed:
-            return WorkerState.RESTARTING
-        return worker.status
+        return WorkerState.OFFLINE if worker is None else worker.state
 
     def error(self, name: str) -> str:
         worker = self.workers.get(name)

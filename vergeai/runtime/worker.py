@@ -130,6 +130,11 @@ class Worker:
         )
 
     @property
+    def state(self) -> WorkerState:
+        """What the worker can do now, a dead thread counted as restarting."""
+        return WorkerState.RESTARTING if self.crashed else self.status
+
+    @property
     def busy(self) -> int:
         return sum(1 for s in self.slots if s.job is not None)
 
@@ -147,7 +152,7 @@ class Worker:
             "assistant": self.name,
             "model": a.display_model,
             "model_path": a.model,
-            "state": WorkerState.RESTARTING if self.crashed else self.status,
+            "state": self.state,
             "error": self.error,
             "restarts": self.restarts,
             "ctx": self.n_ctx,
@@ -308,9 +313,8 @@ class Worker:
             try:
                 self._start(slot, job)
             except Exception as exc:
+                # the leader's failure fails the whole request; its followers never start
                 self._fail(slot, f"could not start generating: {exc}", exc)
-                for follower in job.followers:
-                    follower.emit(Failed(f"could not start generating: {exc}"))
                 continue
             others = sorted((s for s in free if s is not slot), key=lambda s: s.last_used)
             for follower, spare in zip(job.followers, others, strict=False):
@@ -488,10 +492,9 @@ class Worker:
         self.tokens_generated += job.n_generated
         for follower in self.slots:
             if follower.leader is slot and follower.job is not None:
-                # the shared prompt was never decoded
+                # the shared prompt was never decoded: the leader failed or was
+                # cancelled, which ends the whole request, so the followers just end
                 follower.leader = None
-                if not follower.job.cancelled.is_set():
-                    follower.job.emit(Failed("the request's prompt failed"))
                 self._finish(follower, None)
         if slot.sampler is not None:
             free_sampler(slot.sampler)

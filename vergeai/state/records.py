@@ -68,6 +68,15 @@ def setting_of(f: Field[Any]) -> Setting | None:
     return meta if isinstance(meta, Setting) else None
 
 
+def default_of(f: Field[Any]) -> Any:
+    """The field's default; a required one counts as None when optional, else empty."""
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return None if kind_of(f)[1] else ""
+
+
 def kind_of(f: Field[Any]) -> tuple[str, bool]:
     """The field's base type name and whether it may be None ("float | None")."""
     names = str(f.type).split(" | ")
@@ -147,12 +156,7 @@ def _load(cls: Any, data: dict[str, Any], **given: Any) -> Any:
         if f.name in values:
             continue
         base, optional = kind_of(f)
-        if f.default is not MISSING:
-            default = f.default
-        elif f.default_factory is not MISSING:
-            default = f.default_factory()
-        else:
-            default = None if optional else ""
+        default = default_of(f)
         if base == "datetime":
             values[f.name] = _datetime(data.get(f.name, default), f.name, optional)
         elif base == "list[str]":
