@@ -47,7 +47,7 @@ async def chat_completions(request: Request) -> Response:
     gen = await generation.start(
         worker, request.app.state.sessions, caller.user.name, req, session_id
     )
-    reply = Reply(name=worker.assistant.name, stream=req.stream)
+    reply = Reply(worker.assistant.name, req.stream, bool(req.tools and req.tools.legacy))
     headers = {"X-Session-ID": session_id} if session_id else {}
     if req.stream:
         return await stream_reply(request, gen, reply, req.include_usage, headers)
@@ -66,15 +66,6 @@ def account(request: Request, done: Done) -> None:
     """What the access log and the metrics record of a finished answer."""
     request.state.usage = done.usage()
     request.state.ttft = done.ttft
-
-
-def _delta(piece: Piece) -> dict[str, str]:
-    delta = {}
-    if piece.reasoning:
-        delta["reasoning_content"] = piece.reasoning
-    if piece.content or not piece.reasoning:  # a chunk of logprobs alone has empty content
-        delta["content"] = piece.content
-    return delta
 
 
 async def stream_reply(
@@ -99,7 +90,9 @@ async def stream_reply(
             event = first
             while True:
                 if isinstance(event, Piece):
-                    chunk = reply.chunk(_delta(event), logprobs=event.logprobs, index=event.index)
+                    chunk = reply.chunk(
+                        reply.delta(event), logprobs=event.logprobs, index=event.index
+                    )
                     yield sse(chunk)
                 else:
                     account(request, event)

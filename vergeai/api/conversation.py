@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vergeai.runtime.prompt import Message, with_system_prompt
 from vergeai.runtime.worker import Rendered, Worker
@@ -32,6 +33,7 @@ def prepare(
     enable_thinking: bool | None,
     max_tokens: int,
     remember: bool,
+    tools: list[dict[str, Any]] | None = None,
 ) -> Prepared:
     """Render the prompt; drop the oldest whole turns until it fits the context.
 
@@ -46,7 +48,7 @@ def prepare(
     while True:
         history = [m for turn in turns[dropped:] for m in turn]
         prompt = with_system_prompt(system_prompt, messages[:lead] + history + messages[lead:])
-        rendered = worker.render(prompt, enable_thinking)
+        rendered = worker.render(prompt, enable_thinking, tools)
         if dropped == len(turns) or len(rendered.tokens) + reserve < worker.n_ctx:
             counts = [len(worker.tokenize(m["content"])) for m in messages] if remember else []
             return Prepared(rendered, len(turns) - dropped, dropped, counts)

@@ -18,10 +18,13 @@ from typing import Any
 
 from vergeai.api.conversation import Lease, Prepared, Sessions, prepare
 from vergeai.api.schemas import ChatRequest
+from vergeai.api.tools import ToolUse
 from vergeai.errors import InvalidRequest, Unavailable, VergeError
 from vergeai.runtime.job import Delta, Failed, Finished, FinishReason, Job, Timings
 from vergeai.runtime.llama import GrammarError, Sampling, check_grammar
 from vergeai.runtime.reasoning import ReasoningSplitter
+from vergeai.runtime.toolcalls import CallDelta, ToolCall, ToolCallParser
+from vergeai.runtime.toolformats import ToolFormat
 from vergeai.runtime.worker import Worker, WorkerState
 from vergeai.service import Service
 from vergeai.state.history import SessionKey
@@ -51,15 +54,16 @@ def failure(event: Failed) -> VergeError:
 
 @dataclass(frozen=True)
 class Piece:
-    """New text of one choice, split into reasoning and content (either may be empty)."""
+    """New output of one choice: reasoning, content, pieces of tool calls (any may be empty)."""
 
     reasoning: str
     content: str
     logprobs: list[dict[str, Any]] | None = None  # the new tokens', when asked for
     index: int = 0  # the choice
+    calls: tuple[CallDelta, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.reasoning or self.content or self.logprobs)
+        return bool(self.reasoning or self.content or self.logprobs or self.calls)
 
 
 @dataclass(frozen=True)
@@ -67,10 +71,25 @@ class Choice:
     """One finished answer of a request (n of them when it asked for n)."""
 
     index: int
-    finish_reason: FinishReason
+    finish_reason: str  # stop, length, tool_calls (function_call for legacy functions)
     content: str
     reasoning: str
     logprobs: list[dict[str, Any]] | None  # every generated token's, when asked for
+    tool_calls: list[ToolCall]
+
+    def message(self) -> dict[str, Any]:
+        """The answer as the next request's history would send it back."""
+        message: dict[str, Any] = {"role": "assistant", "content": self.content}
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments},
+                }
+                for call in self.tool_calls
+            ]
+        return message
 
 
 @dataclass(frozen=True)
@@ -91,29 +110,48 @@ class Done:
 
 
 class Answer:
-    """The generated text, split into reasoning and content unless asked raw."""
+    """The generated text: reasoning split off unless asked raw, then tool calls out of content."""
 
-    def __init__(self, raw: bool, opens_think: bool, logprobs: bool) -> None:
+    def __init__(
+        self, raw: bool, opens_think: bool, logprobs: bool, calls: ToolCallParser | None
+    ) -> None:
         self.splitter = None if raw else ReasoningSplitter(opens_think)
+        self.calls = calls
         self.content: list[str] = []
         self.reasoning: list[str] = []
         self.logprobs: list[dict[str, Any]] | None = [] if logprobs else None
 
     def feed(self, text: str, logprobs: list[dict[str, Any]] | None, index: int) -> Piece:
-        split = self.splitter.feed(text) if self.splitter else ("", text)
-        return self._keep(*split, logprobs, index)
+        reasoning, content = self.splitter.feed(text) if self.splitter else ("", text)
+        return self._keep(reasoning, content, logprobs, index, final=False)
 
     def flush(self, index: int) -> Piece:
-        return self._keep(*(self.splitter.flush() if self.splitter else ("", "")), None, index)
+        reasoning, content = self.splitter.flush() if self.splitter else ("", "")
+        return self._keep(reasoning, content, None, index, final=True)
 
     def _keep(
-        self, reasoning: str, content: str, logprobs: list[dict[str, Any]] | None, index: int
+        self,
+        reasoning: str,
+        content: str,
+        logprobs: list[dict[str, Any]] | None,
+        index: int,
+        final: bool,
     ) -> Piece:
+        calls: list[CallDelta] = []
+        if self.calls is not None:
+            content, calls = self.calls.feed(content)
+            if final:
+                tail, more = self.calls.flush()
+                content, calls = content + tail, calls + more
         self.reasoning.append(reasoning)
         self.content.append(content)
         if self.logprobs is not None and logprobs:
             self.logprobs.extend(logprobs)
-        return Piece(reasoning, content, logprobs, index)
+        return Piece(reasoning, content, logprobs, index, tuple(calls))
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        return self.calls.calls if self.calls is not None else []
 
     @property
     def in_reasoning(self) -> bool:
@@ -127,16 +165,18 @@ class Memory:
     sessions: Sessions
     lease: Lease
     prepared: Prepared
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
 
-    async def remember(self, assistant: Assistant, answer: str, tokens: int) -> dict[str, Any]:
+    async def remember(
+        self, assistant: Assistant, answer: dict[str, Any], tokens: int
+    ) -> dict[str, Any]:
         prepared = self.prepared
         turn = [
             (m, n)
             for m, n in zip(self.messages, prepared.message_tokens, strict=True)
             if m["role"] != "system"
         ]
-        turn.append(({"role": "assistant", "content": answer}, tokens))
+        turn.append((answer, tokens))
         history = self.sessions.history
         await asyncio.to_thread(history.append, self.lease.key, turn, assistant.history_turns)
         return {
@@ -148,9 +188,15 @@ class Memory:
 
 class Generation:
     def __init__(
-        self, assistant: Assistant, answers: list[Answer], job: Job, memory: Memory | None
+        self,
+        assistant: Assistant,
+        answers: list[Answer],
+        job: Job,
+        memory: Memory | None,
+        legacy_calls: bool = False,
     ) -> None:
         self.assistant = assistant
+        self.legacy_calls = legacy_calls  # calls are reported as function_call
         self.answers = answers  # one per choice
         self.job = job  # the first choice's; the others are its followers
         self.memory = memory
@@ -193,10 +239,11 @@ class Generation:
         choices = [
             Choice(
                 index=i,
-                finish_reason=finished[i].finish_reason,
+                finish_reason=self._finish_reason(finished[i].finish_reason, answer),
                 content="".join(answer.content),
                 reasoning="".join(answer.reasoning),
                 logprobs=answer.logprobs,
+                tool_calls=answer.tool_calls,
             )
             for i, answer in enumerate(self.answers)
         ]
@@ -204,7 +251,7 @@ class Generation:
         session = None
         if self.memory is not None:
             session = await self.memory.remember(
-                self.assistant, choices[0].content, first.completion_tokens
+                self.assistant, choices[0].message(), first.completion_tokens
             )
         yield Done(
             choices=choices,
@@ -214,6 +261,11 @@ class Generation:
             ttft=self.job.t_first - self.job.t_created,
             session=session,
         )
+
+    def _finish_reason(self, reason: FinishReason, answer: Answer) -> str:
+        if reason == "stop" and answer.tool_calls:
+            return "function_call" if self.legacy_calls else "tool_calls"
+        return reason
 
     def _warn_thinking_cut(self, tokens: int) -> None:
         name = self.assistant.name
@@ -252,8 +304,17 @@ def online_worker(service: Service, name: str) -> Worker:
     return worker
 
 
-def sampling_for(req: ChatRequest, assistant: Assistant, choice: int = 0) -> Sampling:
-    """The request's sampling over the assistant's defaults; choice i of n seeds with seed+i."""
+def sampling_for(
+    req: ChatRequest,
+    assistant: Assistant,
+    choice: int = 0,
+    grammar: str | None = None,
+    triggers: tuple[str, ...] = (),
+) -> Sampling:
+    """The request's sampling over the assistant's defaults; choice i of n seeds with seed+i.
+
+    ``grammar`` (and its lazy ``triggers``) replace the request's own, for tool calls.
+    """
 
     def pick(value: float | None, default: float | None, fallback: float) -> float:
         return value if value is not None else default if default is not None else fallback
@@ -269,11 +330,26 @@ def sampling_for(req: ChatRequest, assistant: Assistant, choice: int = 0) -> Sam
         repeat_penalty=req.repeat_penalty,
         repeat_last_n=req.repeat_last_n,
         logit_bias=req.logit_bias,
-        grammar=req.grammar,
+        grammar=grammar or req.grammar,
+        triggers=triggers,
     )
 
 
-async def check_request(worker: Worker, req: ChatRequest) -> None:
+def tool_grammar(tools: ToolUse, fmt: ToolFormat, req: ChatRequest) -> tuple[str, tuple[str, ...]]:
+    """The calls' grammar, and for tool_choice auto the patterns that start it.
+
+    (A trigger inside a thinking model's reasoning would start the grammar
+    there too; llama.cpp's server shares that limit.)
+    """
+    if req.grammar is not None:
+        raise InvalidRequest(
+            "'tools' cannot be combined with response_format, json_schema or grammar yet",
+            param="tools",
+        )
+    return tools.grammar(fmt), () if tools.forced else (fmt.trigger(),)
+
+
+async def check_request(worker: Worker, req: ChatRequest, tools_grammar: str | None) -> None:
     """What only the loaded model can tell: token ids in range, a grammar it can parse."""
     assert worker.model is not None
     model = worker.model
@@ -282,11 +358,12 @@ async def check_request(worker: Worker, req: ChatRequest) -> None:
             f"'logit_bias': token ids must be below the vocabulary size {model.n_vocab}",
             param="logit_bias",
         )
-    if req.grammar:
-        try:
-            await asyncio.to_thread(check_grammar, model, req.grammar)
-        except GrammarError as exc:
-            raise InvalidRequest(f"'grammar': {exc.message}", param="grammar") from None
+    for grammar, param in ((req.grammar, "grammar"), (tools_grammar, "tools")):
+        if grammar:
+            try:
+                await asyncio.to_thread(check_grammar, model, grammar)
+            except GrammarError as exc:
+                raise InvalidRequest(f"'{param}': {exc.message}", param=param) from None
 
 
 async def start(
@@ -294,11 +371,15 @@ async def start(
 ) -> Generation:
     """Prepare the prompt and submit the job; the caller enters the Generation."""
     assistant = worker.assistant
-    await check_request(worker, req)
+    assert worker.template is not None
+    fmt = worker.template.tool_format
+    tools = req.tools
+    grammar, triggers = tool_grammar(tools, fmt, req) if tools else (None, ())
+    await check_request(worker, req, grammar)
     max_tokens = req.max_tokens or assistant.max_tokens or DEFAULT_MAX_TOKENS
     thinking = req.enable_thinking
-    if (thinking is None and assistant.disable_think) or req.structured:
-        # a schema constrains every output token, so there is no room to think first
+    if (thinking is None and assistant.disable_think) or req.structured or (tools and tools.forced):
+        # a grammar from the first token on leaves no room to think first
         thinking = False
     key = SessionKey(user, assistant.name, session_id) if session_id else None
     lease = await sessions.lease(key) if key and assistant.chat_history else None
@@ -317,12 +398,13 @@ async def start(
             thinking,
             max_tokens,
             lease is not None,
+            tools.tools if tools else None,
         )
         worker.check_prompt(prepared.rendered.tokens)
         jobs = [
             Job(
                 tokens=prepared.rendered.tokens,
-                sampling=sampling_for(req, assistant, choice),
+                sampling=sampling_for(req, assistant, choice, grammar, triggers),
                 max_tokens=max_tokens,
                 stop=req.stop,
                 loop=asyncio.get_running_loop(),
@@ -337,7 +419,12 @@ async def start(
             follower.queue = job.queue
         memory = Memory(sessions, lease, prepared, req.messages) if lease else None
         answers = [
-            Answer(req.raw_reasoning, prepared.rendered.opens_think, req.top_logprobs is not None)
+            Answer(
+                req.raw_reasoning,
+                prepared.rendered.opens_think,
+                req.top_logprobs is not None,
+                ToolCallParser(fmt.syntax, fmt.new_id, tools.parallel) if tools else None,
+            )
             for _ in jobs
         ]
         worker.submit(job)
@@ -345,4 +432,4 @@ async def start(
         if lease is not None:
             lease.release()
         raise
-    return Generation(assistant, answers, job, memory)
+    return Generation(assistant, answers, job, memory, bool(tools and tools.legacy))

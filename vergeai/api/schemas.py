@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from vergeai.api.structured import response_format_schema, schema_grammar
+from vergeai.api.tools import ToolUse, parse_tools, tool_calls_of
 from vergeai.errors import InvalidRequest, Unsupported
 from vergeai.state.history import SESSION_ID_RE
 
-ROLES = ("system", "user", "assistant", "developer")
+ROLES = ("system", "user", "assistant", "developer", "tool", "function")
 MAX_STOPS = 16
 MAX_STOP_LENGTH = 1024
 MAX_LOGIT_BIAS = 1024
@@ -46,21 +47,18 @@ CHAT_FIELDS: tuple[FieldSpec, ...] = (
         "model messages stream stream_options max_tokens max_completion_tokens n_predict "
         "temperature top_p top_k min_p stop seed presence_penalty frequency_penalty "
         "repeat_penalty repeat_last_n logit_bias chat_template_kwargs reasoning_format "
-        "session_id grammar response_format json_schema logprobs top_logprobs n",
+        "session_id grammar response_format json_schema logprobs top_logprobs n tools "
+        "tool_choice parallel_tool_calls functions function_call",
     ),
     # accepted for compatibility; they change nothing here
     *_fields(
         "ignored",
-        "user store metadata service_tier parallel_tool_calls prompt_cache_key "
+        "user store metadata service_tier prompt_cache_key "
         "safety_identifier reasoning_effort verbosity cache_prompt n_keep id_slot samplers "
         "mirostat_tau mirostat_eta dynatemp_exponent xtc_threshold dry_base "
         "dry_allowed_length dry_penalty_last_n dry_sequence_breakers",
     ),
     # not supported (yet): a 400 naming the field, unless it asks for nothing
-    FieldSpec("tools", "refused", ([], None)),
-    FieldSpec("tool_choice", "refused", (None, "none", "auto")),
-    FieldSpec("functions", "refused", ([], None)),
-    FieldSpec("function_call", "refused", (None, "none", "auto")),
     FieldSpec("audio", "refused", (None,)),
     FieldSpec("modalities", "refused", (None, ["text"])),
     FieldSpec("prediction", "refused", (None,)),
@@ -80,7 +78,7 @@ CHAT_FIELDS: tuple[FieldSpec, ...] = (
 @dataclass
 class ChatRequest:
     model: str
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     stream: bool = False
     include_usage: bool = False
     max_tokens: int | None = None
@@ -102,6 +100,7 @@ class ChatRequest:
     structured: bool = False  # the grammar comes from response_format or json_schema
     top_logprobs: int | None = None  # None: no logprobs
     n: int = 1  # choices
+    tools: ToolUse | None = None
 
 
 def _bad(param: str, message: str) -> InvalidRequest:
@@ -185,10 +184,12 @@ def _content(value: Any, where: str) -> str:
     raise _bad(where, "must be a string or a list of text parts")
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
+def _messages(value: Any) -> list[dict[str, Any]]:
+    """The messages as the chat template takes them; legacy function messages as tool ones."""
     if not isinstance(value, list) or not value:
         raise _bad("messages", "must be a non-empty array of messages")
-    out = []
+    out: list[dict[str, Any]] = []
+    names: dict[str, str] = {}  # call id -> function name, for the results
     for i, message in enumerate(value):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -196,19 +197,29 @@ def _messages(value: Any) -> list[dict[str, str]]:
         role = message.get("role")
         if role not in ROLES:
             raise _bad(
-                f"{where}.role", f"must be one of system, user, assistant (got {_shown(role)})"
+                f"{where}.role",
+                f"must be one of system, user, assistant, tool (got {_shown(role)})",
             )
-        if message.get("tool_calls") or role == "tool":
-            raise Unsupported("tool calls are not supported yet", param=where)
         content = message.get("content")
-        if content is None and role == "assistant":
+        calls = tool_calls_of(message, where) if role == "assistant" else None
+        if content is None and (role == "assistant" or calls):
             content = ""
-        out.append(
-            {
-                "role": "system" if role == "developer" else role,
-                "content": _content(content, f"{where}.content"),
-            }
-        )
+        entry: dict[str, Any] = {
+            "role": {"developer": "system", "function": "tool"}.get(role, role),
+            "content": _content(content, f"{where}.content"),
+        }
+        if calls:
+            entry["tool_calls"] = calls
+            names.update((c["id"], c["function"]["name"]) for c in calls)
+        if role in ("tool", "function"):
+            call_id = message.get("tool_call_id", "call00000" if role == "function" else None)
+            if not isinstance(call_id, str) or not call_id:
+                raise _bad(f"{where}.tool_call_id", "must name the call this result answers")
+            entry["tool_call_id"] = call_id
+            name = message.get("name", names.get(call_id))
+            if isinstance(name, str):
+                entry["name"] = name
+        out.append(entry)
     return out
 
 
@@ -405,4 +416,5 @@ def parse_chat_request(body: Any) -> ChatRequest:
         structured=structured,
         top_logprobs=_top_logprobs(body),
         n=_integer(body, "n", 1, MAX_CHOICES) or 1,
+        tools=parse_tools(body),
     )

@@ -9,7 +9,6 @@ annotation in JSON Schema and is kept where the converter knows it
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from vergeai.errors import InvalidRequest
@@ -70,10 +69,30 @@ def schema_grammar(schema: dict[str, Any], param: str) -> str:
     """GBNF for a JSON schema, or a 400 naming what cannot be enforced."""
     _check_keywords(schema, param)
     try:
-        return json_schema_to_gbnf(json.dumps(schema))
+        return json_schema_to_gbnf(schema)
     except (ValueError, AssertionError, KeyError, TypeError, RecursionError) as exc:
         reason = str(exc).split("\n", 1)[0][:200] or type(exc).__name__
         raise _bad(param, f"this JSON schema cannot be enforced: {reason}") from None
+
+
+def relaxed(schema: Any) -> Any:
+    """The schema without the keywords the grammar cannot hold (tools' schemas are relaxed)."""
+    if isinstance(schema, list):
+        return [relaxed(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return {
+        key: (
+            {name: relaxed(child) for name, child in value.items()}
+            if key in NAMED and isinstance(value, dict)
+            else relaxed(value)
+        )
+        for key, value in schema.items()
+        if key not in UNSUPPORTED
+    }
+
+
+NAMED = ("properties", "$defs", "definitions")  # maps of names to schemas
 
 
 def _check_keywords(schema: Any, param: str) -> None:
@@ -82,7 +101,7 @@ def _check_keywords(schema: Any, param: str) -> None:
         node, path = stack.pop()
         if isinstance(node, dict):
             for key, child in node.items():
-                if key in UNSUPPORTED and not path.endswith(("properties", "$defs", "definitions")):
+                if key in UNSUPPORTED and not path.endswith(NAMED):
                     where = f"{path}/{key}" if path else key
                     raise _bad(
                         param,

@@ -206,24 +206,40 @@ class Sampling:
     repeat_last_n: int  # -1: the whole context
     logit_bias: dict[int, float]
     grammar: str | None = None
+    triggers: tuple[str, ...] = ()  # lazy grammar: it applies from where one of these matches
 
 
 class GrammarError(VergeError):
     pass
 
 
-def grammar_sampler(model: Model, grammar: str) -> Any:
-    sampler = llama_cpp.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
+def grammar_sampler(model: Model, grammar: str, triggers: tuple[str, ...] = ()) -> Any:
+    if triggers:
+        patterns = (ctypes.c_char_p * len(triggers))(*(t.encode() for t in triggers))
+        sampler = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
+            model.vocab, grammar.encode(), b"root", patterns, len(triggers), None, 0
+        )
+    else:
+        sampler = llama_cpp.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
     if not sampler:
         raise GrammarError("llama.cpp could not parse the grammar (GBNF with a 'root' rule)")
     return sampler
 
 
-def json_schema_to_gbnf(schema: str) -> str:
-    """llama.cpp's JSON-schema-to-grammar conversion (llama-cpp-python's port of it)."""
-    from llama_cpp.llama_grammar import json_schema_to_gbnf as convert
+def json_schema_to_gbnf(schema: dict[str, Any], root: str = "root") -> str:
+    """llama.cpp's JSON-schema-to-grammar conversion (llama-cpp-python's port of it).
 
-    return str(convert(schema))
+    ``root`` names the schema's rule, for grammars that use it inside their own root.
+    Strings are held to JSON's: the port lets raw control characters into them.
+    """
+    from llama_cpp import llama_grammar
+
+    converter: Any = llama_grammar.SchemaConverter(  # type: ignore[no-untyped-call]
+        prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False
+    )
+    converter.visit(converter.resolve_refs(schema, "schema"), "" if root == "root" else root)
+    grammar = str(converter.format_grammar())
+    return grammar.replace('char ::= [^"\\\\]', 'char ::= [^"\\\\\\x7F\\x00-\\x1F]')
 
 
 def check_grammar(model: Model, grammar: str) -> None:
@@ -247,7 +263,7 @@ def build_sampler(model: Model, s: Sampling, n_ctx: int) -> Any:
 def _fill_chain(chain: Any, model: Model, s: Sampling, n_ctx: int) -> None:
     add = llama_cpp.llama_sampler_chain_add
     if s.grammar:
-        add(chain, grammar_sampler(model, s.grammar))
+        add(chain, grammar_sampler(model, s.grammar, s.triggers))
     if s.logit_bias:
         arr = (llama_cpp.llama_logit_bias * len(s.logit_bias))()
         for i, (token, bias) in enumerate(s.logit_bias.items()):

@@ -186,14 +186,19 @@ class Worker:
         assert self.model is not None
         return self.model.tokenize(text)
 
-    def render(self, messages: list[Message], enable_thinking: bool | None) -> Rendered:
-        """Messages to prompt tokens, thinking switched as asked where the template allows.
+    def render(
+        self,
+        messages: list[Message],
+        enable_thinking: bool | None,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> Rendered:
+        """Messages (and tools) to prompt tokens, thinking switched as asked where it can be.
 
         A template without an enable_thinking switch that opens a think block
         itself gets that block closed empty when thinking is off.
         """
         assert self.template is not None and self.model is not None
-        text = self.template.render(messages, enable_thinking=enable_thinking)
+        text = self.template.render(messages, enable_thinking=enable_thinking, tools=tools)
         if enable_thinking is False and not self.template.supports_thinking:
             text = close_open_think(text)
         return Rendered(text, self.model.tokenize(text), prompt_opens_think(text))

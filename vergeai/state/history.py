@@ -7,6 +7,7 @@ assistant's answer. Opened per call, so any thread may use it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import sqlite3
@@ -28,13 +29,15 @@ CREATE TABLE IF NOT EXISTS sessions (
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     user TEXT NOT NULL, assistant TEXT NOT NULL, session TEXT NOT NULL,
-    turn INTEGER NOT NULL, role TEXT NOT NULL, content TEXT NOT NULL, tokens INTEGER NOT NULL
+    turn INTEGER NOT NULL, role TEXT NOT NULL, content TEXT NOT NULL, tokens INTEGER NOT NULL,
+    extra TEXT  -- JSON: a message's tool_calls, tool_call_id and name, when it has them
 );
 CREATE INDEX IF NOT EXISTS messages_by_session ON messages (user, assistant, session, turn);
 """
 
-Message = dict[str, str]
+Message = dict[str, Any]  # role, content, and tool_calls, tool_call_id, name where given
 Turn = list[Message]
+EXTRA = ("tool_calls", "tool_call_id", "name")
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,9 @@ class History:
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+            if "extra" not in columns:  # a history.db from before tool calls
+                conn.execute("ALTER TABLE messages ADD COLUMN extra TEXT")
             with conn:
                 yield conn
         finally:
@@ -74,13 +80,14 @@ class History:
                 _delete(db, "user=? AND assistant=? AND session=?", [*_k(key)])
                 return []
             rows = db.execute(
-                "SELECT turn, role, content FROM messages "
+                "SELECT turn, role, content, extra FROM messages "
                 "WHERE user=? AND assistant=? AND session=? ORDER BY turn, id",
                 _k(key),
             ).fetchall()
         turns: dict[int, Turn] = {}
-        for turn, role, content in rows:
-            turns.setdefault(turn, []).append({"role": role, "content": content})
+        for turn, role, content, extra in rows:
+            message = {"role": role, "content": content, **(json.loads(extra) if extra else {})}
+            turns.setdefault(turn, []).append(message)
         return list(turns.values())
 
     def append(self, key: SessionKey, turn: list[tuple[Message, int]], max_turns: int) -> None:
@@ -97,9 +104,10 @@ class History:
                 _k(key),
             ).fetchone()
             db.executemany(
-                "INSERT INTO messages (user, assistant, session, turn, role, content, tokens) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(*_k(key), number, m["role"], m["content"], n) for m, n in turn],
+                "INSERT INTO messages "
+                "(user, assistant, session, turn, role, content, tokens, extra) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(*_k(key), number, m["role"], m["content"], n, _extra(m)) for m, n in turn],
             )
             db.execute(
                 "DELETE FROM messages WHERE user=? AND assistant=? AND session=? AND turn <= ?",
@@ -131,6 +139,11 @@ class History:
         where, args = _where(assistant, user, session)
         with self._db() as db:
             return _delete(db, where, args)
+
+
+def _extra(message: Message) -> str | None:
+    extra = {k: message[k] for k in EXTRA if k in message}
+    return json.dumps(extra, ensure_ascii=False) if extra else None
 
 
 def _now() -> datetime:
