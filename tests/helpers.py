@@ -43,10 +43,6 @@ HELLO = [{"role": "user", "content": "What is the capital of France?"}]
 # the refused request fields -> a value that asks for the feature (test_params checks
 # that it names every refused field of the schema)
 REFUSED: dict[str, Any] = {
-    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
-    "tool_choice": "required",
-    "functions": [{"name": "f", "parameters": {}}],
-    "function_call": {"name": "f"},
     "audio": {"voice": "alloy", "format": "wav"},
     "modalities": ["text", "audio"],
     "prediction": {"type": "content", "content": "x"},
@@ -173,7 +169,8 @@ class Server:
                 raise RuntimeError(f"vergeai serve exited:\n{self.log()}")
             try:
                 r = httpx.get(f"{self.root_url}/health", timeout=1.0, verify=self.tls or True)
-                if r.status_code == 200 or not wait_online:
+                # wait_online: until no model is still loading (and one at least serves)
+                if not wait_online or (r.status_code == 200 and r.json()["status"] != "loading"):
                     return
             except httpx.TransportError:
                 pass

@@ -26,6 +26,9 @@ CHAT = "/v1/chat/completions"
 HEX_ID = re.compile(r"[0-9a-f]{32}")
 
 
+FN: Any = {"type": "function", "function": {"name": "f"}}
+
+
 def hello(**fields: Any) -> dict[str, Any]:
     """A chat request for `gemma` with HELLO, and these fields."""
     return {"model": "gemma", "messages": HELLO, **fields}
@@ -223,7 +226,60 @@ def test_unknown_route_is_json_404(fast: FastDeployment) -> None:
         (hello(n=9), "n"),
         (hello(n=1.5), "n"),
         (hello(n=True), "n"),  # true is not 1
-        (hello(tools=[{"type": "function"}]), "tools"),
+        (hello(tools=[{"type": "function"}]), "tools[0].function"),
+        (hello(tools="f"), "tools"),
+        (hello(tools=[FN] * 129), "tools"),
+        (
+            hello(tools=[{"type": "function", "function": {"name": "a b"}}]),
+            "tools[0].function.name",
+        ),
+        (hello(tools=[FN, FN]), "tools[1]"),
+        (
+            hello(tools=[{"type": "function", "function": {"name": "f", "parameters": [1]}}]),
+            "tools[0].function.parameters",
+        ),
+        (hello(tools=[FN], tool_choice="sometimes"), "tool_choice"),
+        (
+            hello(tools=[FN], tool_choice={"type": "function", "function": {"name": "g"}}),
+            "tool_choice",
+        ),
+        (hello(tools=[FN], tool_choice={"name": "f"}), "tool_choice"),
+        (hello(tool_choice="required"), "tool_choice"),
+        (hello(tools=[FN], parallel_tool_calls="yes"), "parallel_tool_calls"),
+        (hello(tools=[FN], functions=[FN["function"]]), "functions"),
+        (hello(functions={"name": "f"}), "functions"),
+        (hello(functions=[FN["function"]], function_call={"name": "g"}), "function_call"),
+        (hello(functions=[FN["function"]], function_call="required"), "function_call"),
+        (hello(tools=[FN], response_format={"type": "json_object"}), "tools"),
+        (
+            hello(messages=[{"role": "user", "content": "x"}, {"role": "tool", "content": "1"}]),
+            "messages[1].tool_call_id",
+        ),
+        (
+            hello(messages=[{"role": "assistant", "content": None, "tool_calls": {"id": "1"}}]),
+            "messages[0].tool_calls",
+        ),
+        (
+            hello(messages=[{"role": "assistant", "tool_calls": [{"id": "c", "function": {}}]}]),
+            "messages[0].tool_calls[0].function.name",
+        ),
+        (
+            hello(
+                messages=[
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {"id": "c", "function": {"name": "f", "arguments": {"x": 1}}}
+                        ],
+                    }
+                ]
+            ),
+            "messages[0].tool_calls[0].function.arguments",
+        ),
+        (
+            hello(messages=[{"role": "assistant", "function_call": {"name": 7}}]),
+            "messages[0].function_call.name",
+        ),
         (hello(response_format={"type": "xml"}), "response_format"),
         (hello(response_format="json"), "response_format"),
         (hello(response_format={"type": "json_schema"}), "response_format.json_schema"),

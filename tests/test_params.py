@@ -21,9 +21,19 @@ import openai
 import pytest
 from helpers import HELLO, NO_EOS, REFUSED, BackgroundStream, Deployment, error_of, sse_events
 
-from vergeai.api.schemas import CHAT_FIELDS
+from vergeai.api.generation import sampling_for
+from vergeai.api.schemas import CHAT_FIELDS, parse_chat_request
+from vergeai.state.records import Assistant
 
 PARTS = [{"type": "text", "text": "Hi"}, {"type": "text", "text": "!"}]
+TOOL: Any = {
+    "type": "function",
+    "function": {
+        "name": "f",
+        "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}},
+    },
+}
+CALL: Any = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
 BASE: dict[str, Any] = {"model": "gemma", "messages": HELLO, "max_tokens": 4}
 
 # field -> a non-default value (sent on top of BASE)
@@ -35,6 +45,10 @@ CASES: dict[str, Any] = {
         {"role": "user", "content": PARTS},
         {"role": "assistant", "content": None},
         {"role": "user", "content": "Go on."},
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "41"},
+        {"role": "assistant", "content": None, "function_call": CALL["function"]},
+        {"role": "function", "name": "f", "content": "42"},
     ],
     "stream": True,
     "stream_options": {"include_usage": True},
@@ -71,12 +85,16 @@ CASES: dict[str, Any] = {
     "logprobs": True,
     "top_logprobs": 5,  # with logprobs: true (COMPANIONS)
     "n": 2,
+    "tools": [TOOL],
+    "tool_choice": "required",  # with tools (COMPANIONS)
+    "parallel_tool_calls": False,  # with tools, required
+    "functions": [TOOL["function"]],
+    "function_call": {"name": "f"},  # with functions
     # accepted and ignored
     "user": "alice@example.com",
     "store": True,
     "metadata": {"team": "search"},
     "service_tier": "auto",
-    "parallel_tool_calls": False,
     "prompt_cache_key": "k1",
     "safety_identifier": "u-1",
     "reasoning_effort": "low",
@@ -95,9 +113,13 @@ CASES: dict[str, Any] = {
     "dry_sequence_breakers": ["\n"],
 }
 
-TOOL: Any = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 # what a field needs beside it to mean anything
-COMPANIONS: dict[str, dict[str, Any]] = {"top_logprobs": {"logprobs": True}}
+COMPANIONS: dict[str, dict[str, Any]] = {
+    "top_logprobs": {"logprobs": True},
+    "tool_choice": {"tools": [TOOL]},
+    "parallel_tool_calls": {"tools": [TOOL], "tool_choice": "required"},
+    "function_call": {"functions": [TOOL["function"]]},
+}
 
 
 def post(d: Deployment, body: dict[str, Any]) -> httpx.Response:
@@ -239,9 +261,9 @@ def test_the_openai_client_sends_them_all(deployment: Deployment) -> None:
     chunks = list(stream)
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="gemma", messages=HELLO, tools=[TOOL])
+        client.chat.completions.create(model="gemma", messages=HELLO, modalities=["audio"])
     assert info.value.code == "unsupported_parameter"
-    assert info.value.body["param"] == "tools"  # type: ignore[index]
+    assert info.value.body["param"] == "modalities"  # type: ignore[index]
 
 
 def test_logprobs_come_from_the_model_distribution(deployment: Deployment) -> None:
@@ -299,18 +321,18 @@ def test_n_choices_share_one_prompt_evaluation(deployment: Deployment) -> None:
     assert all(c["finish_reason"] == "length" for c in choices)
     assert choices[0]["message"]["content"] != choices[1]["message"]["content"]
     assert reply["usage"]["completion_tokens"] == 24
-    # choice 0 is what n=1 gives with the same seed, choice 1 what seed+1 gives, up to
-    # the float divergence of decoding two sequences in one batch instead of one
-    one = post(deployment, {**body, "n": 1}).json()["choices"][0]["message"]["content"]
-    other = post(deployment, {**body, "n": 1, "seed": 6}).json()
-    for got, alone in ((choices[0], one), (choices[1], other["choices"][0])):
-        text = got["message"]["content"]
-        alone_text = alone if isinstance(alone, str) else alone["message"]["content"]
-        pairs = zip(text, alone_text, strict=False)
-        same = next((i for i, (a, b) in enumerate(pairs) if a != b), len(text))
-        assert same >= len(alone_text) // 2, (text, alone_text)
-    # the prompt was evaluated once: the n=2 answer's timings count it once
-    assert reply["usage"]["prompt_tokens"] == other["usage"]["prompt_tokens"]
+    # the prompt was evaluated once: the n=2 answer counts it once
+    alone = post(deployment, {**body, "n": 1}).json()
+    assert reply["usage"]["prompt_tokens"] == alone["usage"]["prompt_tokens"]
+
+
+def test_choice_i_samples_with_seed_plus_i() -> None:
+    # (compared here, not by sampling: a prompt evaluated in one batch and one re-evaluated
+    # from the cache give logits apart by up to ~0.9 on the demo model, enough to flip a
+    # token drawn at temperature 1)
+    req = parse_chat_request({"model": "gemma", "messages": HELLO, "seed": 2**32 - 1, "n": 3})
+    assistant = Assistant(name="gemma", model="m.gguf")
+    assert [sampling_for(req, assistant, i).seed for i in range(3)] == [2**32 - 1, 0, 1]
 
 
 def test_n_choices_stream_with_their_index(deployment: Deployment) -> None:

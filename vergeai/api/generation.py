@@ -335,17 +335,12 @@ def sampling_for(
     )
 
 
-def tool_grammar(tools: ToolUse, fmt: ToolFormat, req: ChatRequest) -> tuple[str, tuple[str, ...]]:
+def tool_grammar(tools: ToolUse, fmt: ToolFormat) -> tuple[str, tuple[str, ...]]:
     """The calls' grammar, and for tool_choice auto the patterns that start it.
 
     (A trigger inside a thinking model's reasoning would start the grammar
     there too; llama.cpp's server shares that limit.)
     """
-    if req.grammar is not None:
-        raise InvalidRequest(
-            "'tools' cannot be combined with response_format, json_schema or grammar yet",
-            param="tools",
-        )
     return tools.grammar(fmt), () if tools.forced else (fmt.trigger(),)
 
 
@@ -374,7 +369,7 @@ async def start(
     assert worker.template is not None
     fmt = worker.template.tool_format
     tools = req.tools
-    grammar, triggers = tool_grammar(tools, fmt, req) if tools else (None, ())
+    grammar, triggers = tool_grammar(tools, fmt) if tools else (None, ())
     await check_request(worker, req, grammar)
     max_tokens = req.max_tokens or assistant.max_tokens or DEFAULT_MAX_TOKENS
     thinking = req.enable_thinking

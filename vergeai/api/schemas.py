@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from vergeai.api.structured import response_format_schema, schema_grammar
-from vergeai.api.tools import ToolUse, parse_tools, tool_calls_of
+from vergeai.api.tools import LEGACY_ID, ToolUse, parse_tools, tool_calls_of
 from vergeai.errors import InvalidRequest, Unsupported
 from vergeai.state.history import SESSION_ID_RE
 
@@ -212,7 +212,7 @@ def _messages(value: Any) -> list[dict[str, Any]]:
             entry["tool_calls"] = calls
             names.update((c["id"], c["function"]["name"]) for c in calls)
         if role in ("tool", "function"):
-            call_id = message.get("tool_call_id", "call00000" if role == "function" else None)
+            call_id = message.get("tool_call_id", LEGACY_ID if role == "function" else None)
             if not isinstance(call_id, str) or not call_id:
                 raise _bad(f"{where}.tool_call_id", "must name the call this result answers")
             entry["tool_call_id"] = call_id
@@ -384,6 +384,9 @@ def parse_chat_request(body: Any) -> ChatRequest:
         if grammar is not None:
             raise _bad(param, f"give grammar or {param}, not both")
         grammar, structured = schema_grammar(schema, param), True
+    tools = parse_tools(body)
+    if tools is not None and grammar is not None:
+        raise _bad("tools", f"cannot be combined with {param if structured else 'grammar'} yet")
     # the first one given wins; n_predict is llama-server's name, where -1 means no limit
     n_predict = _integer(body, "n_predict", -1, MAX_TOKENS)
     limits = (
@@ -416,5 +419,5 @@ def parse_chat_request(body: Any) -> ChatRequest:
         structured=structured,
         top_logprobs=_top_logprobs(body),
         n=_integer(body, "n", 1, MAX_CHOICES) or 1,
-        tools=parse_tools(body),
+        tools=tools,
     )

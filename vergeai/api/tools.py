@@ -23,6 +23,7 @@ from vergeai.runtime.toolformats import ToolFormat
 NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
 MAX_TOOLS = 128
 NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
+LEGACY_ID = "call00000"  # 9 alphanumerics, as Mistral's templates want
 
 
 @dataclass(frozen=True)
@@ -155,34 +156,38 @@ def parse_tools(body: dict[str, Any]) -> ToolUse | None:
 
 def tool_calls_of(message: dict[str, Any], where: str) -> list[dict[str, Any]] | None:
     """An assistant message's calls (tool_calls, or legacy function_call) in OpenAI's shape."""
-    calls = message.get("tool_calls")
-    legacy = message.get("function_call")
+    calls, legacy = message.get("tool_calls"), message.get("function_call")
     if calls is None and legacy is None:
         return None
-    if calls is None:
-        calls = [{"id": "call00000", "type": "function", "function": legacy}]
-        where = f"{where}.function_call"
-    elif not isinstance(calls, list):
+    if calls is None:  # a legacy call: its id is the one a legacy function message answers
+        return [
+            {
+                "id": LEGACY_ID,
+                "type": "function",
+                "function": _called(legacy, f"{where}.function_call"),
+            }
+        ]
+    if not isinstance(calls, list):
         raise _bad(f"{where}.tool_calls", "must be an array of tool calls")
-    else:
-        where = f"{where}.tool_calls"
     out = []
     for i, call in enumerate(calls):
-        at = f"{where}[{i}]" if message.get("tool_calls") is not None else where
+        at = f"{where}.tool_calls[{i}]"
         if not isinstance(call, dict):
             raise _bad(at, "must be an object with 'id' and 'function'")
         call_id = call.get("id")
         if not isinstance(call_id, str) or not call_id or len(call_id) > 256:
             raise _bad(f"{at}.id", "must be a string of 1-256 characters")
-        function = call.get("function")
-        if not isinstance(function, dict):
-            raise _bad(f"{at}.function", "must be an object with 'name' and 'arguments'")
-        name, arguments = function.get("name"), function.get("arguments", "{}")
-        if not isinstance(name, str) or not name:
-            raise _bad(f"{at}.function.name", "must be a string")
-        if not isinstance(arguments, str):
-            raise _bad(f"{at}.function.arguments", "must be a string of JSON")
-        out.append(
-            {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
-        )
+        function = _called(call.get("function"), f"{at}.function")
+        out.append({"id": call_id, "type": "function", "function": function})
     return out
+
+
+def _called(function: Any, where: str) -> dict[str, str]:
+    if not isinstance(function, dict):
+        raise _bad(where, "must be an object with 'name' and 'arguments'")
+    name, arguments = function.get("name"), function.get("arguments", "{}")
+    if not isinstance(name, str) or not name:
+        raise _bad(f"{where}.name", "must be a string")
+    if not isinstance(arguments, str):
+        raise _bad(f"{where}.arguments", "must be a string of JSON")
+    return {"name": name, "arguments": arguments}

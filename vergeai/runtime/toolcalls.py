@@ -122,8 +122,10 @@ class ToolCallParser:
             if self.args_scan is not None:
                 deltas = self._stream_args()
             # else a call cut off before its name: nothing a client could run
-        elif self.state == TEXT or not self.syntax.closer.startswith(self.held.strip()):
-            content = self._content(self.held)  # (after a call: unless it is the closer cut short)
+        elif self.state == TEXT and _partial(self.held, self.syntax.opener) != len(self.held):
+            content = self._content(self.held)  # (not an opener cut short)
+        elif self.state != TEXT and not self.syntax.closer.startswith(self.held.strip()):
+            content = self._content(self.held)  # (not the closer cut short)
         self.held = ""
         return content, deltas
 
