@@ -91,6 +91,7 @@ class ToolCallParser:
         self.state = TEXT
         self.held = ""  # text not yet decided
         self.said = False  # content other than whitespace was emitted
+        self.after_call = False  # no content yet since the last call
         self.obj = ""  # the current call's JSON so far
         self.obj_scan = _Scan()
         self.args_scan: _Scan | None = None  # the arguments are streamed
@@ -267,15 +268,19 @@ class ToolCallParser:
 
     def _close_call(self) -> None:
         self.state = AFTER
+        self.after_call = True
         self.args_scan = None
 
     def _opener_text(self) -> str:
         return "" if self.syntax.opener_in_json else self.syntax.opener
 
     def _content(self, text: str) -> str:
-        """Text for the answer; whitespace around calls is not part of it."""
-        if text.isspace() and self.calls:
-            return ""
+        """Text for the answer; the whitespace after a call is not part of it."""
+        if self.after_call:
+            text = text.lstrip()
+            if not text:
+                return ""
+            self.after_call = False
         if text and not text.isspace():
             self.said = True
         return text

@@ -1,0 +1,341 @@
+"""Tool calling for real: the demo model under four chat templates, through real clients.
+
+`gemma` has no tool format (the tools are described in its system message);
+`qwen`, `llama` and `mistral` are the demo GGUF re-labelled with Qwen3's,
+Llama 3.2's and Mistral Nemo's templates, as the thinking tests do. A forced
+``tool_choice`` makes even this tiny model call well-formed tools.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from helpers import Server, cli_ok, error_of, free_port, sse_events
+from pydantic import BaseModel
+from test_thinking import relabel
+
+DATA = Path(__file__).parent / "data"
+FAMILIES = ("gemma", "qwen", "llama", "mistral")
+QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+WEATHER: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                "days": {"type": "integer", "minimum": 1},
+            },
+            "required": ["city", "unit"],
+        },
+    },
+}
+TIME: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"tz": {"type": "string", "enum": ["UTC", "CET"]}},
+            "required": ["tz"],
+        },
+    },
+}
+MARKUP = ("<tool_call>", "</tool_call>", "[TOOL_CALLS]", '"name":')
+
+
+@dataclass
+class Tools:
+    server: Server
+    token: str
+
+    def client(self) -> openai.OpenAI:
+        return self.server.client(self.token)
+
+    def post(self, **body: Any) -> httpx.Response:
+        payload = {"messages": QUESTION, "temperature": 0, "max_tokens": 60, **body}
+        with self.server.http(self.token) as http:
+            return http.post("/v1/chat/completions", json=payload)
+
+
+@pytest.fixture(scope="module")
+def tools(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator[Tools]:
+    root = tmp_path_factory.mktemp("tools")
+    templates = {"qwen": "qwen3-tools.jinja", "llama": "llama-3.2.jinja",
+                 "mistral": "mistral-nemo.jinja"}  # fmt: skip
+    with ThreadPoolExecutor(3) as pool:
+        futures = {
+            name: pool.submit(relabel, model_path, DATA / t, root / f"{name}.gguf")
+            for name, t in templates.items()
+        }
+        models = {name: f.result() for name, f in futures.items()}
+    state = root / "state"
+    common = ["--threads", "2", "--ctx", "1024", "--parallel", "2"]
+    cli_ok(state, "user", "create", "u")
+    cli_ok(state, "assistant", "create", "gemma", "--model", model_path, "--chat-format",
+           "gemma", *common)  # fmt: skip
+    for name, path in models.items():
+        cli_ok(state, "assistant", "create", name, "--model", path, *common)
+    cli_ok(state, "assistant", "create", "memo", "--model", models["qwen"], *common,
+           "--chat-history")  # fmt: skip
+    token = cli_ok(state, "key", "create", "--user", "u", "--name", "k").strip()
+    server = Server(state_dir=state, port=free_port(), log_path=root / "serve.log")
+    server.start(timeout=120)
+    try:
+        yield Tools(server, token)
+    finally:
+        server.stop()
+
+
+def check_weather_arguments(arguments: str) -> dict[str, Any]:
+    """The arguments are JSON holding the schema's required properties with their types."""
+    args = json.loads(arguments)
+    assert isinstance(args["city"], str) and args["unit"] in ("celsius", "fahrenheit")
+    assert set(args) <= {"city", "unit", "days"}
+    assert isinstance(args.get("days", 1), int)
+    return dict(args)
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_required_call_whole(tools: Tools, model: str) -> None:
+    reply = tools.client().chat.completions.create(
+        model=model, messages=QUESTION, tools=[WEATHER, TIME], tool_choice="required",
+        parallel_tool_calls=False, temperature=0, max_tokens=60,
+    )  # fmt: skip
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    calls = choice.message.tool_calls
+    assert calls is not None and len(calls) == 1
+    call = calls[0]
+    assert call.type == "function" and call.function.name in ("get_weather", "get_time")
+    if call.function.name == "get_weather":
+        check_weather_arguments(call.function.arguments)
+    else:
+        assert json.loads(call.function.arguments)["tz"] in ("UTC", "CET")
+    if model == "mistral":
+        assert len(call.id) == 9 and call.id.isalnum()  # what its template insists on
+    else:
+        assert call.id.startswith("call_")
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_named_call_streamed_as_openai_streams_it(tools: Tools, model: str) -> None:
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    body = {"model": model, "tools": [TIME, WEATHER], "tool_choice": choice, "stream": True,
+            "parallel_tool_calls": False}  # fmt: skip
+    response = tools.post(**body)
+    assert response.status_code == 200, response.text
+    events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = [e for e in events[:-1] if isinstance(e, dict) and e["choices"]]
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    calls = [d["tool_calls"] for d in deltas if "tool_calls" in d]
+    first = calls[0][0]
+    assert first["index"] == 0 and first["type"] == "function"
+    assert first["id"] and first["function"]["name"] == "get_weather"
+    rest = [c[0] for c in calls[1:]]
+    assert len(rest) > 2, "the arguments come in pieces"
+    assert all(set(r) == {"index", "function"} and set(r["function"]) == {"arguments"}
+               for r in rest)  # fmt: skip
+    arguments = first["function"]["arguments"] + "".join(r["function"]["arguments"] for r in rest)
+    check_weather_arguments(arguments)
+    assert not any(d.get("content") for d in deltas)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_openai_stream_helper_accumulates_the_call(tools: Tools) -> None:
+    choice: Any = {"type": "function", "function": {"name": "get_weather"}}
+    with tools.client().chat.completions.stream(
+        model="qwen", messages=QUESTION, tools=[WEATHER], tool_choice=choice,  # type: ignore[list-item]
+        parallel_tool_calls=False, temperature=0, max_tokens=60,
+    ) as stream:  # fmt: skip
+        final = stream.get_final_completion()
+    calls = final.choices[0].message.tool_calls
+    assert calls and calls[0].function.name == "get_weather"
+    check_weather_arguments(calls[0].function.arguments)
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_a_call_its_result_and_the_answer(tools: Tools, model: str) -> None:
+    client = tools.client()
+    first = client.chat.completions.create(
+        model=model, messages=QUESTION, tools=[WEATHER], tool_choice="required",
+        parallel_tool_calls=False, temperature=0, max_tokens=60,
+    )  # fmt: skip
+    message = first.choices[0].message
+    assert message.tool_calls
+    call = message.tool_calls[0]
+    history = [
+        *QUESTION,
+        message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 degrees"},
+    ]
+    second = client.chat.completions.create(
+        model=model,
+        messages=history,
+        tools=[WEATHER],
+        temperature=0,
+        max_tokens=8,  # type: ignore[arg-type]
+    )
+    assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    # the call and its result are part of the prompt
+    assert second.usage is not None and first.usage is not None
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens + 10
+
+
+def test_parallel_calls(tools: Tools) -> None:
+    reply = tools.post(model="mistral", tools=[WEATHER, TIME], tool_choice="required",
+                       max_tokens=120).json()  # fmt: skip
+    calls = reply["choices"][0]["message"]["tool_calls"]
+    assert len(calls) >= 2
+    assert [c["function"]["name"] for c in calls] != []
+    assert len({c["id"] for c in calls}) == len(calls)
+
+
+def test_auto_starts_a_call_and_the_grammar_holds_it(tools: Tools) -> None:
+    # the generic prompt shows the markup; the demo model copies it, and from its
+    # <tool_call> on the lazy grammar turns "<function-name>" into a real call
+    reply = tools.post(model="gemma", tools=[WEATHER], max_tokens=160).json()
+    choice = reply["choices"][0]
+    calls = choice["message"]["tool_calls"]
+    assert calls and calls[0]["function"]["name"] == "get_weather"
+    if choice["finish_reason"] == "tool_calls":
+        check_weather_arguments(calls[0]["function"]["arguments"])
+    # no call leaks into the text (the model may still write the tag's name in prose)
+    content = choice["message"]["content"] or ""
+    assert '"name"' not in content and "</tool_call>\n" not in content
+
+
+def test_tool_choice_none_answers_in_text(tools: Tools) -> None:
+    with_none = tools.post(model="qwen", tools=[WEATHER], tool_choice="none").json()
+    without = tools.post(model="qwen").json()
+    assert with_none["usage"]["prompt_tokens"] == without["usage"]["prompt_tokens"]
+    assert "tool_calls" not in with_none["choices"][0]["message"]
+
+
+def test_legacy_functions(tools: Tools) -> None:
+    reply = tools.client().chat.completions.create(
+        model="llama", messages=QUESTION, functions=[WEATHER["function"]],
+        function_call={"name": "get_weather"}, temperature=0, max_tokens=60,
+    )  # fmt: skip
+    choice = reply.choices[0]
+    assert choice.finish_reason == "function_call"
+    assert choice.message.function_call is not None
+    assert choice.message.function_call.name == "get_weather"
+    check_weather_arguments(choice.message.function_call.arguments)
+    assert choice.message.tool_calls is None
+    history = [
+        *QUESTION,
+        {"role": "assistant", "content": None,
+         "function_call": choice.message.function_call.model_dump()},
+        {"role": "function", "name": "get_weather", "content": "Rain"},
+    ]  # fmt: skip
+    again = tools.post(model="llama", messages=history, max_tokens=4)
+    assert again.status_code == 200, again.text
+
+
+def test_n_choices_each_call(tools: Tools) -> None:
+    reply = tools.post(model="qwen", tools=[WEATHER], tool_choice="required", n=2,
+                       parallel_tool_calls=False, temperature=0.9, seed=1).json()  # fmt: skip
+    for choice in reply["choices"]:
+        assert choice["finish_reason"] == "tool_calls"
+        check_weather_arguments(choice["message"]["tool_calls"][0]["function"]["arguments"])
+
+
+def test_calls_are_remembered_in_chat_history(tools: Tools) -> None:
+    headers = {"X-Session-ID": "agent-1"}
+    with tools.server.http(tools.token) as http:
+        first = http.post("/v1/chat/completions", headers=headers, json={
+            "model": "memo", "messages": QUESTION, "tools": [WEATHER], "tool_choice": "required",
+            "parallel_tool_calls": False, "temperature": 0, "max_tokens": 60}).json()  # fmt: skip
+        call = first["choices"][0]["message"]["tool_calls"][0]
+        result = {"role": "tool", "tool_call_id": call["id"], "content": "Sunny"}
+        second = http.post("/v1/chat/completions", headers=headers, json={
+            "model": "memo", "messages": [result], "tools": [WEATHER],
+            "max_tokens": 4})  # fmt: skip
+    assert second.status_code == 200, second.text
+    assert second.json()["session"]["turns_used"] == 1
+    # the stored call is rendered back: the prompt holds the question, call and result
+    assert second.json()["usage"]["prompt_tokens"] > first["usage"]["prompt_tokens"] + 10
+
+
+def test_langchain_bind_tools_and_function_calling(tools: Tools) -> None:
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def get_weather(city: str, unit: str) -> str:
+        """The weather in a city, in celsius or fahrenheit."""
+        return "Sunny"
+
+    class Weather(BaseModel):
+        """A weather report."""
+
+        city: str
+        degrees: int
+
+    llm = ChatOpenAI(base_url=tools.server.base_url, api_key=tools.token,  # type: ignore[arg-type]
+                     model="qwen", temperature=0, max_tokens=60)  # fmt: skip
+    message = llm.bind_tools([get_weather], tool_choice="get_weather").invoke(
+        "What is the weather in Paris?"
+    )
+    assert message.tool_calls[0]["name"] == "get_weather"  # type: ignore[attr-defined]
+    assert set(message.tool_calls[0]["args"]) == {"city", "unit"}  # type: ignore[attr-defined]
+    report = llm.with_structured_output(Weather, method="function_calling").invoke(
+        "Report the weather in Paris."
+    )
+    assert isinstance(report, Weather) and isinstance(report.degrees, int)
+
+
+# wrong and hostile input
+
+
+def test_mistral_template_refuses_call_ids_it_cannot_render(tools: Tools) -> None:
+    history = [
+        *QUESTION,
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_abc", "type":
+         "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_abc", "content": "Sunny"},
+    ]  # fmt: skip
+    response = tools.post(model="mistral", messages=history)
+    assert response.status_code == 400
+    assert "length 9" in error_of(response)["message"]
+
+
+@pytest.mark.parametrize("kind", ["web_search", "custom", "code_interpreter"])
+def test_tools_other_than_functions_are_refused(tools: Tools, kind: str) -> None:
+    response = tools.post(model="qwen", tools=[{"type": kind}])
+    assert response.status_code == 400
+    err = error_of(response)
+    assert err["code"] == "unsupported_parameter" and err["param"] == "tools[0]"
+
+
+def test_hostile_tool_names_and_schemas(tools: Tools) -> None:
+    evil = {"type": "function", "function": {"name": 'x"; root ::= ', "parameters": {}}}
+    assert tools.post(model="gemma", tools=[evil]).status_code == 400
+    deep: dict[str, Any] = {"type": "object"}
+    for _ in range(12):  # (the body may nest 64 levels)
+        deep = {"type": "object", "properties": {"a": deep}, "required": ["a"]}
+    nested = {"type": "function", "function": {"name": "deep", "parameters": deep}}
+    response = tools.post(model="gemma", tools=[nested], tool_choice="required", max_tokens=30)
+    assert response.status_code == 200, response.text
+    remote = {"$ref": "https://example.com/x.json"}
+    weird = {"type": "function", "function": {"name": "w", "parameters": {
+        "type": "object", "properties": {"v": remote}}}}  # fmt: skip
+    response = tools.post(model="gemma", tools=[weird], tool_choice="required")
+    assert response.status_code == 400
+    assert error_of(response)["param"] == "tools"
+    # the assistant is still there for everyone
+    assert tools.post(model="gemma", max_tokens=2).status_code == 200
