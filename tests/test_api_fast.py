@@ -250,7 +250,7 @@ def test_unknown_route_is_json_404(fast: FastDeployment) -> None:
         (hello(functions={"name": "f"}), "functions"),
         (hello(functions=[FN["function"]], function_call={"name": "g"}), "function_call"),
         (hello(functions=[FN["function"]], function_call="required"), "function_call"),
-        (hello(tools=[FN], response_format={"type": "json_object"}), "tools"),
+        (hello(tools=[FN], grammar='root ::= "x"'), "tools"),
         (
             hello(messages=[{"role": "user", "content": "x"}, {"role": "tool", "content": "1"}]),
             "messages[1].tool_call_id",

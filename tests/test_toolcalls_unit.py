@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -242,3 +243,27 @@ def test_tool_schemas_keep_what_the_grammar_can_hold() -> None:
     grammar = tools.grammar(HERMES)
     assert grammar.startswith('root ::= "<tool_call>"') and '"\\"days\\""' in grammar
     assert "integer" in grammar
+
+
+def rule_names(grammar: str) -> tuple[set[str], set[str]]:
+    """The rules a GBNF grammar defines, and those its right-hand sides use."""
+    defined, used = set(), set()
+    for line in grammar.splitlines():
+        name, _, rhs = line.partition(" ::= ")
+        defined.add(name)
+        rhs = re.sub(r'"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]|\{[0-9,]*\}', " ", rhs)
+        used.update(re.findall(r"[a-z][a-z0-9-]*", rhs))
+    return defined, used
+
+
+@pytest.mark.parametrize("fmt", [HERMES, MISTRAL, LLAMA3, GENERIC], ids=lambda f: f.name)
+@pytest.mark.parametrize("parallel", [True, False])
+@pytest.mark.parametrize("answer", [None, {"type": "object"}])
+def test_every_grammar_uses_only_rules_it_defines(
+    fmt: toolformats.ToolFormat, parallel: bool, answer: dict[str, Any] | None
+) -> None:
+    time = {"type": "function", "function": {"name": "get_time"}}
+    tools = parse_tools({"tools": [WEATHER, time], "parallel_tool_calls": parallel})
+    assert tools is not None
+    defined, used = rule_names(tools.grammar(fmt, answer))
+    assert "root" in defined and used <= defined, used - defined

@@ -218,6 +218,22 @@ def test_auto_starts_a_call_and_the_grammar_holds_it(tools: Tools) -> None:
     assert '"name"' not in content and "</tool_call>\n" not in content
 
 
+def test_calls_or_an_answer_in_the_response_format(tools: Tools) -> None:
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 20}},
+              "required": ["answer"]}  # fmt: skip
+    response_format = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
+    for model in ("gemma", "qwen"):
+        reply = tools.post(model=model, tools=[WEATHER], response_format=response_format,
+                           max_tokens=80)  # fmt: skip
+        assert reply.status_code == 200, reply.text
+        choice = reply.json()["choices"][0]
+        if choice["message"].get("tool_calls"):
+            assert choice["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+        else:
+            assert choice["finish_reason"] == "stop"
+            assert isinstance(json.loads(choice["message"]["content"])["answer"], str)
+
+
 def test_tool_choice_none_answers_in_text(tools: Tools) -> None:
     with_none = tools.post(model="qwen", tools=[WEATHER], tool_choice="none").json()
     without = tools.post(model="qwen").json()

@@ -335,13 +335,18 @@ def sampling_for(
     )
 
 
-def tool_grammar(tools: ToolUse, fmt: ToolFormat) -> tuple[str, tuple[str, ...]]:
+def tool_grammar(
+    tools: ToolUse, fmt: ToolFormat, answer: dict[str, Any] | None
+) -> tuple[str, tuple[str, ...]]:
     """The calls' grammar, and for tool_choice auto the patterns that start it.
+
+    With a response_format, calls or the answer are constrained from the first token.
 
     (A trigger inside a thinking model's reasoning would start the grammar
     there too; llama.cpp's server shares that limit.)
     """
-    return tools.grammar(fmt), () if tools.forced else (fmt.trigger(),)
+    lazy = not tools.forced and answer is None
+    return tools.grammar(fmt, answer), (fmt.trigger(),) if lazy else ()
 
 
 async def check_request(worker: Worker, req: ChatRequest, tools_grammar: str | None) -> None:
@@ -369,11 +374,15 @@ async def start(
     assert worker.template is not None
     fmt = worker.template.tool_format
     tools = req.tools
-    grammar, triggers = tool_grammar(tools, fmt) if tools else (None, ())
+    grammar, triggers = tool_grammar(tools, fmt, req.schema) if tools else (None, ())
     await check_request(worker, req, grammar)
     max_tokens = req.max_tokens or assistant.max_tokens or DEFAULT_MAX_TOKENS
     thinking = req.enable_thinking
-    if (thinking is None and assistant.disable_think) or req.structured or (tools and tools.forced):
+    if (
+        (thinking is None and assistant.disable_think)
+        or req.schema is not None
+        or (tools and tools.forced)
+    ):
         # a grammar from the first token on leaves no room to think first
         thinking = False
     key = SessionKey(user, assistant.name, session_id) if session_id else None

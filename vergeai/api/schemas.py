@@ -97,7 +97,7 @@ class ChatRequest:
     raw_reasoning: bool = False  # reasoning_format "none": tags stay in content
     session_id: str | None = None
     grammar: str | None = None
-    structured: bool = False  # the grammar comes from response_format or json_schema
+    schema: dict[str, Any] | None = None  # response_format's (or json_schema's); then grammar's
     top_logprobs: int | None = None  # None: no logprobs
     n: int = 1  # choices
     tools: ToolUse | None = None
@@ -371,7 +371,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
         include_usage = options.get("include_usage", False)
         if not isinstance(include_usage, bool):
             raise _bad("stream_options.include_usage", "must be a boolean")
-    grammar, structured = _grammar(body.get("grammar")), False
+    grammar = _grammar(body.get("grammar"))
     schema = response_format_schema(body.get("response_format"))
     param = "response_format"
     if body.get("json_schema") is not None:
@@ -383,10 +383,10 @@ def parse_chat_request(body: Any) -> ChatRequest:
     if schema is not None:
         if grammar is not None:
             raise _bad(param, f"give grammar or {param}, not both")
-        grammar, structured = schema_grammar(schema, param), True
+        grammar = schema_grammar(schema, param)
     tools = parse_tools(body)
-    if tools is not None and grammar is not None:
-        raise _bad("tools", f"cannot be combined with {param if structured else 'grammar'} yet")
+    if tools is not None and grammar is not None and schema is None:
+        raise _bad("tools", "cannot be combined with a grammar")
     # the first one given wins; n_predict is llama-server's name, where -1 means no limit
     n_predict = _integer(body, "n_predict", -1, MAX_TOKENS)
     limits = (
@@ -416,7 +416,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
         raw_reasoning=_reasoning_format(body.get("reasoning_format")),
         session_id=_session_id(body.get("session_id")),
         grammar=grammar,
-        structured=structured,
+        schema=schema,
         top_logprobs=_top_logprobs(body),
         n=_integer(body, "n", 1, MAX_CHOICES) or 1,
         tools=tools,

@@ -69,7 +69,7 @@ def schema_grammar(schema: dict[str, Any], param: str) -> str:
     """GBNF for a JSON schema, or a 400 naming what cannot be enforced."""
     _check_keywords(schema, param)
     try:
-        return json_schema_to_gbnf(schema)
+        return json_schema_to_gbnf({"root": schema})
     except (ValueError, AssertionError, KeyError, TypeError, RecursionError) as exc:
         reason = str(exc).split("\n", 1)[0][:200] or type(exc).__name__
         raise _bad(param, f"this JSON schema cannot be enforced: {reason}") from None

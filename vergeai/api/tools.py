@@ -39,8 +39,12 @@ class ToolUse:
     def forced(self) -> bool:
         return self.choice != "auto"
 
-    def grammar(self, fmt: ToolFormat) -> str:
-        """GBNF for the calls this request allows, written in the template's format."""
+    def grammar(self, fmt: ToolFormat, answer: dict[str, Any] | None = None) -> str:
+        """GBNF for the calls this request allows, written in the template's format.
+
+        With an ``answer`` schema (response_format) and a choice of answering,
+        the output is either calls or an answer held to that schema.
+        """
         functions = [t["function"] for t in self.tools]
         if self.forced and self.choice != "required":
             functions = [f for f in functions if f["name"] == self.choice]
@@ -55,16 +59,22 @@ class ToolUse:
             }
             for f in functions
         ]
-        schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        schemas = {"call": relaxed(calls[0] if len(calls) == 1 else {"anyOf": calls})}
+        either = answer is not None and not self.forced
+        if either:
+            schemas["answer"] = answer
         try:
-            rules = json_schema_to_gbnf(relaxed(schema), "call")
+            rules = json_schema_to_gbnf(schemas)
         except (ValueError, AssertionError, KeyError, TypeError, RecursionError) as exc:
             reason = str(exc).split("\n", 1)[0][:200] or type(exc).__name__
             raise InvalidRequest(
                 f"'tools': a tool's parameters cannot be turned into a grammar: {reason}",
                 param="tools",
             ) from None
-        return fmt.wrap("call", self.parallel and fmt.parallel) + "\n" + rules
+        parallel = self.parallel and fmt.parallel
+        if either:
+            return f"root ::= calls | answer\n{fmt.wrap('call', parallel, 'calls')}\n{rules}"
+        return fmt.wrap("call", parallel) + "\n" + rules
 
 
 def _bad(param: str, message: str) -> InvalidRequest:

@@ -226,10 +226,11 @@ def grammar_sampler(model: Model, grammar: str, triggers: tuple[str, ...] = ()) 
     return sampler
 
 
-def json_schema_to_gbnf(schema: dict[str, Any], root: str = "root") -> str:
+def json_schema_to_gbnf(schemas: dict[str, dict[str, Any]]) -> str:
     """llama.cpp's JSON-schema-to-grammar conversion (llama-cpp-python's port of it).
 
-    ``root`` names the schema's rule, for grammars that use it inside their own root.
+    One rule per name (``root`` for a grammar of its own; other names for
+    grammars that use them inside their own root), sharing their helper rules.
     Strings are held to JSON's: the port lets raw control characters into them.
     """
     from llama_cpp import llama_grammar
@@ -237,7 +238,8 @@ def json_schema_to_gbnf(schema: dict[str, Any], root: str = "root") -> str:
     converter: Any = llama_grammar.SchemaConverter(  # type: ignore[no-untyped-call]
         prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False
     )
-    converter.visit(converter.resolve_refs(schema, "schema"), "" if root == "root" else root)
+    for name, schema in schemas.items():
+        converter.visit(converter.resolve_refs(schema, name), "" if name == "root" else name)
     grammar = str(converter.format_grammar())
     return grammar.replace('char ::= [^"\\\\]', 'char ::= [^"\\\\\\x7F\\x00-\\x1F]')
 

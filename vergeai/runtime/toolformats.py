@@ -16,6 +16,7 @@ The format is read off the template, as llama.cpp's server does:
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import string
 from dataclasses import dataclass
@@ -42,17 +43,18 @@ class ToolFormat:
             return "".join(secrets.choice(ALPHANUMERIC) for _ in range(self.id_length))
         return "call_" + "".join(secrets.choice(ALPHANUMERIC) for _ in range(24))
 
-    def wrap(self, call_rule: str, parallel: bool) -> str:
-        """The grammar's root: one call, or several where the format and request allow."""
+    def wrap(self, call_rule: str, parallel: bool, name: str = "root") -> str:
+        """The rule for the calls: one, or several where the format and request allow."""
         if self.name == "llama3":
-            return f"root ::= {call_rule}"
+            return f"{name} ::= {call_rule}"
         if self.name == "mistral":
             more = f' (ws "," ws {call_rule})*' if parallel else ""
             root = f'"[TOOL_CALLS]" ws "[" ws {call_rule}{more} ws "]"'
         else:
             one = f'"<tool_call>" ws {call_rule} ws "</tool_call>"'
             root = one + (f" (ws {one})*" if parallel else "")
-        return f"root ::= {root}\nws ::= [ \\t\\n]{{0,4}}".replace("ws", WS)
+        root = re.sub(r"\bws\b", WS, root)
+        return f"{name} ::= {root}\n{WS} ::= [ \\t\\n]{{0,4}}"
 
     def trigger(self) -> str:
         """llama.cpp's lazy-grammar pattern: the grammar starts where a call starts.
