@@ -355,6 +355,26 @@ def test_n_choices_stream_with_their_index(deployment: Deployment) -> None:
     assert usage is not None and usage.completion_tokens == 10
 
 
+def test_a_choice_that_ends_first_says_so_first(deployment: Deployment) -> None:
+    # a grammar where a choice is one token or many; seeds until the two choices differ
+    body = {"model": "gemma", "messages": HELLO, "n": 2, "stream": True, "temperature": 2.0,
+            "grammar": 'root ::= "x" | "y" [a-z]{20,30}', "max_tokens": 40}  # fmt: skip
+    for seed in range(12):
+        events = sse_events(post(deployment, {**body, "seed": seed}))
+        chunks = [e["choices"][0] for e in events if isinstance(e, dict) and e["choices"]]
+        texts = {i: "".join(c["delta"].get("content") or "" for c in chunks if c["index"] == i)
+                 for i in (0, 1)}  # fmt: skip
+        if len(texts[0]) != len(texts[1]):
+            break
+    else:
+        pytest.fail("no seed gave choices of different lengths")
+    short = min(texts, key=lambda i: len(texts[i]))
+    ends = [n for n, c in enumerate(chunks) if c["finish_reason"] is not None]
+    assert [chunks[n]["index"] for n in ends] == [short, 1 - short]
+    last_long = max(n for n, c in enumerate(chunks) if c["index"] != short and c["delta"])
+    assert ends[0] < last_long, "the short choice's end is sent as it happens"
+
+
 def test_more_choices_than_slots_is_400(deployment: Deployment) -> None:
     response = post(deployment, {"model": "gemma", "messages": HELLO, "n": 3})
     assert response.status_code == 400

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -88,17 +89,20 @@ async def stream_reply(
             for index in range(len(gen.answers)):
                 yield sse(reply.chunk({"role": "assistant", "content": None}, index=index))
             event = first
+            finished: set[int] = set()  # choices whose finish chunk went out
             while True:
                 if isinstance(event, Piece):
-                    chunk = reply.chunk(
-                        reply.delta(event), logprobs=event.logprobs, index=event.index
-                    )
-                    yield sse(chunk)
+                    if replace(event, finish_reason=None):  # it has output
+                        chunk = reply.chunk(
+                            reply.delta(event), logprobs=event.logprobs, index=event.index
+                        )
+                        yield sse(chunk)
+                    if event.finish_reason is not None:
+                        finished.add(event.index)
+                        yield sse(reply.chunk({}, event.finish_reason, index=event.index))
                 else:
                     account(request, event)
-                    *others, final = event.choices
-                    for choice in others:
-                        yield sse(reply.chunk({}, choice.finish_reason, index=choice.index))
+                    final = next(c for c in event.choices if c.index not in finished)
                     last = reply.chunk({}, final.finish_reason, index=final.index)
                     if include_usage:
                         yield sse(last)

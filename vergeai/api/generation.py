@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from vergeai.api.conversation import Lease, Prepared, Sessions, prepare
@@ -61,9 +61,12 @@ class Piece:
     logprobs: list[dict[str, Any]] | None = None  # the new tokens', when asked for
     index: int = 0  # the choice
     calls: tuple[CallDelta, ...] = ()
+    finish_reason: str | None = None  # the choice's last piece, unless it is the request's last
 
     def __bool__(self) -> bool:
-        return bool(self.reasoning or self.content or self.logprobs or self.calls)
+        return bool(
+            self.reasoning or self.content or self.logprobs or self.calls or self.finish_reason
+        )
 
 
 @dataclass(frozen=True)
@@ -231,11 +234,14 @@ class Generation:
                 raise failure(event)
             else:
                 piece = answer.flush(index)
+                finished[index] = event
+                if len(finished) < len(self.answers):  # the last one's comes with Done
+                    reason = self._finish_reason(event.finish_reason, answer)
+                    piece = replace(piece, finish_reason=reason)
                 if piece:
                     yield piece
                 if event.finish_reason == "length" and answer.in_reasoning:
                     self._warn_thinking_cut(event.completion_tokens)
-                finished[index] = event
         choices = [
             Choice(
                 index=i,
