@@ -627,3 +627,28 @@ def test_no_tracebacks_and_no_tokens_in_the_log(env: Env) -> None:
         log = env.server.wait_logged(f"request_id={mark}")
     assert "Traceback" not in log
     assert env.alice not in log and env.bob not in log
+
+
+def test_a_history_db_from_before_tool_calls_is_upgraded_in_place(tmp_path: Path) -> None:
+    old = sqlite3.connect(tmp_path / "history.db")
+    old.executescript("""
+        CREATE TABLE sessions (user TEXT NOT NULL, assistant TEXT NOT NULL,
+            session TEXT NOT NULL, last_used TEXT NOT NULL,
+            next_turn INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (user, assistant, session));
+        CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, user TEXT NOT NULL,
+            assistant TEXT NOT NULL, session TEXT NOT NULL, turn INTEGER NOT NULL,
+            role TEXT NOT NULL, content TEXT NOT NULL, tokens INTEGER NOT NULL);
+    """)  # fmt: skip
+    now = datetime.now(UTC).isoformat()
+    old.execute("INSERT INTO sessions VALUES ('u', 'a', 's', ?, 1)", (now,))
+    old.execute("INSERT INTO messages (user, assistant, session, turn, role, content, tokens) "
+                "VALUES ('u', 'a', 's', 0, 'user', 'hi', 2)")  # fmt: skip
+    old.commit()
+    old.close()
+    history, key = History(tmp_path), SessionKey("u", "a", "s")
+    assert history.turns(key, 30) == [[{"role": "user", "content": "hi"}]]
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    turn = [({"role": "assistant", "content": "", "tool_calls": [call]}, 5),
+            ({"role": "tool", "content": "42", "tool_call_id": "c1", "name": "f"}, 3)]  # fmt: skip
+    history.append(key, turn, 10)
+    assert history.turns(key, 30)[1] == [message for message, _ in turn]

@@ -135,6 +135,7 @@ def test_langchain_with_structured_output(deployment: Deployment) -> None:
     structured = llm.with_structured_output(City, method="json_schema")
     result = structured.invoke(HELLO[0]["content"])
     assert isinstance(result, City) and result.capital in ("Paris", "Rome", "Berlin")
+
     # json_mode: a JSON object, parsed by LangChain; the prompt has to name the keys
     class Place(BaseModel):
         name: str
