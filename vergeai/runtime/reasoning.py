@@ -58,7 +58,7 @@ class ReasoningSplitter:
         if self.state == self.REASONING:
             at = text.find(CLOSE)
             if at < 0:
-                keep = _partial_tag(text, CLOSE)
+                keep = partial_tag(text, CLOSE)
                 self.held = text[len(text) - keep :]
                 return text[: len(text) - keep], ""
             reasoning, text = text[:at], text[at + len(CLOSE) :]
@@ -77,7 +77,7 @@ class ReasoningSplitter:
         return content
 
 
-def _partial_tag(text: str, tag: str) -> int:
+def partial_tag(text: str, tag: str) -> int:
     """Length of the longest suffix of text that begins tag."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if tag.startswith(text[-n:]):

@@ -18,6 +18,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from vergeai.runtime.reasoning import partial_tag
+
 # {"name": "NAME", "arguments": — the head of a call written name first
 HEAD = re.compile(
     r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\S)'
@@ -123,7 +125,7 @@ class ToolCallParser:
             if self.args_scan is not None:
                 deltas = self._stream_args()
             # else a call cut off before its name: nothing a client could run
-        elif self.state == TEXT and _partial(self.held, self.syntax.opener) != len(self.held):
+        elif self.state == TEXT and partial_tag(self.held, self.syntax.opener) != len(self.held):
             content = self._content(self.held)  # (not an opener cut short)
         elif self.state != TEXT and not self.syntax.closer.startswith(self.held.strip()):
             content = self._content(self.held)  # (not the closer cut short)
@@ -152,7 +154,7 @@ class ToolCallParser:
             return
         at = text.find(opener)
         if at < 0 or (self.calls and not self.parallel):
-            keep = 0 if at >= 0 else _partial(text, opener)
+            keep = 0 if at >= 0 else partial_tag(text, opener)
             content.append(self._content(text[: len(text) - keep]))
             self.held = text[len(text) - keep :]
             return
@@ -284,11 +286,3 @@ class ToolCallParser:
         if text and not text.isspace():
             self.said = True
         return text
-
-
-def _partial(text: str, tag: str) -> int:
-    """Length of the longest suffix of text that begins tag."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
