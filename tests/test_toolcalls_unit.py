@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vergeai.api.generation import Answer
 from vergeai.api.tools import parse_tools
@@ -267,3 +269,22 @@ def test_every_grammar_uses_only_rules_it_defines(
     assert tools is not None
     defined, used = rule_names(tools.grammar(fmt, answer))
     assert "root" in defined and used <= defined, used - defined
+
+
+FRAGMENTS = ['<tool_call>', '</tool_call>', '[TOOL_CALLS]', '{"name": "', '"arguments": ',
+             '"parameters": ', "{", "}", "[", "]", ",", '"', "\\", "\\q", "a", " ", "\n",
+             "<", "<tool", '{"name"', ":"]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=3), max_size=30),
+    st.sampled_from([HERMES.syntax, MISTRAL.syntax, LLAMA3.syntax]),
+)
+def test_any_text_parses_without_error(pieces: list[str], syntax: Syntax) -> None:
+    contents, deltas, calls = run(syntax, pieces)
+    assert len("".join(contents)) <= len("".join(pieces))  # nothing made up
+    for index, call in enumerate(calls):
+        own = [d for d in deltas if d.index == index]
+        assert own[0].name == call.name
+        assert "".join(d.arguments for d in own) == call.arguments

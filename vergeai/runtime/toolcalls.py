@@ -224,7 +224,10 @@ class ToolCallParser:
         match = HEAD.match(self.obj)
         if match is None or self.obj[match.end()] != "{":
             return False
-        name = json.loads(f'"{match.group(1)}"')
+        try:
+            name = json.loads(f'"{match.group(1)}"')
+        except ValueError:  # a bad escape in a name the grammar did not hold
+            name = match.group(1)
         call = ToolCall(self.new_id(), name)
         self.calls.append(call)
         deltas.append(CallDelta(len(self.calls) - 1, "", call.id, name))
@@ -251,7 +254,7 @@ class ToolCallParser:
         """A call in another shape: parse it whole, or give it back as text if it is none."""
         try:
             value = json.loads(self.obj)
-        except ValueError:
+        except (ValueError, RecursionError):
             value = None
         if isinstance(value, dict) and isinstance(value.get("function"), dict):
             value = value["function"]  # {"type": "function", "function": {...}}
