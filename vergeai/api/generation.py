@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from vergeai.api.conversation import Lease, Prepared, Sessions, prepare
+from vergeai.api.fields import Sampled
 from vergeai.api.schemas import ChatRequest
 from vergeai.api.tools import ToolUse
 from vergeai.errors import InvalidRequest, Unavailable, VergeError
-from vergeai.runtime.job import Delta, Failed, Finished, FinishReason, Job, Timings
+from vergeai.runtime.job import Delta, Event, Failed, Finished, FinishReason, Job, Timings
 from vergeai.runtime.llama import GrammarError, Sampling, check_grammar
 from vergeai.runtime.reasoning import ReasoningSplitter
 from vergeai.runtime.toolcalls import CallDelta, ToolCall, ToolCallParser
@@ -194,14 +195,15 @@ class Generation:
         self,
         assistant: Assistant,
         answers: list[Answer],
-        job: Job,
+        jobs: list[Job],
         memory: Memory | None,
         legacy_calls: bool = False,
     ) -> None:
         self.assistant = assistant
         self.legacy_calls = legacy_calls  # calls are reported as function_call
-        self.answers = answers  # one per choice
-        self.job = job  # the first choice's; the others are its followers
+        self.answers = answers  # one per choice: n per prompt
+        self.jobs = jobs  # one per prompt, each leading its prompt's other choices
+        self.queue = jobs[0].queue  # every choice's events
         self.memory = memory
         self._closed = False
 
@@ -216,7 +218,8 @@ class Generation:
         if self._closed:
             return
         self._closed = True
-        self.job.cancel()
+        for job in self.jobs:
+            job.cancel()
         if self.memory is not None:
             self.memory.lease.release()
 
@@ -224,7 +227,7 @@ class Generation:
         """Pieces of text as they come, then one Done; a failure raises its error."""
         finished: dict[int, Finished] = {}
         while len(finished) < len(self.answers):
-            index, event = await self.job.queue.get()
+            index, event = await self.queue.get()
             answer = self.answers[index]
             if isinstance(event, Delta):
                 piece = answer.feed(event.text, event.logprobs, index)
@@ -254,6 +257,7 @@ class Generation:
             for i, answer in enumerate(self.answers)
         ]
         first = finished[0]
+        leaders = [job.choice for job in self.jobs]
         session = None
         if self.memory is not None:
             session = await self.memory.remember(
@@ -261,10 +265,10 @@ class Generation:
             )
         yield Done(
             choices=choices,
-            prompt_tokens=first.prompt_tokens,
+            prompt_tokens=sum(finished[i].prompt_tokens for i in leaders),
             completion_tokens=sum(f.completion_tokens for f in finished.values()),
             timings=first.timings,
-            ttft=self.job.t_first - self.job.t_created,
+            ttft=self.jobs[0].t_first - self.jobs[0].t_created,
             session=session,
         )
 
@@ -311,7 +315,7 @@ def online_worker(service: Service, name: str) -> Worker:
 
 
 def sampling_for(
-    req: ChatRequest,
+    req: Sampled,
     assistant: Assistant,
     choice: int = 0,
     grammar: str | None = None,
@@ -355,7 +359,7 @@ def tool_grammar(
     return tools.grammar(fmt, answer), (fmt.trigger(),) if lazy else ()
 
 
-async def check_request(worker: Worker, req: ChatRequest, tools_grammar: str | None) -> None:
+async def check_request(worker: Worker, req: Sampled, tools_grammar: str | None = None) -> None:
     """What only the loaded model can tell: token ids in range, a grammar it can parse."""
     assert worker.model is not None
     model = worker.model
@@ -411,35 +415,66 @@ async def start(
             tools.tools if tools else None,
         )
         worker.check_prompt(prepared.rendered.tokens)
-        jobs = [
-            Job(
-                tokens=prepared.rendered.tokens,
-                sampling=sampling_for(req, assistant, choice, grammar, triggers),
-                max_tokens=max_tokens,
-                stop=req.stop,
-                loop=asyncio.get_running_loop(),
-                top_logprobs=req.top_logprobs,
-                choice=choice,
-            )
-            for choice in range(req.n)
-        ]
-        job = jobs[0]
-        job.followers = jobs[1:]
-        for follower in job.followers:
-            follower.queue = job.queue
         memory = Memory(sessions, lease, prepared, req.messages) if lease else None
-        answers = [
-            Answer(
-                req.raw_reasoning,
-                prepared.rendered.opens_think,
-                req.top_logprobs is not None,
-                ToolCallParser(fmt.syntax, fmt.new_id, tools.parallel) if tools else None,
-            )
-            for _ in jobs
-        ]
-        worker.submit(job)
+
+        def answer() -> Answer:
+            calls = ToolCallParser(fmt.syntax, fmt.new_id, tools.parallel) if tools else None
+            opens_think = prepared.rendered.opens_think
+            return Answer(req.raw_reasoning, opens_think, req.top_logprobs is not None, calls)
+
+        legacy = bool(tools and tools.legacy)
+        return launch(
+            worker, req, [prepared.rendered.tokens], max_tokens, answer, grammar, triggers, memory,
+            legacy,
+        )  # fmt: skip
     except BaseException:
         if lease is not None:
             lease.release()
         raise
-    return Generation(assistant, answers, job, memory, bool(tools and tools.legacy))
+
+
+def launch(
+    worker: Worker,
+    req: Sampled,
+    prompts: list[list[int]],
+    max_tokens: int,
+    answer: Callable[[], Answer],
+    grammar: str | None = None,
+    triggers: tuple[str, ...] = (),
+    memory: Memory | None = None,
+    legacy_calls: bool = False,
+) -> Generation:
+    """Submit n choices of each prompt (choice p*n + j is prompt p's j-th); its Generation.
+
+    On any failure to submit, what was submitted is cancelled (the lease,
+    if any, is the caller's to release).
+    """
+    queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    leaders = []
+    for p, tokens in enumerate(prompts):
+        jobs = [
+            Job(
+                tokens=tokens,
+                sampling=sampling_for(req, worker.assistant, p * req.n + j, grammar, triggers),
+                max_tokens=max_tokens,
+                stop=req.stop,
+                loop=loop,
+                top_logprobs=req.top_logprobs,
+                choice=p * req.n + j,
+                queue=queue,
+            )
+            for j in range(req.n)
+        ]
+        jobs[0].followers = jobs[1:]
+        leaders.append(jobs[0])
+    answers = [answer() for _ in range(len(prompts) * req.n)]
+    gen = Generation(worker.assistant, answers, leaders, memory, legacy_calls)
+    try:
+        for leader in leaders:
+            worker.submit(leader)
+    except BaseException:
+        for leader in leaders:
+            leader.cancel()
+        raise
+    return gen
