@@ -19,6 +19,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vergeai.api.chat import chat_completions
+from vergeai.api.completions import completions
 from vergeai.api.conversation import Sessions
 from vergeai.api.http import error_response
 from vergeai.api.metrics import Metrics, metrics
@@ -145,6 +146,7 @@ def create_app(
     stats = Metrics(service)
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{name:path}", get_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),

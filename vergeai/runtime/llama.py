@@ -114,8 +114,8 @@ class Model:
         raw = llama_cpp.llama_vocab_get_text(self.vocab, token)
         return raw.decode("utf-8", "replace") if raw else ""
 
-    def tokenize(self, text: str) -> list[int]:
-        """Tokenize a rendered prompt (special tokens parsed, BOS added once)."""
+    def tokenize(self, text: str, bos: bool = True) -> list[int]:
+        """Tokenize a rendered prompt (special tokens parsed; BOS added once, if asked)."""
         data = text.encode("utf-8", "replace")
         size = len(data) + 8
         buf = (llama_cpp.llama_token * size)()
@@ -125,9 +125,21 @@ class Model:
             buf = (llama_cpp.llama_token * size)()
             n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, size, False, True)
         tokens = list(buf[:n])
-        if self.add_bos and self.bos >= 0 and (not tokens or tokens[0] != self.bos):
+        if bos and self.add_bos and self.bos >= 0 and (not tokens or tokens[0] != self.bos):
             tokens.insert(0, self.bos)
         return tokens
+
+    def fim_tokens(self) -> tuple[int, int, int] | None:
+        """The fill-in-the-middle prefix, suffix and middle tokens, if the GGUF names them."""
+        ids = (
+            llama_cpp.llama_vocab_fim_pre(self.vocab),
+            llama_cpp.llama_vocab_fim_suf(self.vocab),
+            llama_cpp.llama_vocab_fim_mid(self.vocab),
+        )
+        return None if min(ids) < 0 else (int(ids[0]), int(ids[1]), int(ids[2]))
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
 
     def piece(self, token: int) -> bytes:
         buf = self._piece_buf

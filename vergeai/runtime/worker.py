@@ -173,12 +173,12 @@ class Worker:
 
     # called from the event loop
 
-    def check_prompt(self, tokens: list[int]) -> None:
+    def check_prompt(self, tokens: list[int], param: str = "messages") -> None:
         if len(tokens) >= self.n_ctx:
             raise ContextOverflow(
                 f"the request has {len(tokens)} prompt tokens, more than the assistant's "
                 f"context of {self.n_ctx} tokens allows",
-                param="messages",
+                param=param,
                 extra={"n_prompt_tokens": len(tokens), "n_ctx": self.n_ctx},
             )
 
