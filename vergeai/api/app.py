@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from vergeai.api.chat import chat_completions
 from vergeai.api.completions import completions
 from vergeai.api.conversation import Sessions
+from vergeai.api.embeddings import embeddings
 from vergeai.api.http import error_response
 from vergeai.api.metrics import Metrics, metrics
 from vergeai.api.models import get_model, list_models
@@ -147,6 +148,7 @@ def create_app(
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{name:path}", get_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),

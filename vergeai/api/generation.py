@@ -235,7 +235,7 @@ class Generation:
                     yield piece
             elif isinstance(event, Failed):
                 raise failure(event)
-            else:
+            elif isinstance(event, Finished):
                 piece = answer.flush(index)
                 finished[index] = event
                 if len(finished) < len(self.answers):  # the last one's comes with Done
@@ -295,7 +295,15 @@ class Generation:
         raise GenerationFailed("the generation ended without an answer")
 
 
-def online_worker(service: Service, name: str) -> Worker:
+def online_worker(service: Service, name: str, embedding: bool = False) -> Worker:
+    """The assistant's worker, ready for this kind of request, or the error to answer."""
+    assistant = service.state.assistants.get(name)
+    if assistant is not None and assistant.embedding != embedding:
+        what = "an embedding" if assistant.embedding else "a chat"
+        use = "POST /v1/embeddings" if assistant.embedding else "a chat or completion endpoint"
+        raise InvalidRequest(
+            f"assistant {name!r} is {what} assistant; call it with {use}", param="model"
+        )
     worker = service.pool.get(name)
     if worker is None:
         raise Unavailable(

@@ -13,14 +13,28 @@ from vergeai.state.records import Assistant
 
 
 def model_entry(service: Service, assistant: Assistant) -> dict[str, Any]:
-    return {
+    """OpenAI's model object, with what clients look for: kind, context, llama-server's meta."""
+    worker = service.pool.get(assistant.name)
+    entry: dict[str, Any] = {
         "id": assistant.name,
         "object": "model",
         "created": int(assistant.created.timestamp()),
         "owned_by": "vergeai",
         "model": assistant.display_model,
         "status": service.pool.status(assistant),
+        "kind": "embedding" if assistant.embedding else "chat",
+        "context_length": worker.n_ctx if worker else assistant.ctx,
     }
+    model = worker.model if worker else None
+    if model is not None:
+        entry["meta"] = {
+            "n_ctx_train": model.n_ctx_train,
+            "n_params": model.n_params,
+            "size": model.size_bytes,
+            "n_vocab": model.n_vocab,
+            "n_embd": model.n_embd,
+        }
+    return entry
 
 
 async def list_models(request: Request) -> JSONResponse:

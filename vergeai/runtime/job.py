@@ -62,12 +62,19 @@ class Finished:
 
 
 @dataclass
+class Embedded:
+    """An embedding job's result: its input's pooled, L2-normalised embedding."""
+
+    vector: Any  # a float32 numpy array
+
+
+@dataclass
 class Failed:
     message: str
     retry_after: int | None = None  # set when the assistant itself is unavailable for now
 
 
-Event = Delta | Finished | Failed
+Event = Delta | Embedded | Finished | Failed
 
 
 @dataclass
@@ -85,6 +92,7 @@ class Job:
     stop: list[str]
     loop: asyncio.AbstractEventLoop
     top_logprobs: int | None = None  # None: no logprobs; else how many alternatives
+    embed: bool = False  # an embedding of the tokens, not a generation
     choice: int = 0
     followers: list[Job] = field(default_factory=list)
     queue: asyncio.Queue[tuple[int, Event]] = field(default_factory=asyncio.Queue)

@@ -87,12 +87,25 @@ class Model:
         self.add_bos: bool = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         self.bos: int = llama_cpp.llama_vocab_bos(self.vocab)
         self.eos: int = llama_cpp.llama_vocab_eos(self.vocab)
+        self.n_embd: int = llama_cpp.llama_model_n_embd(ptr)
+        self.n_ctx_train: int = llama_cpp.llama_model_n_ctx_train(ptr)
+        self.n_params: int = llama_cpp.llama_model_n_params(ptr)
         self._piece_buf = ctypes.create_string_buffer(256)
 
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(512)
         n = llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
         return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    def pooling(self) -> int:
+        """How an embedding is pooled: the GGUF's own way, else the mean of the tokens."""
+        arch = self.meta("general.architecture") or ""
+        pooling = int(self.meta(f"{arch}.pooling_type") or llama_cpp.LLAMA_POOLING_TYPE_NONE)
+        if pooling == llama_cpp.LLAMA_POOLING_TYPE_RANK:
+            raise LoadError("this is a reranking model; it has no embeddings to serve")
+        if pooling in (llama_cpp.LLAMA_POOLING_TYPE_NONE, llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED):
+            return int(llama_cpp.LLAMA_POOLING_TYPE_MEAN)
+        return pooling
 
     def kv_bytes_per_token(self) -> int:
         """Bytes of f16 K and V cache one token takes across all layers."""
@@ -114,18 +127,28 @@ class Model:
         raw = llama_cpp.llama_vocab_get_text(self.vocab, token)
         return raw.decode("utf-8", "replace") if raw else ""
 
-    def tokenize(self, text: str, bos: bool = True) -> list[int]:
-        """Tokenize a rendered prompt (special tokens parsed; BOS added once, if asked)."""
+    def tokenize(self, text: str, bos: bool = True, add_special: bool = False) -> list[int]:
+        """Tokenize a rendered prompt (special tokens parsed; BOS added once, if asked).
+
+        ``add_special``: the vocabulary's own framing instead (BOS and, for
+        some embedding models, EOS or SEP), as embedding inputs want.
+        """
         data = text.encode("utf-8", "replace")
         size = len(data) + 8
         buf = (llama_cpp.llama_token * size)()
-        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, size, False, True)
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, size, add_special, True)
         if n < 0:
             size = -n
             buf = (llama_cpp.llama_token * size)()
-            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, size, False, True)
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, size, add_special, True)
         tokens = list(buf[:n])
-        if bos and self.add_bos and self.bos >= 0 and (not tokens or tokens[0] != self.bos):
+        if (
+            bos
+            and not add_special
+            and self.add_bos
+            and self.bos >= 0
+            and (not tokens or tokens[0] != self.bos)
+        ):
             tokens.insert(0, self.bos)
         return tokens
 
@@ -310,11 +333,27 @@ def free_sampler(chain: Any) -> None:
 class Context:
     """One llama.cpp context holding ``n_seq`` sequences of ``n_ctx_seq`` tokens each."""
 
-    def __init__(self, model: Model, n_ctx_seq: int, n_seq: int, threads: int | None) -> None:
+    def __init__(
+        self,
+        model: Model,
+        n_ctx_seq: int,
+        n_seq: int,
+        threads: int | None,
+        pooling: int | None = None,
+    ) -> None:
+        """``pooling`` (a llama_pooling_type) makes an embedding context, not a generating one.
+
+        An embedding input is decoded whole in one batch (pooling needs all its
+        tokens at once), so its batch holds a whole sequence.
+        """
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx_seq * n_seq
-        params.n_batch = 512
-        params.n_ubatch = 512
+        n_batch = 512 if pooling is None else max(512, n_ctx_seq)
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        if pooling is not None:
+            params.embeddings = True
+            params.pooling_type = pooling
         params.n_seq_max = n_seq
         n_threads = threads or os.cpu_count() or 1
         params.n_threads = n_threads
@@ -330,7 +369,7 @@ class Context:
         self.n_seq = n_seq
         self.n_ctx_seq = llama_cpp.llama_n_ctx(ptr) // n_seq
         self.kv_bytes = llama_cpp.llama_n_ctx(ptr) * model.kv_bytes_per_token()
-        self.n_batch = 512
+        self.n_batch = n_batch
         self.memory = llama_cpp.llama_get_memory(ptr)
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, n_seq)
 
@@ -356,6 +395,16 @@ class Context:
 
     def sample(self, sampler: Any, index: int) -> int:
         return int(llama_cpp.llama_sampler_sample(sampler, self.ptr, index))
+
+    def embedding(self, seq: int) -> npt.NDArray[np.float32]:
+        """The pooled embedding of a sequence just decoded, L2-normalised (a copy)."""
+        ptr = llama_cpp.llama_get_embeddings_seq(self.ptr, seq)
+        if not ptr:
+            raise RuntimeError("llama.cpp returned no embedding for the sequence")
+        vector = np.ctypeslib.as_array(ptr, shape=(self.model.n_embd,)).astype(np.float32)
+        norm = float(np.linalg.norm(vector))
+        result: npt.NDArray[np.float32] = vector / norm if norm > 0 else vector
+        return result
 
     def logits(self, index: int) -> npt.NDArray[np.float32]:
         """The raw next-token logits at batch output ``index`` (a view; copy to keep)."""

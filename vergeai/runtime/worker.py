@@ -26,7 +26,7 @@ from typing import Any
 
 from vergeai.errors import ContextOverflow, InvalidRequest, QueueFull, Unavailable
 from vergeai.gguf import GgufError, check_gguf
-from vergeai.runtime.job import Delta, Failed, Finished, FinishReason, Job
+from vergeai.runtime.job import Delta, Embedded, Failed, Finished, FinishReason, Job
 from vergeai.runtime.llama import (
     Context,
     Model,
@@ -231,8 +231,12 @@ class Worker:
             a = self.assistant
             check_gguf(a.model)
             self.model = shared_models.acquire(a.model, a.gpu_layers)
-            self.template = build_template(a, self.model)
-            self.ctx = Context(self.model, a.ctx, a.parallel, a.threads)
+            if a.embedding:
+                pooling = self.model.pooling()
+                self.ctx = Context(self.model, a.ctx, a.parallel, a.threads, pooling)
+            else:
+                self.template = build_template(a, self.model)
+                self.ctx = Context(self.model, a.ctx, a.parallel, a.threads)
             self.slots = [Slot(seq=i) for i in range(a.parallel)]
         except Exception as exc:  # llama.cpp reports load failures many ways
             self.error = str(exc) or type(exc).__name__
@@ -333,12 +337,14 @@ class Worker:
         assert self.ctx is not None and self.model is not None
         # Keep the longest cached prefix, but always re-evaluate the last
         # prompt token: its logits are what the first sampled token needs.
-        keep = min(common_prefix(slot.tokens, job.tokens), len(job.tokens) - 1)
+        # An embedding pools all its tokens, so it keeps nothing.
+        keep = 0 if job.embed else min(common_prefix(slot.tokens, job.tokens), len(job.tokens) - 1)
         if keep < len(slot.tokens) and not self.ctx.clear_from(slot.seq, keep):
             self.ctx.clear_from(slot.seq, 0)
             keep = 0
         del slot.tokens[keep:]
-        slot.sampler = build_sampler(self.model, job.sampling, self.ctx.n_ctx_seq)
+        if not job.embed:
+            slot.sampler = build_sampler(self.model, job.sampling, self.ctx.n_ctx_seq)
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         slot.stops = StopMatcher(job.stop)
         slot.pending = job.tokens[keep:]
@@ -385,6 +391,9 @@ class Worker:
         for slot in active:
             if budget <= 0:
                 break
+            assert slot.job is not None
+            if slot.job.embed and len(slot.pending) > budget:
+                continue  # an embedding input is decoded whole, in a later batch
             take = slot.pending[:budget]
             plan.append((slot, take))
             budget -= len(take)
@@ -413,8 +422,10 @@ class Worker:
         """Batch entries for a slot's next tokens; logits only after its last pending one."""
         base = len(slot.tokens)
         last = len(take) == len(slot.pending)
+        every = slot.job is not None and slot.job.embed  # pooling reads every token's output
         return [
-            (token, base + i, slot.seq, last and i == len(take) - 1) for i, token in enumerate(take)
+            (token, base + i, slot.seq, every or (last and i == len(take) - 1))
+            for i, token in enumerate(take)
         ]
 
     def _advance(self, plan: list[tuple[Slot, list[int]]]) -> None:
@@ -427,11 +438,25 @@ class Worker:
             del slot.pending[: len(take)]
             if done and slot.job is not None and slot.job.followers:
                 self._fork(slot, index)
-            if done:
+            if done and slot.job is not None and slot.job.embed:
+                try:
+                    self._embed(slot)
+                except Exception as exc:
+                    self._fail(slot, f"embedding failed: {exc}", exc)
+            elif done:
                 try:
                     self._sample(slot, index)
                 except Exception as exc:
                     self._fail(slot, f"sampling failed: {exc}", exc)
+
+    def _embed(self, slot: Slot) -> None:
+        """Report the pooled embedding and end the job; the sequence is not kept."""
+        assert self.ctx is not None and slot.job is not None
+        slot.job.t_first = time.perf_counter()
+        slot.job.emit(Embedded(self.ctx.embedding(slot.seq)))
+        self._finish(slot, "stop")
+        self.ctx.clear_from(slot.seq, 0)
+        slot.tokens.clear()
 
     def _sample(self, slot: Slot, index: int) -> None:
         assert self.ctx is not None and self.model is not None

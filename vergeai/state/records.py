@@ -276,11 +276,16 @@ class Assistant:
         metavar="NAME",
     )
     parallel: int = setting(1, lo=1, hi=64, help="Requests decoded together.")
+    embedding: bool = setting(
+        False, help="Serve embeddings (/v1/embeddings) instead of chat.", off="no-embedding"
+    )
     max_queue: int = setting(64, lo=0, hi=100_000, help="Requests that may wait; then 503.")
     online: bool = setting(True, help="Load the model when serving.", off="offline")
     created: datetime = field(default_factory=now)
 
-    LOAD_SETTINGS = ("model", "ctx", "threads", "gpu_layers", "chat_format", "parallel")
+    LOAD_SETTINGS = (
+        "model", "ctx", "threads", "gpu_layers", "chat_format", "parallel", "embedding"
+    )  # fmt: skip
 
     @property
     def display_model(self) -> str:
