@@ -151,6 +151,7 @@ def test_round_trip_of_every_field(store: Store) -> None:
         gpu_layers=-1,
         chat_format="chatml",
         parallel=4,
+        embedding=True,
         max_queue=0,
         online=False,
         created=created,
