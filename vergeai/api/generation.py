@@ -80,6 +80,7 @@ class Choice:
     reasoning: str
     logprobs: list[dict[str, Any]] | None  # every generated token's, when asked for
     tool_calls: list[ToolCall]
+    stop_word: str | None = None  # the stop string that ended it, if one did
 
     def message(self) -> dict[str, Any]:
         """The answer as the next request's history would send it back."""
@@ -253,6 +254,7 @@ class Generation:
                 reasoning="".join(answer.reasoning),
                 logprobs=answer.logprobs,
                 tool_calls=answer.tool_calls,
+                stop_word=finished[i].stop_word,
             )
             for i, answer in enumerate(self.answers)
         ]

@@ -59,6 +59,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     timings: Timings
+    stop_word: str | None = None  # the stop string that ended it, if one did
 
 
 @dataclass

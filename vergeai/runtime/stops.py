@@ -14,6 +14,7 @@ class StopMatcher:
         self.stops = [s for s in stops if s]
         self.held = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def feed(self, piece: str) -> str:
         if not self.stops:
@@ -23,6 +24,7 @@ class StopMatcher:
         if first is not None:
             self.held = ""
             self.stopped = True
+            self.matched = first[1]
             return text[: first[0]]
         keep = self._partial_suffix(text)
         self.held = text[len(text) - keep :] if keep else ""

@@ -514,6 +514,7 @@ class Worker:
                     prompt_tokens=len(job.tokens),
                     completion_tokens=job.n_generated,
                     timings=timings,
+                    stop_word=slot.stops.matched,
                 )
             )
             self.requests_served += 1
