@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from vergeai.api import anthropic
+from vergeai.api import anthropic, responses
 from vergeai.api.chat import chat_completions
 from vergeai.api.completions import completions
 from vergeai.api.conversation import Sessions
@@ -30,6 +30,7 @@ from vergeai.api.ops import health
 from vergeai.errors import InvalidRequest, NotFound, VergeError
 from vergeai.logs import log_token
 from vergeai.service import Service
+from vergeai.state.responses import Responses
 
 access_log = logging.getLogger("vergeai.access")
 log = logging.getLogger("vergeai.app")
@@ -151,6 +152,9 @@ def create_app(
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/v1/messages", anthropic.messages, methods=["POST"]),
+        Route("/v1/responses", responses.create_response, methods=["POST"]),
+        Route("/v1/responses/{id}", responses.get_response, methods=["GET"]),
+        Route("/v1/responses/{id}", responses.delete_response, methods=["DELETE"]),
         Route("/v1/messages/count_tokens", anthropic.count_tokens, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{name:path}", get_model, methods=["GET"]),
@@ -164,6 +168,7 @@ def create_app(
     )
     app.state.service = service
     app.state.sessions = Sessions(service.store.root)
+    app.state.responses = Responses(service.store.root)
     app.state.metrics = stats
     app.state.metrics_public = metrics_public
     app.state.read_timeout = read_timeout

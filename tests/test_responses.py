@@ -1,0 +1,249 @@
+"""The Responses API through the official openai client, on the demo model.
+
+`r1` is the demo GGUF under DeepSeek-R1's template (its prompt opens a think
+block), for reasoning items.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from helpers import Server, cli_ok, error_of, free_port
+from pydantic import BaseModel, Field
+from test_thinking import relabel
+
+from vergeai.state.responses import Responses
+
+DATA = Path(__file__).parent / "data"
+QUESTION = "What is the capital of France?"
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+    },
+}
+
+
+@dataclass
+class Env:
+    server: Server
+    token: str
+    other: str
+
+    def client(self, token: str | None = None) -> openai.OpenAI:
+        return self.server.client(token or self.token)
+
+    def post(self, **body: Any) -> httpx.Response:
+        with self.server.http(self.token) as http:
+            return http.post("/v1/responses", json={"model": "gemma", **body})
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator[Env]:
+    root = tmp_path_factory.mktemp("responses")
+    r1 = relabel(model_path, DATA / "deepseek-r1.jinja", root / "r1.gguf")
+    state = root / "state"
+    common = ["--threads", "2", "--ctx", "1024", "--parallel", "2"]
+    cli_ok(state, "user", "create", "u")
+    cli_ok(state, "user", "create", "v")
+    cli_ok(state, "assistant", "create", "gemma", "--model", model_path, "--chat-format",
+           "gemma", *common)  # fmt: skip
+    cli_ok(state, "assistant", "create", "r1", "--model", r1, *common)
+    token = cli_ok(state, "key", "create", "--user", "u", "--name", "k").strip()
+    other = cli_ok(state, "key", "create", "--user", "v", "--name", "k").strip()
+    server = Server(state_dir=state, port=free_port(), log_path=root / "serve.log")
+    server.start(timeout=120)
+    try:
+        yield Env(server, token, other)
+    finally:
+        server.stop()
+
+
+def test_a_response_and_its_follow_up(env: Env) -> None:
+    client = env.client()
+    first = client.responses.create(model="gemma", input=QUESTION, max_output_tokens=6)
+    assert first.object == "response" and first.id.startswith("resp_")
+    assert first.status == "incomplete" and first.incomplete_details is not None
+    assert first.incomplete_details.reason == "max_output_tokens"
+    assert first.output_text and first.usage is not None and first.usage.output_tokens == 6
+    follow = client.responses.create(
+        model="gemma", input="And of Italy?", previous_response_id=first.id, max_output_tokens=4
+    )
+    assert follow.previous_response_id == first.id and follow.usage is not None
+    # the follow-up's prompt starts with the first conversation: its tokens are cached
+    assert follow.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
+    assert follow.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens - 1
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+
+
+def test_instructions_are_not_carried_over(env: Env) -> None:
+    client = env.client()
+    plain = client.responses.create(model="gemma", input=QUESTION, max_output_tokens=1)
+    told = client.responses.create(model="gemma", input=QUESTION, max_output_tokens=1,
+                                   instructions="Answer in one word, always.")  # fmt: skip
+    assert plain.usage and told.usage and told.usage.input_tokens > plain.usage.input_tokens
+    after = client.responses.create(model="gemma", input="Again.", previous_response_id=told.id,
+                                    max_output_tokens=1)  # fmt: skip
+    again = client.responses.create(model="gemma", input="Again.",
+                                    previous_response_id=plain.id, max_output_tokens=1)  # fmt: skip
+    assert after.usage and again.usage
+    # the same conversation after either: the instructions were not carried over
+    assert abs(after.usage.input_tokens - again.usage.input_tokens) <= 2
+
+
+def test_store_false_and_other_users(env: Env) -> None:
+    client = env.client()
+    kept = client.responses.create(model="gemma", input=QUESTION, max_output_tokens=1)
+    unkept = client.responses.create(model="gemma", input=QUESTION, max_output_tokens=1,
+                                     store=False)  # fmt: skip
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unkept.id)
+    with pytest.raises(openai.NotFoundError):
+        env.client(env.other).responses.retrieve(kept.id)
+    with pytest.raises(openai.NotFoundError):
+        env.client(env.other).responses.delete(kept.id)
+    response = env.post(input="x", previous_response_id=kept.id, max_output_tokens=1)
+    assert response.status_code == 200  # its owner may continue it
+    with env.server.http(env.other) as http:
+        theirs = http.post("/v1/responses", json={"model": "gemma", "input": "x",
+                                                  "previous_response_id": kept.id})  # fmt: skip
+    assert theirs.status_code == 404 and error_of(theirs)["param"] == "previous_response_id"
+    client.responses.delete(kept.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(kept.id)
+
+
+def test_the_event_stream(env: Env) -> None:
+    response = env.post(input=QUESTION, max_output_tokens=5, stream=True)
+    lines = response.text.splitlines()
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+    names = [line[7:] for line in lines if line.startswith("event: ")]
+    assert names == [e["type"] for e in events]
+    kinds = [e["type"] for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress",
+                         "response.output_item.added", "response.content_part.added"]  # fmt: skip
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done",
+                          "response.output_item.done", "response.incomplete"]  # fmt: skip
+    assert [e["sequence_number"] for e in events] == list(range(1, len(events) + 1))
+    deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    final = events[-1]["response"]
+    assert final["output"][0]["content"][0]["text"] == deltas
+    assert final["usage"]["output_tokens"] == 5
+
+
+def test_function_calls_whole_streamed_and_answered(env: Env) -> None:
+    client = env.client()
+    tools: Any = [WEATHER]
+    first = client.responses.create(model="gemma", input="Weather in Paris?", tools=tools,
+                                    tool_choice="required", parallel_tool_calls=False,
+                                    max_output_tokens=60)  # fmt: skip
+    assert first.status == "completed"
+    call = first.output[-1]
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert isinstance(json.loads(call.arguments)["city"], str)
+    result = [{"type": "function_call_output", "call_id": call.call_id, "output": "Sunny"}]
+    after = client.responses.create(model="gemma", input=result, previous_response_id=first.id,  # type: ignore[arg-type]
+                                    tools=tools, max_output_tokens=3)  # fmt: skip
+    assert after.usage and first.usage and after.usage.input_tokens > first.usage.input_tokens
+    named: Any = {"type": "function", "name": "get_weather"}
+    with client.responses.stream(
+        model="gemma", input="Weather in Paris?", tools=tools, tool_choice=named,
+        parallel_tool_calls=False, max_output_tokens=60,
+    ) as stream:  # fmt: skip
+        final = stream.get_final_response()
+    assert final.output[-1].type == "function_call"
+    # a whole conversation given as items works the same
+    items = [{"role": "user", "content": "Weather in Paris?"},
+             {"type": "function_call", "call_id": "c1", "name": "get_weather",
+              "arguments": '{"city": "Paris"}'},
+             {"type": "function_call_output", "call_id": "c1", "output": "Sunny"}]  # fmt: skip
+    assert env.post(input=items, tools=tools, max_output_tokens=2).status_code == 200
+
+
+def test_structured_output_with_parse(env: Env) -> None:
+    class City(BaseModel):
+        name: str = Field(max_length=20)
+        country: str = Field(max_length=20)
+
+    parsed = env.client().responses.parse(
+        model="gemma", input="Paris as JSON", text_format=City, max_output_tokens=60
+    )
+    assert isinstance(parsed.output_parsed, City)
+
+
+def test_reasoning_items(env: Env) -> None:
+    reply = env.client().responses.create(model="r1", input=QUESTION, max_output_tokens=8)
+    assert reply.output[0].type == "reasoning"
+    assert reply.output[0].content and reply.output[0].content[0].text  # type: ignore[union-attr]
+    off = env.client().responses.create(model="r1", input=QUESTION, max_output_tokens=8,
+                                        reasoning={"effort": "none"})  # fmt: skip
+    assert [o.type for o in off.output] == ["message"]
+
+
+def test_sampling_fields_reach_the_model(env: Env) -> None:
+    body = {"input": QUESTION, "max_output_tokens": 8, "temperature": 0, "top_p": 0.5,
+            "extra": "ignored", "metadata": {"a": "b"}}  # fmt: skip
+    one = env.post(**body).json()
+    two = env.post(**body).json()
+    assert one["output"][0]["content"] == two["output"][0]["content"]
+    assert one["metadata"] == {"a": "b"} and one["temperature"] == 0
+    # top_k 1 is greedy whatever the temperature: it reached the sampler
+    greedy = env.post(input=QUESTION, max_output_tokens=8, temperature=1.9, top_k=1, seed=5)
+    assert greedy.json()["output"][0]["content"] == one["output"][0]["content"]
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({}, "input"),
+        ({"input": 5}, "input"),
+        ({"input": []}, "input"),
+        ({"input": [{"type": "message", "role": "bot", "content": "x"}]}, "input[0].role"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+         "input[0].content[0]"),
+        ({"input": [{"type": "web_search_call"}]}, "input[0].type"),
+        ({"input": [{"type": "function_call", "name": "f"}]}, "input[0]"),
+        ({"input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
+        ({"input": "x", "store": "yes"}, "store"),
+        ({"input": "x", "previous_response_id": 5}, "previous_response_id"),
+        ({"input": "x", "instructions": 5}, "instructions"),
+        ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0]"),
+        ({"input": "x", "text": "json"}, "text"),
+        ({"input": "x", "max_output_tokens": 0}, "max_tokens"),
+    ],
+)  # fmt: skip
+def test_bad_requests_are_4xx_naming_the_field(env: Env, body: dict[str, Any], param: str) -> None:
+    response = env.post(**body)
+    assert response.status_code == 400, response.text
+    assert error_of(response)["param"] == param
+
+
+def test_unknown_previous_response_is_404(env: Env) -> None:
+    response = env.post(input="x", previous_response_id="resp_nope")
+    assert response.status_code == 404
+    assert error_of(response)["param"] == "previous_response_id"
+
+
+def test_responses_expire_with_their_assistants_history(tmp_path: Path) -> None:
+    store = Responses(tmp_path)
+    store.put("u", "a", {"id": "resp_1"}, [{"role": "user", "content": "hi"}])
+    assert store.get("u", "resp_1", {"a": 30}) is not None
+    assert store.get("v", "resp_1", {"a": 30}) is None
+    old = (datetime.now(UTC) - timedelta(days=31)).isoformat()
+    with sqlite3.connect(tmp_path / "responses.db") as db:
+        db.execute("UPDATE responses SET created=?", (old,))
+    assert store.get("u", "resp_1", {"a": 30}) is None  # and it is deleted
+    store.put("u", "gone", {"id": "resp_2"}, [])
+    assert store.get("u", "resp_2", {"a": 30}) is None  # its assistant is gone

@@ -1,0 +1,91 @@
+"""Stored Responses-API responses in SQLite (WAL), per user: the response and its conversation.
+
+The conversation (every message up to and including the response's output,
+as chat messages) is what ``previous_response_id`` continues from, so a
+follow-up's prompt starts with exactly the tokens the last one ended with
+and the slot's cached prefix is reused. A response is kept while its
+assistant's chat-history retention (``history_days``) allows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+FILE = "responses.db"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    id TEXT PRIMARY KEY, user TEXT NOT NULL, assistant TEXT NOT NULL, created TEXT NOT NULL,
+    response TEXT NOT NULL, conversation TEXT NOT NULL
+);
+"""
+
+
+class Responses:
+    def __init__(self, root: Path) -> None:
+        self.path = Path(root) / FILE
+
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+        conn = sqlite3.connect(self.path, timeout=10.0)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(SCHEMA)
+            with conn:
+                yield conn
+        finally:
+            conn.close()
+
+    def put(
+        self,
+        user: str,
+        assistant: str,
+        response: dict[str, Any],
+        conversation: list[dict[str, Any]],
+    ) -> None:
+        with self._db() as db:
+            db.execute(
+                "INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?)",
+                (response["id"], user, assistant, datetime.now(UTC).isoformat(),
+                 json.dumps(response), json.dumps(conversation)),
+            )  # fmt: skip
+
+    def get(
+        self, user: str, response_id: str, max_days: dict[str, int]
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+        """The user's response and its conversation; None if there is none (or it expired).
+
+        ``max_days`` is each assistant's retention; a response of an assistant
+        no longer there is gone too.
+        """
+        with self._db() as db:
+            row = db.execute(
+                "SELECT assistant, created, response, conversation FROM responses "
+                "WHERE id=? AND user=?",
+                (response_id, user),
+            ).fetchone()
+            if row is None:
+                return None
+            assistant, created, response, conversation = row
+            days = max_days.get(assistant)
+            if days is None or datetime.fromisoformat(created) < _now() - timedelta(days=days):
+                db.execute("DELETE FROM responses WHERE id=?", (response_id,))
+                return None
+        return json.loads(response), json.loads(conversation)
+
+    def delete(self, user: str, response_id: str) -> bool:
+        with self._db() as db:
+            cursor = db.execute("DELETE FROM responses WHERE id=? AND user=?", (response_id, user))
+            return bool(cursor.rowcount)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
