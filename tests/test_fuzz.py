@@ -20,6 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vergeai.api.app import REQUEST_ID_RE
+from vergeai.api.completions import COMPLETION_FIELDS
+from vergeai.api.embeddings import EMBEDDING_FIELDS
 from vergeai.api.schemas import CHAT_FIELDS
 
 FUZZ = settings(
@@ -80,6 +82,8 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> It
     # a small context and answer budget keep every accepted request short
     cli_ok(state, "assistant", "create", "gemma", "--model", model_path, "--chat-format", "gemma",
            "--threads", "2", "--ctx", "256", "--parallel", "2", "--max-tokens", "4")  # fmt: skip
+    cli_ok(state, "assistant", "create", "emb", "--model", model_path, "--embedding",
+           "--threads", "2", "--ctx", "64")  # fmt: skip
     token = cli_ok(state, "key", "create", "--user", "root", "--name", "fuzz").strip()
     (root / "token").write_text(token)
     server = Server(state_dir=state, port=free_port(), log_path=root / "serve.log")
@@ -98,7 +102,9 @@ def check(response: httpx.Response) -> None:
     assert response.status_code < 500, (response.status_code, response.text[:500])
     assert response.headers.get("x-request-id")
     if response.status_code >= 400:
-        err = error_of(response)
+        err = (
+            response.json()["error"] if "/v1/messages" in str(response.url) else error_of(response)
+        )
         assert isinstance(err["message"], str) and err["message"]
 
 
@@ -151,6 +157,38 @@ def test_raw_bodies_and_content_types(fuzz_server: Server) -> None:
 
     run()
     normal_request_works(fuzz_server)
+
+
+# the other endpoints: a valid body, then one field replaced by anything
+OTHERS: dict[str, tuple[dict[str, Any], list[str]]] = {
+    "/completions": ({"model": "gemma", "prompt": "Hi", "max_tokens": 2},
+                     sorted(f.name for f in COMPLETION_FIELDS)),
+    "/embeddings": ({"model": "emb", "input": "Hi"}, sorted(f.name for f in EMBEDDING_FIELDS)),
+    "/messages": ({"model": "gemma", "max_tokens": 2, "messages": HELLO},
+                  ["max_tokens", "messages", "system", "stop_sequences", "temperature", "top_p",
+                   "top_k", "stream", "thinking", "tools", "tool_choice", "metadata"]),
+    "/responses": ({"model": "gemma", "input": "Hi", "max_output_tokens": 2},
+                   ["input", "instructions", "max_output_tokens", "temperature", "top_p",
+                    "stream", "store", "previous_response_id", "tools", "tool_choice", "text",
+                    "reasoning", "parallel_tool_calls", "metadata"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("path", sorted(OTHERS))
+def test_other_endpoints_with_one_field_replaced(fuzz_server: Server, path: str) -> None:
+    base, fields = OTHERS[path]
+    headers = {"Authorization": f"Bearer {token_of(fuzz_server)}"}
+
+    @FUZZ
+    @given(field=st.sampled_from(fields) | NASTY_TEXT, value=VALUES)
+    def run(field: str, value: Any) -> None:
+        raw = to_json({**base, field: value})
+        check(httpx.post(f"{fuzz_server.base_url}{path}", content=raw, headers=headers,
+                         timeout=60))  # fmt: skip
+
+    run()
+    ok = httpx.post(f"{fuzz_server.base_url}{path}", json=base, headers=headers, timeout=60)
+    assert ok.status_code == 200, ok.text
 
 
 # what a client library lets through: latin-1 text without edge whitespace

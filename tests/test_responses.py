@@ -230,6 +230,13 @@ def test_bad_requests_are_4xx_naming_the_field(env: Env, body: dict[str, Any], p
     assert error_of(response)["param"] == param
 
 
+@pytest.mark.parametrize("name", ["background", "conversation", "prompt"])
+def test_what_is_not_here_is_refused(env: Env, name: str) -> None:
+    response = env.post(input="x", **{name: True if name == "background" else {"id": "x"}})
+    assert response.status_code == 400
+    assert error_of(response)["code"] == "unsupported_parameter"
+
+
 def test_unknown_previous_response_is_404(env: Env) -> None:
     response = env.post(input="x", previous_response_id="resp_nope")
     assert response.status_code == 404

@@ -27,11 +27,12 @@ from vergeai.api.generation import Choice, Done, Generation, Piece
 from vergeai.api.http import EventStream, read_json, unless_disconnected
 from vergeai.api.schemas import parse_chat_request
 from vergeai.auth import Caller, check_assistant
-from vergeai.errors import InvalidRequest, NotFound, VergeError, error_body
+from vergeai.errors import InvalidRequest, NotFound, Unsupported, VergeError, error_body
 from vergeai.service import Service
 from vergeai.state.responses import Responses
 
 TEXT_PARTS = ("input_text", "output_text", "text")
+REFUSED = ("background", "conversation", "prompt")  # asynchronous runs, stored prompts
 PASSED = ("temperature", "top_p", "top_k", "min_p", "seed", "parallel_tool_calls", "stream")
 
 
@@ -154,6 +155,9 @@ async def create_response(request: Request) -> Response:
     body = await read_json(request)
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    for name in REFUSED:
+        if body.get(name) not in (None, False):
+            raise Unsupported(f"'{name}' is not supported (yet) by this server", param=name)
     store = body.get("store", True)
     if not isinstance(store, bool):
         raise bad("store", "must be a boolean")
