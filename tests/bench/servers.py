@@ -222,8 +222,8 @@ def _vergeai_cli(state_dir: Path, *args: str) -> str:
     return done.stdout
 
 
-def vergeai(s: Settings) -> Server:
-    state = s.work_dir / "vergeai-state"
+def vergeai(s: Settings, embedding: bool = False) -> Server:
+    state = s.work_dir / ("vergeai-embedding-state" if embedding else "vergeai-state")
     _vergeai_cli(state, "user", "create", "bench", "--role", "admin")
     token = _vergeai_cli(state, "key", "create", "--user", "bench", "--name", "bench").strip()
     _vergeai_cli(
@@ -233,6 +233,7 @@ def vergeai(s: Settings) -> Server:
         "--threads", str(s.threads),
         "--ctx", str(s.ctx),  # per conversation; the llama.cpp context is ctx * parallel
         "--parallel", str(s.slots),
+        *(["--embedding"] if embedding else []),
     )  # fmt: skip
     port = free_port()
     argv = [
