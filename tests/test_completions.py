@@ -209,13 +209,21 @@ def test_readme_lists_every_field_where_it_belongs() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_accepted_field_alone_and_beside_a_stream(env: Env, name: str) -> None:
+def test_accepted_field_through_the_model(env: Env, name: str) -> None:
+    # (beside another stream only once: the worker is chat's, whose matrix runs every field so)
     body = {"prompt": PROMPT, "max_tokens": 4, name: CASES[name]}
+    response = env.post(**body)
+    assert response.status_code == 200, response.text
+    if body.get("stream"):
+        assert sse_events(response)[-1] == "[DONE]"
+
+
+def test_a_completion_beside_a_chat_stream(env: Env) -> None:
     with BackgroundStream(env.server.root_url, env.token, "gemma") as other:
+        body = {**CASES, "prompt": PROMPT, "max_tokens": 4, "stream": False}
+        del body["json_schema"], body["response_format"]  # (the grammar is given)
         response = env.post(**body)
         assert response.status_code == 200, response.text
-        if body.get("stream"):
-            assert sse_events(response)[-1] == "[DONE]"
     assert other.completed(), other.events[-3:]
 
 
