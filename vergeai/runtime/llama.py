@@ -358,7 +358,7 @@ class Context:
         n_threads = threads or os.cpu_count() or 1
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
-        params.swa_full = True  # lets any prefix of a sequence be kept and reused
+        params.swa_full = pooling is None  # lets any prefix be reused (embeddings reuse none)
         params.kv_unified = True
         params.no_perf = True
         ptr = llama_cpp.llama_init_from_model(model.ptr, params)
