@@ -20,6 +20,7 @@ from vergeai.errors import Unavailable, error_body
 from vergeai.runtime.llama import init_backend
 from vergeai.service import Service
 from vergeai.state.config import ServerConfig
+from vergeai.state.ledger import Ledger
 
 log = logging.getLogger("vergeai.server")
 
@@ -112,6 +113,10 @@ async def run(service: Service, opts: ServerConfig) -> None:
     service.store.ensure()
     admin = await start_admin_server(service, state_dir, [listen_url(opts)])
     service.refresh(force=True)
+    with contextlib.suppress(Exception):  # a record that cannot be pruned is no reason to stop
+        pruned = await asyncio.to_thread(Ledger(state_dir).prune, opts.usage_days)
+        if pruned:
+            log.info("pruned %d usage records older than %d days", pruned, opts.usage_days)
     app = create_app(service, metrics_public=opts.metrics_public, read_timeout=opts.read_timeout)
     limit_connections(opts.max_connections)
     stop = asyncio.Event()
@@ -133,4 +138,5 @@ async def run(service: Service, opts: ServerConfig) -> None:
         remove_socket(state_dir)
         await asyncio.to_thread(service.pool.close, opts.grace_seconds)
         service.flush_usage()
+        service.flush_records()
         log.info("vergeai stopped")

@@ -15,6 +15,7 @@ from datetime import datetime
 from vergeai.auth import Caller, KeyIndex
 from vergeai.errors import StateError
 from vergeai.runtime.pool import Pool
+from vergeai.state.ledger import Ledger, Record
 from vergeai.state.records import now
 from vergeai.state.store import State, Store
 from vergeai.state.usage import KeyUsage
@@ -39,11 +40,22 @@ class Service:
     started: float = field(default_factory=time.time)
     _fingerprint: object = None
     _used: dict[str, datetime] = field(default_factory=dict)
+    _records: list[Record] = field(default_factory=list)  # finished requests, not yet written
 
     def authenticate(self, authorization: str | None) -> Caller:
         caller = self.keys.authenticate(authorization)
         self._used[caller.key.hash[:16]] = now()
         return caller
+
+    def record(self, record: Record) -> None:
+        self._records.append(record)
+
+    def flush_records(self) -> None:
+        records, self._records = self._records, []
+        try:
+            Ledger(self.store.root).write(records)
+        except Exception as exc:  # bookkeeping must never take the server down
+            log.warning("could not write %d usage records: %s", len(records), exc)
 
     def flush_usage(self) -> None:
         used, self._used = self._used, {}
@@ -81,5 +93,7 @@ class Service:
                 self.pool.heal()
                 if ticks % usage_every == 0 and self._used:
                     await asyncio.to_thread(self.flush_usage)
+                if self._records:
+                    await asyncio.to_thread(self.flush_records)
             except Exception:
                 log.exception("reloading the state dir failed")

@@ -24,7 +24,7 @@ from vergeai.api.chat import account
 from vergeai.api.conversation import prepare
 from vergeai.api.fields import bad
 from vergeai.api.generation import Choice, Done, Generation, Piece
-from vergeai.api.http import EventStream, read_json, unless_disconnected
+from vergeai.api.http import EventStream, authenticated, read_json, unless_disconnected
 from vergeai.api.schemas import ChatRequest, parse_chat_request
 from vergeai.auth import check_assistant
 from vergeai.errors import InvalidRequest, VergeError
@@ -181,8 +181,7 @@ async def messages(request: Request) -> Response:
 
 async def _messages(request: Request) -> Response:
     service: Service = request.app.state.service
-    caller = service.authenticate(_api_key(request))
-    request.state.user = caller.user.name
+    caller = authenticated(request, _api_key(request))
     req = to_chat(await read_json(request))
     request.state.assistant = req.model
     check_assistant(caller, req.model, service.state)
@@ -202,8 +201,7 @@ async def _messages(request: Request) -> Response:
 async def count_tokens(request: Request) -> Response:
     try:
         service: Service = request.app.state.service
-        caller = service.authenticate(_api_key(request))
-        request.state.user = caller.user.name
+        caller = authenticated(request, _api_key(request))
         req = to_chat(await read_json(request), count_only=True)
         check_assistant(caller, req.model, service.state)
         worker = generation.online_worker(service, req.model)

@@ -6,6 +6,7 @@ import logging
 import re
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import disable_created_metrics
@@ -30,6 +31,7 @@ from vergeai.api.ops import health
 from vergeai.errors import InvalidRequest, NotFound, VergeError
 from vergeai.logs import log_token
 from vergeai.service import Service
+from vergeai.state.ledger import Record
 from vergeai.state.responses import Responses
 
 access_log = logging.getLogger("vergeai.access")
@@ -125,14 +127,32 @@ class AccessLog:
             "status": status,
             "assistant": assistant,
             "user": info.get("user", "-"),
+            "key": info.get("key", "-"),
             "prompt_tokens": usage.get("prompt_tokens"),
             "completion_tokens": usage.get("completion_tokens"),
             "duration_ms": round(seconds * 1000.0, 1),
             "request_id": info["request_id"],
         }
+        if assistant != "-" and "user" in info:
+            service.record(
+                Record(
+                    at=datetime.now(UTC).isoformat(),
+                    user=info["user"],
+                    key=info.get("key", "-"),
+                    assistant=assistant,
+                    endpoint=scope["path"][:64],
+                    status=status,
+                    prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                    cached_tokens=int((usage.get("prompt_tokens_details") or {}).get(
+                        "cached_tokens") or 0),
+                    completion_tokens=int(usage.get("completion_tokens") or 0),
+                    duration_ms=round(seconds * 1000.0, 1),
+                    request_id=info["request_id"],
+                )
+            )  # fmt: skip
         text = {k: log_token(str(v)) for k, v in fields.items()}
         access_log.info(
-            "%(method)s %(path)s %(status)s assistant=%(assistant)s user=%(user)s "
+            "%(method)s %(path)s %(status)s assistant=%(assistant)s user=%(user)s key=%(key)s "
             "prompt_tokens=%(prompt_tokens)s completion_tokens=%(completion_tokens)s "
             "%(duration_ms)sms request_id=%(request_id)s",
             text,

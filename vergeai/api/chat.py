@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse, Response
 
 from vergeai.api import generation
 from vergeai.api.generation import Done, Generation, Piece
-from vergeai.api.http import EventStream, read_json, sse, unless_disconnected
+from vergeai.api.http import EventStream, authenticated, read_json, sse, unless_disconnected
 from vergeai.api.replies import Reply
 from vergeai.api.schemas import ChatRequest, parse_chat_request
 from vergeai.auth import check_assistant
@@ -38,8 +38,7 @@ def session_id_of(request: Request, req: ChatRequest) -> str | None:
 
 async def chat_completions(request: Request) -> Response:
     service: Service = request.app.state.service
-    caller = service.authenticate(request.headers.get("authorization"))
-    request.state.user = caller.user.name
+    caller = authenticated(request)
     req = parse_chat_request(await read_json(request))
     request.state.assistant = req.model
     session_id = session_id_of(request, req)

@@ -33,7 +33,7 @@ from vergeai.api.fields import (
     sampled,
 )
 from vergeai.api.generation import Answer, Done, Generation, Piece
-from vergeai.api.http import EventStream, read_json, sse, unless_disconnected
+from vergeai.api.http import EventStream, authenticated, read_json, sse, unless_disconnected
 from vergeai.auth import check_assistant
 from vergeai.errors import InvalidRequest, VergeError, error_body
 from vergeai.runtime.worker import Worker
@@ -140,8 +140,7 @@ def prompt_tokens(worker: Worker, req: CompletionRequest) -> list[list[int]]:
 
 async def completions(request: Request) -> Response:
     service: Service = request.app.state.service
-    caller = service.authenticate(request.headers.get("authorization"))
-    request.state.user = caller.user.name
+    caller = authenticated(request)
     req = parse_completion_request(await read_json(request))
     request.state.assistant = req.model
     check_assistant(caller, req.model, service.state)

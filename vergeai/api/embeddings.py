@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 
 from vergeai.api import generation
 from vergeai.api.fields import FieldSpec, bad, check_fields, field_specs
-from vergeai.api.http import read_json, unless_disconnected
+from vergeai.api.http import authenticated, read_json, unless_disconnected
 from vergeai.auth import check_assistant
 from vergeai.errors import InvalidRequest
 from vergeai.runtime.job import Embedded, Event, Failed, Finished, Job
@@ -108,8 +108,7 @@ async def embed_all(worker: Worker, inputs: list[list[int]]) -> list[Any]:
 
 async def embeddings(request: Request) -> Response:
     service: Service = request.app.state.service
-    caller = service.authenticate(request.headers.get("authorization"))
-    request.state.user = caller.user.name
+    caller = authenticated(request)
     body = await read_json(request)
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")

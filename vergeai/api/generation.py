@@ -106,11 +106,13 @@ class Done:
     ttft: float  # seconds from submit to the first token
     session: dict[str, Any] | None  # id, turns used and dropped, when history is on
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
+        """OpenAI's usage, with the prompt tokens the KV cache already held as cached."""
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.timings.cache_n},
         }
 
 

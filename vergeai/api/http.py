@@ -11,7 +11,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from vergeai.auth import Caller
 from vergeai.errors import BodyTooLarge, InvalidRequest, RequestTimeout, VergeError, error_body
+from vergeai.service import Service
 
 T = TypeVar("T")
 MAX_BODY = 1024 * 1024
@@ -43,7 +45,11 @@ async def read_json(request: Request, limit: int = MAX_BODY) -> Any:
         ) from None
     if not body:
         raise InvalidRequest("the request body is empty; expected a JSON object")
-    return parse_json(bytes(body))
+    value = parse_json(bytes(body))
+    if isinstance(value, dict) and isinstance(value.get("model"), str):
+        # the log and the usage record name the assistant even if the request is refused
+        request.state.assistant = value["model"]
+    return value
 
 
 def parse_json(data: bytes) -> Any:
@@ -172,3 +178,18 @@ class EventStream(StreamingResponse):
 def sse(data: dict[str, Any] | str) -> bytes:
     payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
     return f"data: {payload}\n\n".encode()
+
+
+def authenticated(request: Request, authorization: str | None = None) -> Caller:
+    """The caller of a request (its Authorization header, unless given), noted for the log.
+
+    The user's and the key's names go to ``request.state`` for the access log
+    and the usage record; the token never does.
+    """
+    service: Service = request.app.state.service
+    if authorization is None:
+        authorization = request.headers.get("authorization")
+    caller = service.authenticate(authorization)
+    request.state.user = caller.user.name
+    request.state.key = caller.key.name
+    return caller

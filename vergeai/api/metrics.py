@@ -10,6 +10,7 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
+from vergeai.api.http import authenticated
 from vergeai.errors import PermissionDenied
 from vergeai.service import Service
 
@@ -94,10 +95,8 @@ class Metrics:
 
 
 async def metrics(request: Request) -> Response:
-    service: Service = request.app.state.service
     if not request.app.state.metrics_public:
-        caller = service.authenticate(request.headers.get("authorization"))
-        request.state.user = caller.user.name
+        caller = authenticated(request)
         if caller.user.role != "admin":
             raise PermissionDenied("/metrics needs an admin user's key")
     data = generate_latest(request.app.state.metrics.registry)

@@ -24,7 +24,7 @@ from vergeai.api import generation
 from vergeai.api.chat import account
 from vergeai.api.fields import bad
 from vergeai.api.generation import Choice, Done, Generation, Piece
-from vergeai.api.http import EventStream, read_json, unless_disconnected
+from vergeai.api.http import EventStream, authenticated, read_json, unless_disconnected
 from vergeai.api.schemas import parse_chat_request
 from vergeai.auth import Caller, check_assistant
 from vergeai.errors import InvalidRequest, NotFound, Unsupported, VergeError, error_body
@@ -141,8 +141,7 @@ def _store(request: Request) -> Responses:
 
 def _caller(request: Request) -> tuple[Service, Caller]:
     service: Service = request.app.state.service
-    caller = service.authenticate(request.headers.get("authorization"))
-    request.state.user = caller.user.name
+    caller = authenticated(request)
     return service, caller
 
 

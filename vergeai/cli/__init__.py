@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from vergeai import __version__
-from vergeai.cli import assistant, history, key, serve, user, workers
+from vergeai.cli import assistant, history, key, serve, usage, user, workers
 from vergeai.cli.common import StateDirOption, given
 
 app = typer.Typer(
@@ -22,6 +22,7 @@ assistant.app.command("clear-history")(history.clear_history)
 app.add_typer(assistant.app, name="assistant")
 app.command("serve")(serve.serve)
 app.command("workers")(workers.workers)
+app.command("usage")(usage.usage)
 
 
 def _version(value: bool) -> None:

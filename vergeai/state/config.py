@@ -26,6 +26,7 @@ class ServerConfig:
     grace_seconds: float = 30.0
     read_timeout: float = 30.0  # for a request's headers and body; also keep-alive idle
     max_connections: int = 512
+    usage_days: int = 400  # how long the usage record keeps a request
 
     def check(self, where: str) -> ServerConfig:
         def bad(name: str, why: str) -> StateError:
@@ -43,6 +44,8 @@ class ServerConfig:
             raise bad("read_timeout", "must be between 1 and 3600")
         if not 1 <= self.max_connections <= 1_000_000:
             raise bad("max_connections", "must be between 1 and 1000000")
+        if not 1 <= self.usage_days <= 36_500:
+            raise bad("usage_days", "must be between 1 and 36500")
         if (self.certfile is None) != (self.keyfile is None):
             raise bad("certfile", "certfile and keyfile go together")
         return self

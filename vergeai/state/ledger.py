@@ -1,0 +1,123 @@
+"""The usage record: one row per finished API request that named an assistant.
+
+In ``usage.db`` (SQLite, WAL) beside the keys' last-used times. The server
+collects rows in memory and writes them off the event loop every half
+second, so a crash loses at most the requests of that half second and those
+in flight. ``vergeai usage`` reads totals from it; rows older than the
+retention (``usage_days``, default 400) are pruned by the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import astuple, dataclass, fields
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+FILE = "usage.db"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    at TEXT NOT NULL, user TEXT NOT NULL, key TEXT NOT NULL, assistant TEXT NOT NULL,
+    endpoint TEXT NOT NULL, status INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
+    duration_ms REAL NOT NULL, request_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS requests_by_time ON requests (at);
+"""
+GROUPS = ("day", "user", "key", "assistant")
+TOTALS = (
+    "COUNT(*) AS requests, SUM(status >= 400) AS errors, SUM(prompt_tokens) AS prompt_tokens, "
+    "SUM(cached_tokens) AS cached_tokens, SUM(completion_tokens) AS completion_tokens, "
+    "SUM(prompt_tokens + completion_tokens) AS total_tokens"
+)
+
+
+@dataclass(frozen=True)
+class Record:
+    at: str  # ISO 8601, UTC
+    user: str
+    key: str  # the key's name, never its token
+    assistant: str
+    endpoint: str
+    status: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    duration_ms: float
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Filter:
+    user: str | None = None
+    key: str | None = None
+    assistant: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None  # exclusive
+
+
+class Ledger:
+    def __init__(self, root: Path) -> None:
+        self.path = Path(root) / FILE
+
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+        conn = sqlite3.connect(self.path, timeout=10.0)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(SCHEMA)
+            with conn:
+                yield conn
+        finally:
+            conn.close()
+
+    def write(self, records: list[Record]) -> None:
+        if not records:
+            return
+        marks = ", ".join("?" * len(fields(Record)))
+        with self._db() as db:
+            db.executemany(f"INSERT INTO requests VALUES ({marks})", map(astuple, records))
+
+    def prune(self, days: int) -> int:
+        cutoff = (datetime.now(UTC) - timedelta(days=days)).isoformat()
+        with self._db() as db:
+            return int(db.execute("DELETE FROM requests WHERE at < ?", (cutoff,)).rowcount)
+
+    def totals(self, where: Filter, by: str | None = None) -> list[dict[str, Any]]:
+        """Sums over the matching requests, one row per group (``day`` is the UTC date)."""
+        if not self.path.exists():
+            return []
+        clauses, args = ["1"], []
+        for name in ("user", "key", "assistant"):
+            value = getattr(where, name)
+            if value is not None:
+                clauses.append(f"{name} = ?")
+                args.append(value)
+        if where.since is not None:
+            clauses.append("at >= ?")
+            args.append(where.since.astimezone(UTC).isoformat())
+        if where.until is not None:
+            clauses.append("at < ?")
+            args.append(where.until.astimezone(UTC).isoformat())
+        group = {"day": "substr(at, 1, 10)", None: "'all'"}.get(by, by)
+        if by is not None and by not in GROUPS:
+            raise ValueError(f"cannot group by {by!r}")
+        sql = (
+            f"SELECT {group} AS grp, {TOTALS} FROM requests WHERE {' AND '.join(clauses)} "
+            f"GROUP BY grp ORDER BY grp"
+        )
+        with self._db() as db:
+            db.row_factory = sqlite3.Row
+            rows = [dict(row) for row in db.execute(sql, args)]
+        out = []
+        for row in rows:
+            value = row.pop("grp")
+            sums = {k: v or 0 for k, v in row.items()}
+            out.append({by: value, **sums} if by else sums)
+        return out
