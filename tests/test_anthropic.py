@@ -19,6 +19,7 @@ from helpers import Server, cli_ok, free_port
 from test_thinking import relabel
 
 DATA = Path(__file__).parent / "data"
+GREEDY: Any = {"temperature": 0}  # the anthropic client takes no temperature any more
 HELLO = [{"role": "user", "content": "What is the capital of France?"}]
 WEATHER = {
     "name": "get_weather",
@@ -38,11 +39,12 @@ class Env:
     other_token: str
 
     def client(self, token: str | None = None) -> anthropic.Anthropic:
-        return anthropic.Anthropic(base_url=self.server.root_url, api_key=token or self.token,
-                                   max_retries=0)  # fmt: skip
+        return anthropic.Anthropic(
+            base_url=self.server.root_url, api_key=token or self.token, max_retries=0
+        )
 
     def post(self, path: str = "/v1/messages", **body: Any) -> httpx.Response:
-        payload = {"model": "gemma", "max_tokens": 8, "messages": HELLO, **body}
+        payload = {"model": "gemma", "max_tokens": 8, "messages": HELLO, "temperature": 0, **body}
         with httpx.Client(base_url=self.server.root_url, timeout=60) as http:
             return http.post(path, json=payload, headers={"x-api-key": self.token})
 
@@ -55,8 +57,17 @@ def env(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator[E
     common = ["--threads", "2", "--ctx", "1024", "--parallel", "2"]
     cli_ok(state, "user", "create", "u", "--assistants", "gemma,r1")
     cli_ok(state, "user", "create", "v", "--assistants", "r1")
-    cli_ok(state, "assistant", "create", "gemma", "--model", model_path, "--chat-format",
-           "gemma", *common)  # fmt: skip
+    cli_ok(
+        state,
+        "assistant",
+        "create",
+        "gemma",
+        "--model",
+        model_path,
+        "--chat-format",
+        "gemma",
+        *common,
+    )
     cli_ok(state, "assistant", "create", "r1", "--model", r1, *common)
     token = cli_ok(state, "key", "create", "--user", "u", "--name", "k").strip()
     other = cli_ok(state, "key", "create", "--user", "v", "--name", "k").strip()
@@ -70,6 +81,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator[E
 
 def test_a_message(env: Env) -> None:
     message = env.client().messages.create(
+        extra_body=GREEDY,
         model="gemma",
         max_tokens=6,
         system="Answer briefly.",
@@ -93,49 +105,74 @@ def test_stop_sequences_and_bearer_keys(env: Env) -> None:
         response = http.post(
             "/v1/messages",
             headers={"authorization": f"Bearer {env.token}"},
-            json={"model": "gemma", "max_tokens": 40, "messages": HELLO,
-                  "stop_sequences": [" "], "temperature": 0},
-        )  # fmt: skip
+            json={
+                "model": "gemma",
+                "max_tokens": 40,
+                "messages": HELLO,
+                "stop_sequences": [" "],
+                "temperature": 0,
+            },
+        )
     body = response.json()
     assert body["stop_reason"] == "stop_sequence" and body["stop_sequence"] == " "
     assert " " not in body["content"][0]["text"]
 
 
 def test_the_event_stream(env: Env) -> None:
-    with env.client().messages.stream(model="gemma", max_tokens=6, messages=HELLO) as stream:  # type: ignore[arg-type]
+    with env.client().messages.stream(
+        extra_body=GREEDY, model="gemma", max_tokens=6, messages=HELLO
+    ) as stream:  # type: ignore[arg-type]
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
     assert text and final.content[0].text == text  # type: ignore[union-attr]
     assert final.stop_reason == "max_tokens" and final.usage.output_tokens == 6
     response = env.post(stream=True)
-    kinds = [line[len("event: ") :] for line in response.text.splitlines()
-             if line.startswith("event: ")]  # fmt: skip
+    kinds = [
+        line[len("event: ") :] for line in response.text.splitlines() if line.startswith("event: ")
+    ]
     assert kinds[:3] == ["message_start", "content_block_start", "content_block_delta"]
     assert kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"]
 
 
 def test_thinking_blocks(env: Env) -> None:
-    message = env.client().messages.create(model="r1", max_tokens=8, messages=HELLO)  # type: ignore[arg-type]
+    # (greedy, so that the model's first token is not a sampled "</think>")
+    message = env.client().messages.create(
+        model="r1",
+        max_tokens=8,
+        messages=HELLO,
+        extra_body=GREEDY,  # type: ignore[arg-type]
+    )
     assert message.content[0].type == "thinking"
     assert message.content[0].thinking  # type: ignore[union-attr]
     off = env.client().messages.create(
+        extra_body=GREEDY,
         model="r1",
         max_tokens=8,
         messages=HELLO,
         thinking={"type": "disabled"},  # type: ignore[arg-type]
     )
     assert [b.type for b in off.content] == ["text"]
-    with env.client().messages.stream(model="r1", max_tokens=8, messages=HELLO) as stream:  # type: ignore[arg-type]
+    with env.client().messages.stream(
+        model="r1",
+        max_tokens=8,
+        messages=HELLO,
+        extra_body=GREEDY,  # type: ignore[arg-type]
+    ) as stream:
         final = stream.get_final_message()
     assert final.content[0].type == "thinking"
+    assert final.content[0].thinking == message.content[0].thinking  # type: ignore[union-attr]
 
 
 def test_tool_use_and_its_result(env: Env) -> None:
     client = env.client()
     first = client.messages.create(
-        model="gemma", max_tokens=60, messages=HELLO, tools=[WEATHER],  # type: ignore[list-item,arg-type]
+        extra_body=GREEDY,
+        model="gemma",
+        max_tokens=60,
+        messages=HELLO,
+        tools=[WEATHER],  # type: ignore[list-item,arg-type]
         tool_choice={"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True},
-    )  # fmt: skip
+    )
     assert first.stop_reason == "tool_use"
     use = first.content[-1]
     assert use.type == "tool_use" and use.name == "get_weather"
@@ -148,17 +185,24 @@ def test_tool_use_and_its_result(env: Env) -> None:
             "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "Sunny"}],
         },
     ]
-    second = client.messages.create(model="gemma", max_tokens=4, messages=history, tools=[WEATHER])  # type: ignore[arg-type,list-item]
+    second = client.messages.create(
+        extra_body=GREEDY, model="gemma", max_tokens=4, messages=history, tools=[WEATHER]
+    )  # type: ignore[arg-type,list-item]
     assert second.usage.input_tokens > first.usage.input_tokens
-    streamed = env.post(max_tokens=60, tools=[WEATHER], stream=True,
-                        tool_choice={"type": "any", "disable_parallel_tool_use": True})  # fmt: skip
+    streamed = env.post(
+        max_tokens=60,
+        tools=[WEATHER],
+        stream=True,
+        tool_choice={"type": "any", "disable_parallel_tool_use": True},
+    )
     data = [
         json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: ")
     ]
     starts = [d["content_block"] for d in data if d["type"] == "content_block_start"]
     assert starts[0]["type"] == "tool_use" and starts[0]["name"] == "get_weather"
-    partial = "".join(d["delta"]["partial_json"] for d in data
-                      if d["type"] == "content_block_delta")  # fmt: skip
+    partial = "".join(
+        d["delta"]["partial_json"] for d in data if d["type"] == "content_block_delta"
+    )
     assert isinstance(json.loads(partial)["city"], str)
 
 
@@ -174,10 +218,18 @@ def test_tool_use_and_its_result(env: Env) -> None:
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
-        ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
-         "text only"),
-        ({"messages": [{"role": "assistant", "content": [{"type": "tool_result",
-                                                          "tool_use_id": "x"}]}]}, "cannot hold"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
+            "text only",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "assistant", "content": [{"type": "tool_result", "tool_use_id": "x"}]}
+                ]
+            },
+            "cannot hold",
+        ),
         ({"system": [{"type": "image"}]}, "system[0]"),
         ({"thinking": {"type": "sometimes"}}, "thinking"),
         ({"tools": [WEATHER], "tool_choice": {"type": "maybe"}}, "tool_choice"),
@@ -185,7 +237,7 @@ def test_tool_use_and_its_result(env: Env) -> None:
         ({"temperature": 5}, "temperature"),
         ({"model": "nobody"}, "nobody"),
     ],
-)  # fmt: skip
+)
 def test_bad_requests_get_anthropic_errors(env: Env, body: dict[str, Any], words: str) -> None:
     response = env.post(**body)
     assert response.status_code in (400, 404), response.text
@@ -197,9 +249,13 @@ def test_bad_requests_get_anthropic_errors(env: Env, body: dict[str, Any], words
 
 def test_keys_and_permissions(env: Env) -> None:
     with pytest.raises(anthropic.AuthenticationError) as bad_key:
-        env.client("vai-not-a-key").messages.create(model="gemma", max_tokens=2, messages=HELLO)  # type: ignore[arg-type]
+        env.client("vai-not-a-key").messages.create(
+            extra_body=GREEDY, model="gemma", max_tokens=2, messages=HELLO
+        )  # type: ignore[arg-type]
     assert bad_key.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
     with pytest.raises(anthropic.APIStatusError) as forbidden:
-        env.client(env.other_token).messages.create(model="gemma", max_tokens=2, messages=HELLO)  # type: ignore[arg-type]
+        env.client(env.other_token).messages.create(
+            extra_body=GREEDY, model="gemma", max_tokens=2, messages=HELLO
+        )  # type: ignore[arg-type]
     assert forbidden.value.status_code in (403, 404)
     assert forbidden.value.body["type"] == "error"  # type: ignore[index]

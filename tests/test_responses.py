@@ -47,7 +47,7 @@ class Env:
 
     def post(self, **body: Any) -> httpx.Response:
         with self.server.http(self.token) as http:
-            return http.post("/v1/responses", json={"model": "gemma", **body})
+            return http.post("/v1/responses", json={"model": "gemma", "temperature": 0, **body})
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +58,17 @@ def env(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator[E
     common = ["--threads", "2", "--ctx", "1024", "--parallel", "2"]
     cli_ok(state, "user", "create", "u")
     cli_ok(state, "user", "create", "v")
-    cli_ok(state, "assistant", "create", "gemma", "--model", model_path, "--chat-format",
-           "gemma", *common)  # fmt: skip
+    cli_ok(
+        state,
+        "assistant",
+        "create",
+        "gemma",
+        "--model",
+        model_path,
+        "--chat-format",
+        "gemma",
+        *common,
+    )
     cli_ok(state, "assistant", "create", "r1", "--model", r1, *common)
     token = cli_ok(state, "key", "create", "--user", "u", "--name", "k").strip()
     other = cli_ok(state, "key", "create", "--user", "v", "--name", "k").strip()
@@ -73,13 +82,19 @@ def env(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator[E
 
 def test_a_response_and_its_follow_up(env: Env) -> None:
     client = env.client()
-    first = client.responses.create(model="gemma", input=QUESTION, max_output_tokens=6)
+    first = client.responses.create(
+        temperature=0, model="gemma", input=QUESTION, max_output_tokens=6
+    )
     assert first.object == "response" and first.id.startswith("resp_")
     assert first.status == "incomplete" and first.incomplete_details is not None
     assert first.incomplete_details.reason == "max_output_tokens"
     assert first.output_text and first.usage is not None and first.usage.output_tokens == 6
     follow = client.responses.create(
-        model="gemma", input="And of Italy?", previous_response_id=first.id, max_output_tokens=4
+        temperature=0,
+        model="gemma",
+        input="And of Italy?",
+        previous_response_id=first.id,
+        max_output_tokens=4,
     )
     assert follow.previous_response_id == first.id and follow.usage is not None
     # the follow-up's prompt starts with the first conversation: its tokens are cached
@@ -90,14 +105,31 @@ def test_a_response_and_its_follow_up(env: Env) -> None:
 
 def test_instructions_are_not_carried_over(env: Env) -> None:
     client = env.client()
-    plain = client.responses.create(model="gemma", input=QUESTION, max_output_tokens=1)
-    told = client.responses.create(model="gemma", input=QUESTION, max_output_tokens=1,
-                                   instructions="Answer in one word, always.")  # fmt: skip
+    plain = client.responses.create(
+        temperature=0, model="gemma", input=QUESTION, max_output_tokens=1
+    )
+    told = client.responses.create(
+        temperature=0,
+        model="gemma",
+        input=QUESTION,
+        max_output_tokens=1,
+        instructions="Answer in one word, always.",
+    )
     assert plain.usage and told.usage and told.usage.input_tokens > plain.usage.input_tokens
-    after = client.responses.create(model="gemma", input="Again.", previous_response_id=told.id,
-                                    max_output_tokens=1)  # fmt: skip
-    again = client.responses.create(model="gemma", input="Again.",
-                                    previous_response_id=plain.id, max_output_tokens=1)  # fmt: skip
+    after = client.responses.create(
+        temperature=0,
+        model="gemma",
+        input="Again.",
+        previous_response_id=told.id,
+        max_output_tokens=1,
+    )
+    again = client.responses.create(
+        temperature=0,
+        model="gemma",
+        input="Again.",
+        previous_response_id=plain.id,
+        max_output_tokens=1,
+    )
     assert after.usage and again.usage
     # the same conversation after either: the instructions were not carried over
     assert abs(after.usage.input_tokens - again.usage.input_tokens) <= 2
@@ -105,9 +137,12 @@ def test_instructions_are_not_carried_over(env: Env) -> None:
 
 def test_store_false_and_other_users(env: Env) -> None:
     client = env.client()
-    kept = client.responses.create(model="gemma", input=QUESTION, max_output_tokens=1)
-    unkept = client.responses.create(model="gemma", input=QUESTION, max_output_tokens=1,
-                                     store=False)  # fmt: skip
+    kept = client.responses.create(
+        temperature=0, model="gemma", input=QUESTION, max_output_tokens=1
+    )
+    unkept = client.responses.create(
+        temperature=0, model="gemma", input=QUESTION, max_output_tokens=1, store=False
+    )
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(unkept.id)
     with pytest.raises(openai.NotFoundError):
@@ -117,8 +152,9 @@ def test_store_false_and_other_users(env: Env) -> None:
     response = env.post(input="x", previous_response_id=kept.id, max_output_tokens=1)
     assert response.status_code == 200  # its owner may continue it
     with env.server.http(env.other) as http:
-        theirs = http.post("/v1/responses", json={"model": "gemma", "input": "x",
-                                                  "previous_response_id": kept.id})  # fmt: skip
+        theirs = http.post(
+            "/v1/responses", json={"model": "gemma", "input": "x", "previous_response_id": kept.id}
+        )
     assert theirs.status_code == 404 and error_of(theirs)["param"] == "previous_response_id"
     client.responses.delete(kept.id)
     with pytest.raises(openai.NotFoundError):
@@ -132,10 +168,18 @@ def test_the_event_stream(env: Env) -> None:
     names = [line[7:] for line in lines if line.startswith("event: ")]
     assert names == [e["type"] for e in events]
     kinds = [e["type"] for e in events]
-    assert kinds[:4] == ["response.created", "response.in_progress",
-                         "response.output_item.added", "response.content_part.added"]  # fmt: skip
-    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done",
-                          "response.output_item.done", "response.incomplete"]  # fmt: skip
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.incomplete",
+    ]
     assert [e["sequence_number"] for e in events] == list(range(1, len(events) + 1))
     deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
     final = events[-1]["response"]
@@ -146,29 +190,52 @@ def test_the_event_stream(env: Env) -> None:
 def test_function_calls_whole_streamed_and_answered(env: Env) -> None:
     client = env.client()
     tools: Any = [WEATHER]
-    first = client.responses.create(model="gemma", input="Weather in Paris?", tools=tools,
-                                    tool_choice="required", parallel_tool_calls=False,
-                                    max_output_tokens=60)  # fmt: skip
+    first = client.responses.create(
+        temperature=0,
+        model="gemma",
+        input="Weather in Paris?",
+        tools=tools,
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_output_tokens=60,
+    )
     assert first.status == "completed"
     call = first.output[-1]
     assert call.type == "function_call" and call.name == "get_weather"
     assert isinstance(json.loads(call.arguments)["city"], str)
     result = [{"type": "function_call_output", "call_id": call.call_id, "output": "Sunny"}]
-    after = client.responses.create(model="gemma", input=result, previous_response_id=first.id,  # type: ignore[arg-type]
-                                    tools=tools, max_output_tokens=3)  # fmt: skip
+    after = client.responses.create(
+        temperature=0,
+        model="gemma",
+        input=result,
+        previous_response_id=first.id,  # type: ignore[arg-type]
+        tools=tools,
+        max_output_tokens=3,
+    )
     assert after.usage and first.usage and after.usage.input_tokens > first.usage.input_tokens
     named: Any = {"type": "function", "name": "get_weather"}
     with client.responses.stream(
-        model="gemma", input="Weather in Paris?", tools=tools, tool_choice=named,
-        parallel_tool_calls=False, max_output_tokens=60,
-    ) as stream:  # fmt: skip
+        temperature=0,
+        model="gemma",
+        input="Weather in Paris?",
+        tools=tools,
+        tool_choice=named,
+        parallel_tool_calls=False,
+        max_output_tokens=60,
+    ) as stream:
         final = stream.get_final_response()
     assert final.output[-1].type == "function_call"
     # a whole conversation given as items works the same
-    items = [{"role": "user", "content": "Weather in Paris?"},
-             {"type": "function_call", "call_id": "c1", "name": "get_weather",
-              "arguments": '{"city": "Paris"}'},
-             {"type": "function_call_output", "call_id": "c1", "output": "Sunny"}]  # fmt: skip
+    items = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "type": "function_call",
+            "call_id": "c1",
+            "name": "get_weather",
+            "arguments": '{"city": "Paris"}',
+        },
+        {"type": "function_call_output", "call_id": "c1", "output": "Sunny"},
+    ]
     assert env.post(input=items, tools=tools, max_output_tokens=2).status_code == 200
 
 
@@ -178,23 +245,32 @@ def test_structured_output_with_parse(env: Env) -> None:
         country: str = Field(max_length=20)
 
     parsed = env.client().responses.parse(
-        model="gemma", input="Paris as JSON", text_format=City, max_output_tokens=60
+        temperature=0, model="gemma", input="Paris as JSON", text_format=City, max_output_tokens=60
     )
     assert isinstance(parsed.output_parsed, City)
 
 
 def test_reasoning_items(env: Env) -> None:
-    reply = env.client().responses.create(model="r1", input=QUESTION, max_output_tokens=8)
+    reply = env.client().responses.create(
+        temperature=0, model="r1", input=QUESTION, max_output_tokens=8
+    )
     assert reply.output[0].type == "reasoning"
     assert reply.output[0].content and reply.output[0].content[0].text  # type: ignore[union-attr]
-    off = env.client().responses.create(model="r1", input=QUESTION, max_output_tokens=8,
-                                        reasoning={"effort": "none"})  # fmt: skip
+    off = env.client().responses.create(
+        temperature=0, model="r1", input=QUESTION, max_output_tokens=8, reasoning={"effort": "none"}
+    )
     assert [o.type for o in off.output] == ["message"]
 
 
 def test_sampling_fields_reach_the_model(env: Env) -> None:
-    body = {"input": QUESTION, "max_output_tokens": 8, "temperature": 0, "top_p": 0.5,
-            "extra": "ignored", "metadata": {"a": "b"}}  # fmt: skip
+    body = {
+        "input": QUESTION,
+        "max_output_tokens": 8,
+        "temperature": 0,
+        "top_p": 0.5,
+        "extra": "ignored",
+        "metadata": {"a": "b"},
+    }
     one = env.post(**body).json()
     two = env.post(**body).json()
     assert one["output"][0]["content"] == two["output"][0]["content"]
@@ -211,8 +287,10 @@ def test_sampling_fields_reach_the_model(env: Env) -> None:
         ({"input": 5}, "input"),
         ({"input": []}, "input"),
         ({"input": [{"type": "message", "role": "bot", "content": "x"}]}, "input[0].role"),
-        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
-         "input[0].content[0]"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+            "input[0].content[0]",
+        ),
         ({"input": [{"type": "web_search_call"}]}, "input[0].type"),
         ({"input": [{"type": "function_call", "name": "f"}]}, "input[0]"),
         ({"input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
@@ -223,7 +301,7 @@ def test_sampling_fields_reach_the_model(env: Env) -> None:
         ({"input": "x", "text": "json"}, "text"),
         ({"input": "x", "max_output_tokens": 0}, "max_tokens"),
     ],
-)  # fmt: skip
+)
 def test_bad_requests_are_4xx_naming_the_field(env: Env, body: dict[str, Any], param: str) -> None:
     response = env.post(**body)
     assert response.status_code == 400, response.text

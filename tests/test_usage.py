@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import HELLO, Server, cli_ok, eventually, free_port, run_cli
+from helpers import HELLO, NO_EOS, Server, cli_ok, eventually, free_port, run_cli
 
 from vergeai.state.ledger import Filter, Ledger, Record
 
@@ -51,15 +51,35 @@ def env(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator[E
     server.start(timeout=120)
     env = Env(server, state, alice, alice_ci, bob)
     try:
-        chat = {"model": "gemma", "messages": HELLO, "max_tokens": 3, "temperature": 0}
+        chat = {
+            "model": "gemma",
+            "messages": HELLO,
+            "max_tokens": 3,
+            "temperature": 0,
+            "logit_bias": NO_EOS,
+        }
         first = env.post(alice, "/v1/chat/completions", chat).json()
         second = env.post(alice, "/v1/chat/completions", chat).json()  # its prompt is cached
         assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
         assert first["usage"]["prompt_tokens"] == second["usage"]["prompt_tokens"]
-        env.post(alice_ci, "/v1/completions", {"model": "gemma", "prompt": "Hi", "max_tokens": 2})
+        env.post(
+            alice_ci,
+            "/v1/completions",
+            {
+                "model": "gemma",
+                "prompt": "Hi",
+                "max_tokens": 2,
+                "temperature": 0,
+                "logit_bias": NO_EOS,
+            },
+        )
         env.post(bob, "/v1/embeddings", {"model": "emb", "input": ["a b c", "d e"]})
         env.post(bob, "/v1/chat/completions", {"model": "gemma", "messages": HELLO, "top_p": 7})
-        env.post(bob, "/v1/messages", {"model": "gemma", "max_tokens": 2, "messages": HELLO})
+        env.post(
+            bob,
+            "/v1/messages",
+            {"model": "gemma", "max_tokens": 2, "messages": HELLO, "temperature": 0},
+        )
         env.post(bob, "/v1/chat/completions", {"model": "nobody", "messages": HELLO})
         eventually(lambda: env.usage()[0]["requests"] == 6, timeout=5, what="records written")
         yield env
