@@ -264,7 +264,8 @@ def test_legacy_functions(tools: Tools) -> None:
 
 def test_n_choices_each_call(tools: Tools) -> None:
     reply = tools.post(model="qwen", tools=[WEATHER], tool_choice="required", n=2,
-                       parallel_tool_calls=False, temperature=0.9, seed=1).json()  # fmt: skip
+                       parallel_tool_calls=False, temperature=0.9, seed=1,
+                       max_tokens=160).json()  # fmt: skip
     for choice in reply["choices"]:
         assert choice["finish_reason"] == "tool_calls"
         check_weather_arguments(choice["message"]["tool_calls"][0]["function"]["arguments"])
