@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import sqlite3
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+from vergeai.state.sqlite import transaction
 
 FILE = "history.db"
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,128}\Z")  # \Z: no trailing newline
@@ -51,21 +51,8 @@ class History:
     def __init__(self, root: Path) -> None:
         self.path = Path(root) / FILE
 
-    @contextlib.contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.close(fd)
-        conn = sqlite3.connect(self.path, timeout=10.0)
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(SCHEMA)
-            columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
-            if "extra" not in columns:  # a history.db from before tool calls
-                conn.execute("ALTER TABLE messages ADD COLUMN extra TEXT")
-            with conn:
-                yield conn
-        finally:
-            conn.close()
+    def _db(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return transaction(self.path, SCHEMA, _add_extra)
 
     def turns(self, key: SessionKey, max_idle_days: int) -> list[Turn]:
         """The session's stored turns, oldest first; an idle-expired session is emptied."""
@@ -139,6 +126,12 @@ class History:
         where, args = _where(assistant, user, session)
         with self._db() as db:
             return _delete(db, where, args)
+
+
+def _add_extra(conn: sqlite3.Connection) -> None:
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+    if "extra" not in columns:  # a history.db from before tool calls
+        conn.execute("ALTER TABLE messages ADD COLUMN extra TEXT")
 
 
 def _extra(message: Message) -> str | None:

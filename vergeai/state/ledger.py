@@ -10,13 +10,13 @@ retention (``usage_days``, default 400) are pruned by the server.
 from __future__ import annotations
 
 import contextlib
-import os
 import sqlite3
-from collections.abc import Iterator
 from dataclasses import astuple, dataclass, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+from vergeai.state.sqlite import transaction
 
 FILE = "usage.db"
 SCHEMA = """
@@ -64,18 +64,8 @@ class Ledger:
     def __init__(self, root: Path) -> None:
         self.path = Path(root) / FILE
 
-    @contextlib.contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.close(fd)
-        conn = sqlite3.connect(self.path, timeout=10.0)
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(SCHEMA)
-            with conn:
-                yield conn
-        finally:
-            conn.close()
+    def _db(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return transaction(self.path, SCHEMA)
 
     def write(self, records: list[Record]) -> None:
         if not records:
