@@ -314,12 +314,7 @@ class Blocks:
 
 async def stream_reply(request: Request, gen: Generation, reply: MessageReply) -> Response:
     """Anthropic's event sequence; an error after the start is an ``error`` event."""
-    events = gen.events()
-    try:
-        first = await anext(events)
-    except BaseException:
-        gen.close()
-        raise
+    events = await gen.started()
 
     async def body() -> AsyncIterator[bytes]:
         async with gen:
@@ -328,12 +323,12 @@ async def stream_reply(request: Request, gen: Generation, reply: MessageReply) -
                        "stop_sequence": None, "usage": usage}  # fmt: skip
             yield event("message_start", {"message": message})
             blocks = Blocks()
-            current: Piece | Done = first
-            while True:
-                if isinstance(current, Piece):
-                    for chunk in blocks.piece(current):
-                        yield chunk
-                else:
+            try:
+                async for current in events:
+                    if isinstance(current, Piece):
+                        for chunk in blocks.piece(current):
+                            yield chunk
+                        continue
                     account(request, current)
                     for chunk in blocks.close():
                         yield chunk
@@ -342,12 +337,8 @@ async def stream_reply(request: Request, gen: Generation, reply: MessageReply) -
                     out = {"output_tokens": current.completion_tokens}
                     yield event("message_delta", {"delta": delta, "usage": out})
                     yield event("message_stop", {})
-                    return
-                try:
-                    current = await anext(events)
-                except VergeError as err:
-                    kind = ERROR_TYPES.get(err.status, "api_error")
-                    yield event("error", {"error": {"type": kind, "message": err.message}})
-                    return
+            except VergeError as err:
+                kind = ERROR_TYPES.get(err.status, "api_error")
+                yield event("error", {"error": {"type": kind, "message": err.message}})
 
     return EventStream(body(), on_close=gen.close)

@@ -76,30 +76,25 @@ async def stream_reply(
     The event stream's own disconnect watcher cancels the body, and leaving
     ``async with gen`` (or the stream's close) stops the job.
     """
-    events = gen.events()
-    try:
-        first = await anext(events)
-    except BaseException:
-        gen.close()
-        raise
+    events = await gen.started()
 
     async def body() -> AsyncIterator[bytes]:
         async with gen:
             for index in range(len(gen.answers)):
                 yield sse(reply.chunk({"role": "assistant", "content": None}, index=index))
-            event = first
             finished: set[int] = set()  # choices whose finish chunk went out
-            while True:
-                if isinstance(event, Piece):
-                    if replace(event, finish_reason=None):  # it has output
-                        chunk = reply.chunk(
-                            reply.delta(event), logprobs=event.logprobs, index=event.index
-                        )
-                        yield sse(chunk)
-                    if event.finish_reason is not None:
-                        finished.add(event.index)
-                        yield sse(reply.chunk({}, event.finish_reason, index=event.index))
-                else:
+            try:
+                async for event in events:
+                    if isinstance(event, Piece):
+                        if replace(event, finish_reason=None):  # it has output
+                            delta = reply.delta(event)
+                            yield sse(
+                                reply.chunk(delta, logprobs=event.logprobs, index=event.index)
+                            )
+                        if event.finish_reason is not None:
+                            finished.add(event.index)
+                            yield sse(reply.chunk({}, event.finish_reason, index=event.index))
+                        continue
                     account(request, event)
                     final = next(c for c in event.choices if c.index not in finished)
                     last = reply.chunk({}, final.finish_reason, index=final.index)
@@ -109,11 +104,7 @@ async def stream_reply(
                     extra = {"session": event.session} if event.session is not None else {}
                     yield sse({**last, "timings": event.timings.to_json(), **extra})
                     yield sse("[DONE]")
-                    return
-                try:
-                    event = await anext(events)
-                except VergeError as err:
-                    yield sse(error_body(err))
-                    return
+            except VergeError as err:
+                yield sse(error_body(err))
 
     return EventStream(body(), headers=headers, on_close=gen.close)

@@ -227,30 +227,25 @@ async def stream_reply(
     request: Request, gen: Generation, reply: CompletionReply, include_usage: bool
 ) -> Response:
     """As chat streams: errors before the first token are plain HTTP errors."""
-    events = gen.events()
-    try:
-        first = await anext(events)
-    except BaseException:
-        gen.close()
-        raise
+    events = await gen.started()
 
     async def body() -> AsyncIterator[bytes]:
         async with gen:
             for index, echo in enumerate(reply.echoes):
                 if echo:
                     yield sse(reply.chunk(reply.choice(index, echo, None, None)))
-            event: Piece | Done = first
             finished: set[int] = set()
-            while True:
-                if isinstance(event, Piece):
-                    if event.content or event.logprobs:
-                        choice = reply.choice(event.index, event.content, event.logprobs, None)
-                        yield sse(reply.chunk(choice))
-                    if event.finish_reason is not None:
-                        finished.add(event.index)
-                        end = reply.choice(event.index, "", None, event.finish_reason)
-                        yield sse(reply.chunk(end))
-                else:
+            try:
+                async for event in events:
+                    if isinstance(event, Piece):
+                        if event.content or event.logprobs:
+                            text, logprobs = event.content, event.logprobs
+                            yield sse(reply.chunk(reply.choice(event.index, text, logprobs, None)))
+                        if event.finish_reason is not None:
+                            finished.add(event.index)
+                            end = reply.choice(event.index, "", None, event.finish_reason)
+                            yield sse(reply.chunk(end))
+                        continue
                     account(request, event)
                     final = next(c for c in event.choices if c.index not in finished)
                     last = reply.chunk(reply.choice(final.index, "", None, final.finish_reason))
@@ -259,11 +254,7 @@ async def stream_reply(
                         last = {**reply.base(), "choices": [], "usage": event.usage()}
                     yield sse({**last, "timings": event.timings.to_json()})
                     yield sse("[DONE]")
-                    return
-                try:
-                    event = await anext(events)
-                except VergeError as err:
-                    yield sse(error_body(err))
-                    return
+            except VergeError as err:
+                yield sse(error_body(err))
 
     return EventStream(body(), on_close=gen.close)

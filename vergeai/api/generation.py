@@ -291,6 +291,26 @@ class Generation:
             name,
         )
 
+    async def started(self) -> AsyncIterator[Piece | Done]:
+        """The events, the first one awaited now: a stream sends its 200 only after it.
+
+        So a failure before the first token (a full queue, a prompt too long)
+        raises here and is answered as a plain HTTP error; the job is closed.
+        """
+        events = self.events()
+        try:
+            first = await anext(events)
+        except BaseException:
+            self.close()
+            raise
+
+        async def all_events() -> AsyncIterator[Piece | Done]:
+            yield first
+            async for event in events:
+                yield event
+
+        return all_events()
+
     async def whole(self) -> Done:
         """Read to the end; the finished answer."""
         async for event in self.events():

@@ -393,38 +393,30 @@ async def stream_reply(
     reply: ResponseReply,
     keep: Callable[[Done], Awaitable[None]],
 ) -> Response:
-    events = gen.events()
-    try:
-        first = await anext(events)
-    except BaseException:
-        gen.close()
-        raise
+    """The Responses event sequence; an error after the start is an ``error`` event."""
+    events = await gen.started()
 
     async def body() -> AsyncIterator[bytes]:
         async with gen:
             out = Events(reply)
             yield out.event("response.created", response=reply.head("in_progress"))
             yield out.event("response.in_progress", response=reply.head("in_progress"))
-            current: Piece | Done = first
-            while True:
-                if isinstance(current, Piece):
-                    for chunk in out.piece(current):
-                        yield chunk
-                else:
+            try:
+                async for current in events:
+                    if isinstance(current, Piece):
+                        for chunk in out.piece(current):
+                            yield chunk
+                        continue
                     account(request, current)
                     for chunk in out.close():
                         yield chunk
                     whole = reply.whole(current)
                     await keep(current)
-                    kind = "response.completed"
-                    if whole["status"] == "incomplete":
-                        kind = "response.incomplete"
-                    yield out.event(kind, response=whole)
-                    return
-                try:
-                    current = await anext(events)
-                except VergeError as err:
-                    yield out.event("error", **error_body(err)["error"])
-                    return
+                    cut = whole["status"] == "incomplete"
+                    yield out.event(
+                        f"response.{'incomplete' if cut else 'completed'}", response=whole
+                    )
+            except VergeError as err:
+                yield out.event("error", **error_body(err)["error"])
 
     return EventStream(body(), on_close=gen.close)
