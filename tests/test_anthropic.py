@@ -163,6 +163,20 @@ def test_thinking_blocks(env: Env) -> None:
     assert final.content[0].thinking == message.content[0].thinking  # type: ignore[union-attr]
 
 
+def test_count_tokens_counts_the_prompt_a_forced_call_gets(env: Env) -> None:
+    # r1's template opens a think block, closed empty when a forced call turns thinking off
+    forced: Any = {"tools": [WEATHER], "tool_choice": {"type": "any"}}
+    used = env.client().messages.create(
+        extra_body=GREEDY,
+        model="r1",
+        max_tokens=30,
+        messages=HELLO,
+        **forced,  # type: ignore[arg-type]
+    )
+    count = env.client().messages.count_tokens(model="r1", messages=HELLO, **forced)  # type: ignore[arg-type]
+    assert count.input_tokens == used.usage.input_tokens
+
+
 def test_tool_use_and_its_result(env: Env) -> None:
     client = env.client()
     first = client.messages.create(

@@ -205,9 +205,7 @@ async def count_tokens(request: Request) -> Response:
         req = to_chat(await read_json(request), count_only=True)
         check_assistant(caller, req.model, service.state)
         worker = generation.online_worker(service, req.model)
-        thinking = req.enable_thinking
-        if thinking is None and worker.assistant.disable_think:
-            thinking = False
+        thinking = generation.thinking_for(req, worker.assistant)
         tools = req.tools.tools if req.tools else None
         prepared = await asyncio.to_thread(
             prepare, worker, worker.assistant.system_prompt, [], req.messages, thinking, 1,

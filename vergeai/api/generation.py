@@ -408,6 +408,19 @@ async def check_request(worker: Worker, req: Sampled, tools_grammar: str | None 
                 raise InvalidRequest(f"'{param}': {exc.message}", param=param) from None
 
 
+def thinking_for(req: ChatRequest, assistant: Assistant) -> bool | None:
+    """enable_thinking for the template: the request's, else off if the assistant says so.
+
+    A grammar from the first token on (structured output, forced tool calls)
+    leaves no room to think first, so it turns thinking off too.
+    """
+    if req.schema is not None or (req.tools is not None and req.tools.forced):
+        return False
+    if req.enable_thinking is None and assistant.disable_think:
+        return False
+    return req.enable_thinking
+
+
 async def start(
     worker: Worker, sessions: Sessions, user: str, req: ChatRequest, session_id: str | None
 ) -> Generation:
@@ -419,14 +432,7 @@ async def start(
     grammar, triggers = tool_grammar(tools, fmt, req.schema) if tools else (None, ())
     await check_request(worker, req, grammar)
     max_tokens = req.max_tokens or assistant.max_tokens or DEFAULT_MAX_TOKENS
-    thinking = req.enable_thinking
-    if (
-        (thinking is None and assistant.disable_think)
-        or req.schema is not None
-        or (tools and tools.forced)
-    ):
-        # a grammar from the first token on leaves no room to think first
-        thinking = False
+    thinking = thinking_for(req, assistant)
     key = SessionKey(user, assistant.name, session_id) if session_id else None
     lease = await sessions.lease(key) if key and assistant.chat_history else None
     try:
