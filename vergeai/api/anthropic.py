@@ -183,7 +183,6 @@ async def _messages(request: Request) -> Response:
     service: Service = request.app.state.service
     caller = authenticated(request, _api_key(request))
     req = to_chat(await read_json(request))
-    request.state.assistant = req.model
     check_assistant(caller, req.model, service.state)
     worker = generation.online_worker(service, req.model)
     gen = await generation.start(worker, request.app.state.sessions, caller.user.name, req, None)

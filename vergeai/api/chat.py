@@ -40,7 +40,6 @@ async def chat_completions(request: Request) -> Response:
     service: Service = request.app.state.service
     caller = authenticated(request)
     req = parse_chat_request(await read_json(request))
-    request.state.assistant = req.model
     session_id = session_id_of(request, req)
     check_assistant(caller, req.model, service.state)
     worker = generation.online_worker(service, req.model)

@@ -142,7 +142,6 @@ async def completions(request: Request) -> Response:
     service: Service = request.app.state.service
     caller = authenticated(request)
     req = parse_completion_request(await read_json(request))
-    request.state.assistant = req.model
     check_assistant(caller, req.model, service.state)
     worker = generation.online_worker(service, req.model)
     await generation.check_request(worker, req)

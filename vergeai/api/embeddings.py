@@ -31,7 +31,19 @@ EMBEDDING_FIELDS: tuple[FieldSpec, ...] = (
     *field_specs("ignored", "user"),
 )
 FIELDS_BY_NAME = {f.name: f for f in EMBEDDING_FIELDS}
-NO_SAMPLING = Sampling(0.0, 1.0, 0, 0.0, None, 0.0, 0.0, 1.0, 0, {})
+# an embedding samples nothing; a Job still carries a Sampling
+NO_SAMPLING = Sampling(
+    temperature=0.0,
+    top_p=1.0,
+    top_k=0,
+    min_p=0.0,
+    seed=None,
+    presence_penalty=0.0,
+    frequency_penalty=0.0,
+    repeat_penalty=1.0,
+    repeat_last_n=0,
+    logit_bias={},
+)
 
 
 def _is_tokens(value: Any) -> bool:
@@ -116,7 +128,6 @@ async def embeddings(request: Request) -> Response:
     if not isinstance(model, str) or not model:
         raise bad("model", "must name an assistant")
     check_fields(body, FIELDS_BY_NAME)
-    request.state.assistant = model
     if "input" not in body:
         raise bad("input", "is required")
     inputs = parse_inputs(body["input"])

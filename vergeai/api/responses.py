@@ -179,7 +179,6 @@ async def create_response(request: Request) -> Response:
         raise bad("instructions", "must be a string")
     system = [{"role": "system", "content": instructions}] if instructions else []
     req = parse_chat_request(chat_body(body, system + conversation))
-    request.state.assistant = req.model
     check_assistant(caller, req.model, service.state)
     worker = generation.online_worker(service, req.model)
     gen = await generation.start(worker, request.app.state.sessions, caller.user.name, req, None)
