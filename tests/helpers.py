@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import socket
 import ssl
@@ -91,6 +92,21 @@ def make_state(state_dir: Path, model_path: str, online: bool = True) -> tuple[s
     admin = cli_ok(state_dir, "key", "create", "--user", "root", "--name", "admin").strip()
     user = cli_ok(state_dir, "key", "create", "--user", "bob", "--name", "app").strip()
     return admin, user
+
+
+# the README's field lists
+
+
+def readme_fields(heading: str) -> dict[str, set[str]]:
+    """The field names each group's bullet names in a README section: kind -> names."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+    markers = {"honoured": "**Honoured:**", "ignored": "**Accepted and ignored",
+               "refused": "**Refused**"}  # fmt: skip
+    return {
+        kind: set(re.findall(r"`([a-z_]+)`", section.split(marker, 1)[1].split("\n- ", 1)[0]))
+        for kind, marker in markers.items()
+    }
 
 
 # waiting

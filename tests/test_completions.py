@@ -6,18 +6,25 @@ tokens (the model was not trained for FIM, but the request path runs for real).
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from helpers import NO_EOS, BackgroundStream, Server, cli_ok, error_of, free_port, sse_events
+from helpers import (
+    NO_EOS,
+    BackgroundStream,
+    Server,
+    cli_ok,
+    error_of,
+    free_port,
+    readme_fields,
+    sse_events,
+)
 
 from vergeai.api.completions import COMPLETION_FIELDS
 
@@ -198,13 +205,7 @@ def test_every_field_has_a_case() -> None:
 
 
 def test_readme_lists_every_field_where_it_belongs() -> None:
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("## Completions", 1)[1].split("\n## ", 1)[0]
-    groups = {"honoured": "**Honoured:**", "ignored": "**Accepted and ignored:**",
-              "refused": "**Refused**"}  # fmt: skip
-    for kind, marker in groups.items():
-        bullet = section.split(marker, 1)[1].split("\n- ", 1)[0]
-        named = set(re.findall(r"`([a-z_]+)`", bullet))
+    for kind, named in readme_fields("Completions").items():
         assert named == {f.name for f in COMPLETION_FIELDS if f.kind == kind}, kind
 
 

@@ -12,14 +12,21 @@ of the accepted ones, is tested in test_api_fast.py.
 from __future__ import annotations
 
 import math
-import re
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from helpers import HELLO, NO_EOS, REFUSED, BackgroundStream, Deployment, error_of, sse_events
+from helpers import (
+    HELLO,
+    NO_EOS,
+    REFUSED,
+    BackgroundStream,
+    Deployment,
+    error_of,
+    readme_fields,
+    sse_events,
+)
 
 from vergeai.api.generation import sampling_for
 from vergeai.api.schemas import CHAT_FIELDS, parse_chat_request
@@ -230,13 +237,7 @@ def test_grammar_constrains_the_answer(deployment: Deployment) -> None:
 
 
 def test_readme_lists_every_field_where_it_belongs() -> None:
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("## Request fields", 1)[1].split("\n## ", 1)[0]
-    groups = {"honoured": "**Honoured:**", "ignored": "**Accepted and ignored**",
-              "refused": "**Refused**"}  # fmt: skip
-    for kind, marker in groups.items():
-        bullet = section.split(marker, 1)[1].split("\n- ", 1)[0]
-        named = set(re.findall(r"`([a-z_]+)`", bullet))
+    for kind, named in readme_fields("Request fields").items():
         expected = {f.name for f in CHAT_FIELDS if f.kind == kind}
         assert expected <= named, (kind, expected - named)
         others = {f.name for f in CHAT_FIELDS if f.kind != kind}
