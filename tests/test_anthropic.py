@@ -15,7 +15,7 @@ from typing import Any
 import anthropic
 import httpx
 import pytest
-from helpers import Server, cli_ok, free_port
+from helpers import BackgroundStream, Server, cli_ok, free_port
 from test_thinking import relabel
 
 DATA = Path(__file__).parent / "data"
@@ -218,6 +218,32 @@ def test_tool_use_and_its_result(env: Env) -> None:
         d["delta"]["partial_json"] for d in data if d["type"] == "content_block_delta"
     )
     assert isinstance(json.loads(partial)["city"], str)
+
+
+# every field the endpoint honours, with a value that asks for something, beside a stream
+FIELDS: dict[str, Any] = {
+    "system": [{"type": "text", "text": "Answer briefly."}],
+    "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+    "max_tokens": 3,
+    "stop_sequences": [",", "."],
+    "temperature": 0.9,
+    "top_p": 0.5,
+    "top_k": 3,
+    "stream": True,
+    "thinking": {"type": "disabled"},
+    "tools": [WEATHER],
+    "tool_choice": {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True},
+    "metadata": {"user_id": "u-1"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIELDS))
+def test_each_field_beside_a_stream(env: Env, name: str) -> None:
+    body = {name: FIELDS[name], **({"tools": [WEATHER]} if name == "tool_choice" else {})}
+    with BackgroundStream(env.server.root_url, env.token, "gemma") as other:
+        response = env.post(**body)
+        assert response.status_code == 200, response.text
+    assert other.completed(), other.events[-3:]
 
 
 # wrong, missing and hostile input: Anthropic's error shape

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +102,18 @@ def test_many_inputs_come_back_in_order(env: Env) -> None:
     # decoded in a batch with others its floats differ a little, but it is the closest one
     similarity = np.array([d["embedding"] for d in reply["data"]]) @ np.array(alone)
     assert int(np.argmax(similarity)) == 17 and similarity[17] > 0.999
+
+
+def test_every_field_while_another_request_embeds(env: Env) -> None:
+    tokens = env.model.tokenize(TAX, add_special=True)
+    fields = {"input": [CAT, tokens], "encoding_format": "base64",
+              "dimensions": env.model.n_embd, "user": "alice"}  # fmt: skip
+    with ThreadPoolExecutor(1) as pool:
+        other = pool.submit(env.post, input=[f"Line {i} of a long list." for i in range(24)])
+        response = env.post(**fields)
+        assert response.status_code == 200, response.text
+        assert other.result().status_code == 200
+    assert len(response.json()["data"]) == 2
 
 
 def test_langchain_embeddings(env: Env) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from helpers import Server, cli_ok, error_of, free_port
+from helpers import BackgroundStream, Server, cli_ok, error_of, free_port
 from pydantic import BaseModel, Field
 from test_thinking import relabel
 
@@ -278,6 +278,59 @@ def test_sampling_fields_reach_the_model(env: Env) -> None:
     # top_k 1 is greedy whatever the temperature: it reached the sampler
     greedy = env.post(input=QUESTION, max_output_tokens=8, temperature=1.9, top_k=1, seed=5)
     assert greedy.json()["output"][0]["content"] == one["output"][0]["content"]
+
+
+# every field the endpoint honours, with a value that asks for something, beside a stream
+FIELDS: dict[str, Any] = {
+    "input": [{"role": "user", "content": [{"type": "input_text", "text": "Hi"}]}],
+    "instructions": "Answer briefly.",
+    "max_output_tokens": 3,
+    "temperature": 1.5,
+    "top_p": 0.5,
+    "top_k": 3,
+    "min_p": 0.2,
+    "seed": 9,
+    "stream": True,
+    "store": False,
+    "tools": [WEATHER],
+    "tool_choice": {"type": "function", "name": "get_weather"},
+    "parallel_tool_calls": False,
+    "text": {
+        "format": {
+            "type": "json_schema",
+            "name": "a",
+            "schema": {"type": "object", "properties": {"a": {"type": "integer"}}},
+        }
+    },
+    "reasoning": {"effort": "none"},
+    "metadata": {"team": "search"},
+}
+COMPANIONS: dict[str, dict[str, Any]] = {
+    "tool_choice": {"tools": [WEATHER]},
+    "parallel_tool_calls": {"tools": [WEATHER]},
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIELDS))
+def test_each_field_beside_a_stream(env: Env, name: str) -> None:
+    body = {
+        "input": QUESTION,
+        "max_output_tokens": 8,
+        **COMPANIONS.get(name, {}),
+        name: FIELDS[name],
+    }
+    with BackgroundStream(env.server.root_url, env.token, "gemma") as other:
+        response = env.post(**body)
+        assert response.status_code == 200, response.text
+    assert other.completed(), other.events[-3:]
+
+
+def test_previous_response_id_beside_a_stream(env: Env) -> None:
+    previous = env.post(input=QUESTION, max_output_tokens=2).json()["id"]
+    with BackgroundStream(env.server.root_url, env.token, "gemma") as other:
+        response = env.post(input="More.", previous_response_id=previous, max_output_tokens=2)
+        assert response.status_code == 200, response.text
+    assert other.completed(), other.events[-3:]
 
 
 @pytest.mark.parametrize(
