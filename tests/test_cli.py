@@ -150,7 +150,7 @@ def test_user_create_with_roles_and_assistants(state: Path) -> None:
     by_name = {r["name"]: r for r in rows}
     assert set(by_name) == {"alice", "bob", "carol", "dave", "erin", "Frank.2_x-y"}
     for row in rows:
-        assert set(row) == {"name", "role", "enabled", "assistants", "keys", "created"}
+        assert set(row) == {"name", "role", "enabled", "assistants", "limits", "keys", "created"}
         assert row["enabled"] is True
         assert row["keys"] == 0
         created = datetime.fromisoformat(row["created"])
@@ -419,6 +419,10 @@ def test_tokens_are_never_stored_or_listed(state: Path) -> None:
             "user",
             "prefix",
             "description",
+            "assistants",
+            "limits",
+            "user_limits",
+            "effective_limits",
             "created",
             "expires",
             "last_used",

@@ -120,8 +120,9 @@ def test_round_trip_of_every_field(store: Store) -> None:
     created = datetime(2024, 2, 29, 23, 59, 58, tzinfo=UTC)
     plus_two = timezone(timedelta(hours=2))
     user = User(
-        name="Alice.B_c-9", role="admin", enabled=False, assistants=["a", "b.c"], created=created
-    )
+        name="Alice.B_c-9", role="admin", enabled=False, assistants=["a", "b.c"], created=created,
+        rpm=60, tpm=10**12, max_concurrent=1, daily_tokens=5, monthly_tokens=10**15,
+    )  # fmt: skip
     plain = User(name="plain")
     api_key = ApiKey(
         name="ci",
@@ -132,7 +133,9 @@ def test_round_trip_of_every_field(store: Store) -> None:
         created=created,
         expires=datetime(2099, 1, 1, 10, 30, tzinfo=plus_two),
         revoked=datetime(2025, 1, 1, tzinfo=UTC),
-    )
+        assistants=["b.c"],
+        rpm=1, tpm=2, max_concurrent=3, daily_tokens=4, monthly_tokens=5,
+    )  # fmt: skip
     bare_key = key("bare")
     assistant = Assistant(
         name="qwen",

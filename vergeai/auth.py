@@ -37,6 +37,10 @@ class Caller:
     user: User
     key: ApiKey
 
+    def may_use(self, assistant: str) -> bool:
+        """A key may be narrowed to some of its user's assistants, never widened."""
+        return self.user.may_use(assistant) and self.key.may_use(assistant)
+
 
 class KeyIndex:
     """A snapshot of keys and users, indexed by token hash."""
@@ -72,7 +76,7 @@ def _bearer(header: str | None) -> str | None:
 def check_assistant(caller: Caller, name: str, state: State) -> None:
     """404 for a name nobody has, 403 for one this caller may not use."""
     if name not in state.assistants:
-        allowed = sorted(a for a in state.assistants if caller.user.may_use(a))
+        allowed = sorted(a for a in state.assistants if caller.may_use(a))
         shown = repr(name) if len(name) <= 64 else repr(name[:64]) + "…"
         raise ModelNotFound(
             f"Model Not Found: no assistant named {shown}. "
@@ -82,4 +86,8 @@ def check_assistant(caller: Caller, name: str, state: State) -> None:
     if not caller.user.may_use(name):
         raise PermissionDenied(
             f"user {caller.user.name!r} may not use assistant {name!r}", param="model"
+        )
+    if not caller.key.may_use(name):
+        raise PermissionDenied(
+            f"key {caller.key.name!r} may not use assistant {name!r}", param="model"
         )

@@ -6,6 +6,7 @@ Each class carries the HTTP status and the OpenAI error ``type``/``code``;
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -107,6 +108,36 @@ class Unavailable(VergeError):
 
 class QueueFull(Unavailable):
     code = "queue_full"
+
+
+class RateLimited(VergeError):
+    """429 over a per-minute or concurrency limit; Retry-After when waiting helps."""
+
+    status = 429
+    type = "rate_limit_exceeded"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float | None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        if retry_after is None:  # waiting cannot help: clients should not retry
+            self.headers["x-should-retry"] = "false"
+        else:
+            wait = max(retry_after, 0.001)
+            self.headers["Retry-After"] = str(math.ceil(wait))
+            self.headers["retry-after-ms"] = str(math.ceil(wait * 1000))
+
+
+class QuotaExceeded(VergeError):
+    """429 for a day's or month's tokens used up: no retrying until the quota renews."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+    def __init__(self, message: str, *, retry_after: int, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers["Retry-After"] = str(max(1, retry_after))
+        self.headers["x-should-retry"] = "false"
 
 
 def error_body(err: VergeError) -> dict[str, Any]:

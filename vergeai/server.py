@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import uuid
+from datetime import UTC, datetime
 
 import hypercorn.asyncio.run
 import hypercorn.asyncio.tcp_server
@@ -101,6 +102,19 @@ async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         await writer.wait_closed()
 
 
+async def seed_quotas(service: Service) -> None:
+    """Today's and this month's tokens from the usage record: quotas survive a restart."""
+    ledger = Ledger(service.store.root)
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    try:
+        month = await asyncio.to_thread(ledger.tokens_since, today.replace(day=1))
+        day = await asyncio.to_thread(ledger.tokens_since, today)
+    except Exception as exc:  # quotas start from zero rather than the server not at all
+        log.error("could not read the usage record; token quotas start from zero: %s", exc)
+        return
+    service.limits.seed(day, month)
+
+
 def listen_url(opts: ServerConfig) -> str:
     scheme = "https" if opts.certfile else "http"
     host = f"[{opts.host}]" if ":" in opts.host else opts.host
@@ -117,6 +131,7 @@ async def run(service: Service, opts: ServerConfig) -> None:
         pruned = await asyncio.to_thread(Ledger(state_dir).prune, opts.usage_days)
         if pruned:
             log.info("pruned %d usage records older than %d days", pruned, opts.usage_days)
+    await seed_quotas(service)
     app = create_app(service, metrics_public=opts.metrics_public, read_timeout=opts.read_timeout)
     limit_connections(opts.max_connections)
     stop = asyncio.Event()

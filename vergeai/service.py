@@ -14,6 +14,7 @@ from datetime import datetime
 
 from vergeai.auth import Caller, KeyIndex
 from vergeai.errors import StateError
+from vergeai.limits import Limits
 from vergeai.runtime.pool import Pool
 from vergeai.state.ledger import Ledger, Record
 from vergeai.state.records import now
@@ -37,6 +38,7 @@ class Service:
     state: State = field(default_factory=State)
     keys: KeyIndex = field(default_factory=lambda: KeyIndex(State()))
     counters: Counters = field(default_factory=Counters)
+    limits: Limits = field(default_factory=Limits)
     started: float = field(default_factory=time.time)
     _fingerprint: object = None
     _used: dict[str, datetime] = field(default_factory=dict)

@@ -45,6 +45,7 @@ def workers_snapshot(service: Service, listen: list[str]) -> dict[str, Any]:
             "in_flight": c.in_flight,
             "errors": c.errors,
             "rss_bytes": process_rss_bytes(),
+            "requests_limited": service.limits.refused,
         },
         "workers": [w.stats() for _, w in sorted(service.pool.workers.items())],
         "assistants": {

@@ -24,7 +24,7 @@ from vergeai.api.chat import account
 from vergeai.api.conversation import prepare
 from vergeai.api.fields import bad
 from vergeai.api.generation import Choice, Done, Generation, Piece
-from vergeai.api.http import EventStream, authenticated, read_json, unless_disconnected
+from vergeai.api.http import EventStream, authenticated, gate, read_json, unless_disconnected
 from vergeai.api.schemas import ChatRequest, parse_chat_request
 from vergeai.auth import check_assistant
 from vergeai.errors import InvalidRequest, VergeError
@@ -184,8 +184,9 @@ async def _messages(request: Request) -> Response:
     caller = authenticated(request, _api_key(request))
     req = to_chat(await read_json(request))
     check_assistant(caller, req.model, service.state)
+    passage = gate(request, caller)
     worker = generation.online_worker(service, req.model)
-    gen = await generation.start(worker, request.app.state.sessions, caller.user.name, req, None)
+    gen = await generation.start(worker, request.app.state.sessions, passage, req, None)
     reply = MessageReply(worker.assistant.name, len(gen.jobs[0].tokens))
     if req.stream:
         return await stream_reply(request, gen, reply)

@@ -92,7 +92,11 @@ class AccessLog:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                MutableHeaders(scope=message)["x-request-id"] = request_id
+                headers = MutableHeaders(scope=message)
+                headers["x-request-id"] = request_id
+                caller = scope["state"].get("caller")
+                if caller is not None:  # as of now, this request counted
+                    headers.update(service.limits.headers(caller))
             await send(message)
 
         try:
@@ -121,6 +125,12 @@ class AccessLog:
         # metric labels and log fields only ever take configured assistant names
         assistant = named if named in service.state.assistants else "-"
         usage = info.get("usage") or {}
+        ticket = getattr(info.get("gate"), "ticket", None)
+        if not usage and ticket is not None:  # cut short: what its limits counted
+            usage = {
+                "prompt_tokens": ticket.prompt_tokens,
+                "completion_tokens": ticket.completion_tokens,
+            }
         fields = {
             "method": scope["method"],
             "path": scope["path"],

@@ -10,7 +10,14 @@ from starlette.responses import JSONResponse, Response
 
 from vergeai.api import generation
 from vergeai.api.generation import Done, Generation, Piece
-from vergeai.api.http import EventStream, authenticated, read_json, sse, unless_disconnected
+from vergeai.api.http import (
+    EventStream,
+    authenticated,
+    gate,
+    read_json,
+    sse,
+    unless_disconnected,
+)
 from vergeai.api.replies import Reply
 from vergeai.api.schemas import ChatRequest, parse_chat_request
 from vergeai.auth import check_assistant
@@ -42,10 +49,9 @@ async def chat_completions(request: Request) -> Response:
     req = parse_chat_request(await read_json(request))
     session_id = session_id_of(request, req)
     check_assistant(caller, req.model, service.state)
+    passage = gate(request, caller)
     worker = generation.online_worker(service, req.model)
-    gen = await generation.start(
-        worker, request.app.state.sessions, caller.user.name, req, session_id
-    )
+    gen = await generation.start(worker, request.app.state.sessions, passage, req, session_id)
     reply = Reply(worker.assistant.name, req.stream, bool(req.tools and req.tools.legacy))
     headers = {"X-Session-ID": session_id} if session_id else {}
     if req.stream:

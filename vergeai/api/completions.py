@@ -33,7 +33,7 @@ from vergeai.api.fields import (
     sampled,
 )
 from vergeai.api.generation import Answer, Done, Generation, Piece
-from vergeai.api.http import EventStream, authenticated, read_json, sse, unless_disconnected
+from vergeai.api.http import EventStream, authenticated, gate, read_json, sse, unless_disconnected
 from vergeai.auth import check_assistant
 from vergeai.errors import InvalidRequest, VergeError, error_body
 from vergeai.runtime.worker import Worker
@@ -143,13 +143,14 @@ async def completions(request: Request) -> Response:
     caller = authenticated(request)
     req = parse_completion_request(await read_json(request))
     check_assistant(caller, req.model, service.state)
+    passage = gate(request, caller)
     worker = generation.online_worker(service, req.model)
     await generation.check_request(worker, req)
     prompts = prompt_tokens(worker, req)
     max_tokens = req.max_tokens or DEFAULT_MAX_TOKENS
     logprobs = req.top_logprobs is not None
     gen = generation.launch(
-        worker, req, prompts, max_tokens, lambda: Answer(True, False, logprobs, None)
+        worker, req, prompts, max_tokens, lambda: Answer(True, False, logprobs, None), passage
     )
     assert worker.model is not None
     echoes = [worker.model.detokenize(p) if req.echo else "" for p in prompts]

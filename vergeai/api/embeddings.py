@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 
 from vergeai.api import generation
 from vergeai.api.fields import FieldSpec, bad, check_fields, field_specs
-from vergeai.api.http import authenticated, read_json, unless_disconnected
+from vergeai.api.http import authenticated, gate, read_json, unless_disconnected
 from vergeai.auth import check_assistant
 from vergeai.errors import InvalidRequest
 from vergeai.runtime.job import Embedded, Event, Failed, Finished, Job
@@ -135,6 +135,7 @@ async def embeddings(request: Request) -> Response:
     if encoding not in ("float", "base64"):
         raise bad("encoding_format", "must be float or base64")
     check_assistant(caller, model, service.state)
+    passage = gate(request, caller)
     worker = generation.online_worker(service, model, embedding=True)
     assert worker.model is not None
     dimensions = body.get("dimensions")
@@ -144,10 +145,14 @@ async def embeddings(request: Request) -> Response:
             f"the model's embeddings have {worker.model.n_embd} dimensions; it cannot give fewer",
         )
     tokens = input_tokens(worker, inputs)
-    vectors = await unless_disconnected(request, embed_all(worker, tokens))
+    n = sum(len(t) for t in tokens)
+    ticket = passage.admit(n)
+    try:
+        vectors = await unless_disconnected(request, embed_all(worker, tokens))
+    finally:
+        ticket.release()
     if vectors is None:
         return Response(status_code=499)
-    n = sum(len(t) for t in tokens)
     request.state.usage = {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n}
     data = [
         {

@@ -21,6 +21,7 @@ from vergeai.api.fields import Sampled
 from vergeai.api.schemas import ChatRequest
 from vergeai.api.tools import ToolUse
 from vergeai.errors import InvalidRequest, Unavailable, VergeError
+from vergeai.limits import Gate, Ticket
 from vergeai.runtime.job import Delta, Event, Failed, Finished, FinishReason, Job, Timings
 from vergeai.runtime.llama import GrammarError, Sampling, check_grammar
 from vergeai.runtime.reasoning import ReasoningSplitter
@@ -200,6 +201,7 @@ class Generation:
         answers: list[Answer],
         jobs: list[Job],
         memory: Memory | None,
+        ticket: Ticket,
         legacy_calls: bool = False,
     ) -> None:
         self.assistant = assistant
@@ -208,6 +210,8 @@ class Generation:
         self.jobs = jobs  # one per prompt, each leading its prompt's other choices
         self.queue = jobs[0].queue  # every choice's events
         self.memory = memory
+        self.ticket = ticket  # the caller's place under its limits
+        self._every_job = [job for leader in jobs for job in (leader, *leader.followers)]
         self._closed = False
 
     async def __aenter__(self) -> Generation:
@@ -217,7 +221,7 @@ class Generation:
         self.close()
 
     def close(self) -> None:
-        """Stop the job and release the session; safe to call again."""
+        """Stop the job, release the session and the caller's place; safe to call again."""
         if self._closed:
             return
         self._closed = True
@@ -225,6 +229,12 @@ class Generation:
             job.cancel()
         if self.memory is not None:
             self.memory.lease.release()
+        self._charge()
+        self.ticket.release()
+
+    def _charge(self) -> None:
+        """Count the tokens generated so far against the caller's limits."""
+        self.ticket.charge(sum(job.n_generated for job in self._every_job))
 
     async def events(self) -> AsyncIterator[Piece | Done]:
         """Pieces of text as they come, then one Done; a failure raises its error."""
@@ -233,6 +243,7 @@ class Generation:
             index, event = await self.queue.get()
             answer = self.answers[index]
             if isinstance(event, Delta):
+                self._charge()
                 piece = answer.feed(event.text, event.logprobs, index)
                 if piece:
                     yield piece
@@ -422,10 +433,11 @@ def thinking_for(req: ChatRequest, assistant: Assistant) -> bool | None:
 
 
 async def start(
-    worker: Worker, sessions: Sessions, user: str, req: ChatRequest, session_id: str | None
+    worker: Worker, sessions: Sessions, gate: Gate, req: ChatRequest, session_id: str | None
 ) -> Generation:
     """Prepare the prompt and submit the job; the caller enters the Generation."""
     assistant = worker.assistant
+    user = gate.caller.user.name
     assert worker.template is not None
     fmt = worker.template.tool_format
     tools = req.tools
@@ -462,8 +474,8 @@ async def start(
 
         legacy = bool(tools and tools.legacy)
         return launch(
-            worker, req, [prepared.rendered.tokens], max_tokens, answer, grammar, triggers, memory,
-            legacy,
+            worker, req, [prepared.rendered.tokens], max_tokens, answer, gate, grammar, triggers,
+            memory, legacy,
         )  # fmt: skip
     except BaseException:
         if lease is not None:
@@ -477,6 +489,7 @@ def launch(
     prompts: list[list[int]],
     max_tokens: int,
     answer: Callable[[], Answer],
+    gate: Gate,
     grammar: str | None = None,
     triggers: tuple[str, ...] = (),
     memory: Memory | None = None,
@@ -484,9 +497,13 @@ def launch(
 ) -> Generation:
     """Submit n choices of each prompt (choice p*n + j is prompt p's j-th); its Generation.
 
-    On any failure to submit, what was submitted is cancelled (the lease,
-    if any, is the caller's to release).
+    The caller's limits are checked with the prompts' tokens first and the
+    request admitted once submitted, with nothing awaited in between. On any
+    failure to submit, what was submitted is cancelled (the lease, if any, is
+    the caller's to release).
     """
+    prompt_tokens = sum(len(tokens) for tokens in prompts)
+    gate.check(prompt_tokens)
     queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     leaders = []
@@ -507,12 +524,12 @@ def launch(
         jobs[0].followers = jobs[1:]
         leaders.append(jobs[0])
     answers = [answer() for _ in range(len(prompts) * req.n)]
-    gen = Generation(worker.assistant, answers, leaders, memory, legacy_calls)
     try:
         for leader in leaders:
             worker.submit(leader)
+        ticket = gate.admit(prompt_tokens)
     except BaseException:
         for leader in leaders:
             leader.cancel()
         raise
-    return gen
+    return Generation(worker.assistant, answers, leaders, memory, ticket, legacy_calls)

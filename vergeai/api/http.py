@@ -13,6 +13,7 @@ from starlette.types import Receive, Scope, Send
 
 from vergeai.auth import Caller
 from vergeai.errors import BodyTooLarge, InvalidRequest, RequestTimeout, VergeError, error_body
+from vergeai.limits import Gate
 from vergeai.service import Service
 
 T = TypeVar("T")
@@ -192,4 +193,18 @@ def authenticated(request: Request, authorization: str | None = None) -> Caller:
     caller = service.authenticate(authorization)
     request.state.user = caller.user.name
     request.state.key = caller.key.name
+    request.state.caller = caller  # whose x-ratelimit-* headers the response carries
     return caller
+
+
+def gate(request: Request, caller: Caller) -> Gate:
+    """The caller's way through its limits, for a request that runs a model.
+
+    Refuses at once (429) a caller already at a limit, before any prompt is
+    built; the endpoint admits the request once it knows the prompt's tokens.
+    """
+    service: Service = request.app.state.service
+    passage = Gate(service.limits, caller)
+    passage.check()
+    request.state.gate = passage  # the access log records what its ticket counted
+    return passage

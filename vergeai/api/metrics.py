@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
@@ -25,7 +25,7 @@ class PoolCollector(Collector):
     def __init__(self, service: Service) -> None:
         self.service = service
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         processing = GaugeMetricFamily(
             "vergeai:requests_processing", "Requests being decoded.", labels=["assistant"]
         )
@@ -44,6 +44,14 @@ class PoolCollector(Collector):
             load.add_metric([name], worker.load_seconds)
             online.add_metric([name], 1.0 if worker.status == "online" else 0.0)
         yield from (processing, deferred, load, online)
+        limited = CounterMetricFamily(
+            "vergeai:requests_limited",
+            "Requests refused (429) for a user's or key's limit, by the limit.",
+            labels=["reason"],
+        )
+        for reason, count in self.service.limits.refused.items():
+            limited.add_metric([reason], count)
+        yield limited
 
 
 class Metrics:

@@ -44,7 +44,7 @@ async def list_models(request: Request) -> JSONResponse:
     data = [
         model_entry(service, a)
         for name, a in sorted(service.state.assistants.items())
-        if caller.user.may_use(name)
+        if caller.may_use(name)
     ]
     return JSONResponse({"object": "list", "data": data})
 

@@ -24,7 +24,7 @@ from vergeai.api import generation
 from vergeai.api.chat import account
 from vergeai.api.fields import bad
 from vergeai.api.generation import Choice, Done, Generation, Piece
-from vergeai.api.http import EventStream, authenticated, read_json, unless_disconnected
+from vergeai.api.http import EventStream, authenticated, gate, read_json, unless_disconnected
 from vergeai.api.schemas import parse_chat_request
 from vergeai.auth import Caller, check_assistant
 from vergeai.errors import InvalidRequest, NotFound, Unsupported, VergeError, error_body
@@ -180,8 +180,9 @@ async def create_response(request: Request) -> Response:
     system = [{"role": "system", "content": instructions}] if instructions else []
     req = parse_chat_request(chat_body(body, system + conversation))
     check_assistant(caller, req.model, service.state)
+    passage = gate(request, caller)
     worker = generation.online_worker(service, req.model)
-    gen = await generation.start(worker, request.app.state.sessions, caller.user.name, req, None)
+    gen = await generation.start(worker, request.app.state.sessions, passage, req, None)
     reply = ResponseReply(worker.assistant.name, body, previous, store)
 
     async def keep(done: Done) -> None:

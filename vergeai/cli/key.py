@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from datetime import UTC, datetime
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
 from vergeai.auth import display_prefix, hash_token, new_token
+from vergeai.cli import settings
 from vergeai.cli.common import (
     JsonOption,
     StateDirOption,
@@ -17,12 +21,16 @@ from vergeai.cli.common import (
     say,
     store_for,
 )
-from vergeai.state.records import ApiKey, check_name, now
+from vergeai.cli.user import parse_assistants
+from vergeai.limits import effective_limits, limits_text
+from vergeai.state.records import LIMITS, ApiKey, check_name, now
+from vergeai.state.store import State
 from vergeai.state.usage import KeyUsage
 
 app = typer.Typer(help="Manage API keys. A token is shown once, at creation.", no_args_is_help=True)
 
 MAX_DESCRIPTION = 1000
+NameOption = Annotated[str, typer.Option("--name", help="A name for the key, unique per user.")]
 
 
 def parse_expires(value: str) -> datetime | None:
@@ -40,24 +48,57 @@ def parse_expires(value: str) -> datetime | None:
     )
 
 
-@app.command("create")
-def create(
-    user: Annotated[str, typer.Option("--user", help="The user this key belongs to.")],
-    name: Annotated[str, typer.Option("--name", help="A name for the key, unique per user.")],
-    description: Annotated[str, typer.Option(help="What the key is for.")] = "",
-    expires: Annotated[
-        str, typer.Option(help="never, YYYY-MM-DD or YYYY-MM-DDTHH:MM (local time).")
-    ] = "never",
-    state_dir: StateDirOption = None,
-) -> None:
-    """Create a key and print its token (only the token) on stdout, once."""
-    when = parse_expires(expires)
+UserOption = Annotated[str, typer.Option("--user", help="The user this key belongs to.")]
+DescriptionOption = Annotated[str | None, typer.Option(help="What the key is for.")]
+ExpiresOption = Annotated[
+    str | None, typer.Option(help="never, YYYY-MM-DD or YYYY-MM-DDTHH:MM (local time).")
+]
+
+
+def check_description(description: str | None) -> None:
+    if description is None:
+        return
     if len(description) > MAX_DESCRIPTION:
         raise typer.BadParameter(
             f"at most {MAX_DESCRIPTION} characters", param_hint="--description"
         )
     if "\x00" in description:
         raise typer.BadParameter("must not contain NUL characters", param_hint="--description")
+
+
+def _params(first: list[inspect.Parameter], editing: bool) -> list[inspect.Parameter]:
+    """The options create and edit share: description, expiry, assistants and limits."""
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    return [
+        *first,
+        inspect.Parameter("description", keyword, default=None, annotation=DescriptionOption),
+        inspect.Parameter("expires", keyword, default=None, annotation=ExpiresOption),
+        *settings.options(
+            ApiKey,
+            editing=editing,
+            parsers={"assistants": parse_assistants},
+            only=("assistants", *LIMITS),
+        ),
+        inspect.Parameter("state_dir", keyword, default=None, annotation=StateDirOption),
+    ]
+
+
+def create(
+    user: str,
+    name: str,
+    description: str | None,
+    expires: str | None,
+    state_dir: Path | None,
+    **values: Any,
+) -> None:
+    """Create a key and print its token (only the token) on stdout, once.
+
+    The key may be narrowed below its user (fewer assistants, lower limits);
+    it never exceeds it.
+    """
+    expires = "never" if expires is None else expires
+    when = parse_expires(expires)
+    check_description(description)
     with failures():
         check_name(name, "--name")
     if when is not None and when <= now():
@@ -74,15 +115,75 @@ def create(
             user=user,
             hash=hash_token(token),
             prefix=display_prefix(token),
-            description=description,
+            description=description or "",
             expires=when,
-        ).validate()
-        state.keys.append(key)
+        )
+        settings.apply(key, values)
+        state.keys.append(key.validate())
     typer.echo(token)
     say(
         f"created key {name} for user {user} (expires {expires}). "
         "This is the only time the token is shown."
     )
+
+
+def edit(
+    key_name: str,
+    user: str | None,
+    description: str | None,
+    expires: str | None,
+    state_dir: Path | None,
+    **values: Any,
+) -> None:
+    """Change a key's description, expiry, assistants or limits; applied live."""
+    if description is None and expires is None and all(v is None for v in values.values()):
+        raise typer.BadParameter("nothing to change: give at least one setting")
+    check_description(description)
+    when = parse_expires(expires) if expires is not None else None
+    if when is not None and when <= now():
+        fail(f"--expires {expires} is in the past")
+    with failures(), store_for(state_dir).transaction() as state:
+        key = live_key(state, key_name, user)
+        changed = dataclasses.replace(key)
+        settings.apply(changed, values)
+        if description is not None:
+            changed.description = description
+        if expires is not None:
+            changed.expires = when
+        state.keys[state.keys.index(key)] = changed.validate()
+    say(f"updated key {key_name} of user {key.user}")
+
+
+KeyNameArg = Annotated[str, typer.Argument(help="The key's name.")]
+KeyUserOption = Annotated[
+    str | None, typer.Option("--user", help="The key's user, when the name is not unique.")
+]
+_positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+_keyword = inspect.Parameter.KEYWORD_ONLY
+app.command("create")(
+    settings.command(
+        _params(
+            [
+                inspect.Parameter("user", _keyword, annotation=UserOption),
+                inspect.Parameter("name", _keyword, annotation=NameOption),
+            ],
+            editing=False,
+        ),
+        create,
+    )
+)
+app.command("edit")(
+    settings.command(
+        _params(
+            [
+                inspect.Parameter("key_name", _positional, annotation=KeyNameArg),
+                inspect.Parameter("user", _keyword, default=None, annotation=KeyUserOption),
+            ],
+            editing=True,
+        ),
+        edit,
+    )
+)
 
 
 @app.command("list")
@@ -99,43 +200,57 @@ def list_keys(
             fail(f"no user named {user!r}")
         last_used = KeyUsage(store.root).read()
     at = now()
-    rows = [
-        {
-            "name": k.name,
-            "user": k.user,
-            "prefix": k.prefix,
-            "description": k.description,
-            "created": k.created,
-            "expires": k.expires,
-            "last_used": last_used.get(k.hash[:16]),
-            "status": k.status(at),
-        }
-        for k in state.keys
-        if user is None or k.user == user
-    ]
-    columns = ["name", "user", "prefix", "created", "expires", "last_used", "status"]
+    rows: list[dict[str, Any]] = []
+    for k in state.keys:
+        if user is not None and k.user != user:
+            continue
+        owner = state.users.get(k.user)
+        rows.append(
+            {
+                "name": k.name,
+                "user": k.user,
+                "prefix": k.prefix,
+                "description": k.description,
+                "assistants": k.assistants,
+                "limits": k.limits(),
+                "user_limits": owner.limits() if owner else {},
+                "effective_limits": effective_limits(owner, k) if owner else k.limits(),
+                "created": k.created,
+                "expires": k.expires,
+                "last_used": last_used.get(k.hash[:16]),
+                "status": k.status(at),
+            }
+        )
+    if not json_:
+        shown = ("limits", "user_limits")
+        rows = [{**r, **{c: limits_text(r[c]) for c in shown}} for r in rows]
+    columns = [
+        "name", "user", "prefix", "assistants", "limits", "user_limits", "expires", "last_used",
+        "status",
+    ]  # fmt: skip
     print_rows("API keys", columns, rows, json_)
+
+
+def live_key(state: State, key_name: str, user: str | None) -> ApiKey:
+    """The one unrevoked key of that name (of that user, when given), or exit 1 saying why."""
+    matches = [k for k in state.keys if k.name == key_name and (user is None or k.user == user)]
+    if not matches:
+        fail(f"no key named {key_name!r}" + (f" for user {user!r}" if user else ""))
+    live = [k for k in matches if k.revoked is None]
+    if not live:
+        fail(f"key {key_name!r} of user {matches[0].user!r} is already revoked")
+    if len(live) > 1:
+        users = ", ".join(sorted(k.user for k in live))
+        fail(f"several users have a key named {key_name!r} ({users}); pass --user")
+    return live[0]
 
 
 @app.command("revoke")
 def revoke(
-    key_name: Annotated[str, typer.Argument(help="The key's name.")],
-    user: Annotated[
-        str | None, typer.Option("--user", help="The key's user, when the name is not unique.")
-    ] = None,
-    state_dir: StateDirOption = None,
+    key_name: KeyNameArg, user: KeyUserOption = None, state_dir: StateDirOption = None
 ) -> None:
     """Revoke a key: it is refused from its next request on."""
     with failures(), store_for(state_dir).transaction() as state:
-        matches = [k for k in state.keys if k.name == key_name and (user is None or k.user == user)]
-        if not matches:
-            fail(f"no key named {key_name!r}" + (f" for user {user!r}" if user else ""))
-        live = [k for k in matches if k.revoked is None]
-        if not live:
-            fail(f"key {key_name!r} of user {matches[0].user!r} is already revoked")
-        if len(live) > 1:
-            users = ", ".join(sorted(k.user for k in live))
-            fail(f"several users have a key named {key_name!r} ({users}); pass --user")
-        key = live[0]
+        key = live_key(state, key_name, user)
         key.revoked = now()
     say(f"revoked key {key_name} of user {key.user}")

@@ -16,7 +16,15 @@ from typing import Annotated, Any
 import typer
 
 from vergeai.cli.common import fail
-from vergeai.state.records import KINDS, RecordError, Setting, default_of, kind_of, setting_of
+from vergeai.state.records import (
+    KINDS,
+    RecordError,
+    Setting,
+    default_of,
+    kind_of,
+    ordered_fields,
+    setting_of,
+)
 
 UNSET = "none"
 
@@ -67,12 +75,13 @@ def options(
     record: type,
     editing: bool,
     parsers: dict[str, Callable[[str], Any]] | None = None,
+    only: tuple[str, ...] | None = None,
 ) -> list[inspect.Parameter]:
-    """One keyword parameter per setting of ``record``, each defaulting to None (not given)."""
+    """One keyword parameter per setting of ``record`` (or those named), each defaulting to None."""
     params = []
-    for f in dataclasses.fields(record):
+    for f in ordered_fields(record):
         meta = setting_of(f)
-        if meta is None:
+        if meta is None or (only is not None and f.name not in only):
             continue
         base, optional = kind_of(f)
         clearable = editing and optional

@@ -20,6 +20,7 @@ from vergeai.cli.common import (
     say,
     store_for,
 )
+from vergeai.limits import limits_text
 from vergeai.state.records import User, check_name, now
 
 app = typer.Typer(help="Manage users: who may call which assistants.", no_args_is_help=True)
@@ -85,12 +86,13 @@ def list_users(json_: JsonOption = False, state_dir: StateDirOption = None) -> N
             "role": u.role,
             "enabled": u.enabled,
             "assistants": u.assistants,
+            "limits": u.limits() if json_ else limits_text(u.limits()),
             "keys": sum(1 for k in state.keys_of(u.name) if k.status() == "active"),
             "created": u.created,
         }
         for u in sorted(state.users.values(), key=lambda u: u.name)
     ]
-    columns = ["name", "role", "enabled", "assistants", "keys", "created"]
+    columns = ["name", "role", "enabled", "assistants", "limits", "keys", "created"]
     print_rows("users", columns, rows, json_)
 
 

@@ -40,6 +40,11 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{s:02d}s"
 
 
+def _limited(refused: dict[str, int]) -> str:
+    """429s by limit: "requests 3, concurrency 1", or 0."""
+    return ", ".join(f"{reason} {n}" for reason, n in refused.items() if n) or "0"
+
+
 def _worker_fields(w: dict[str, Any]) -> list[tuple[str, str]]:
     state = w["state"] if not w["error"] else f"{w['state']}: {w['error']}"
     return [
@@ -75,6 +80,7 @@ def render(snapshot: dict[str, Any]) -> Group:
         ("requests served", str(h["requests_served"])),
         ("in flight", str(h["in_flight"])),
         ("errors", str(h["errors"])),
+        ("refused for limits", _limited(h.get("requests_limited", {}))),
         ("process RSS", _bytes(h["rss_bytes"])),
     ]:
         helper.add_row(field, value)

@@ -79,6 +79,18 @@ class Ledger:
         with self._db() as db:
             return int(db.execute("DELETE FROM requests WHERE at < ?", (cutoff,)).rowcount)
 
+    def tokens_since(self, since: datetime) -> dict[tuple[str, str], int]:
+        """Prompt and completion tokens per (user, key) since a time: what quotas count."""
+        if not self.path.exists():
+            return {}
+        sql = (
+            "SELECT user, key, SUM(prompt_tokens + completion_tokens) FROM requests "
+            "WHERE at >= ? GROUP BY user, key"
+        )
+        with self._db() as db:
+            rows = db.execute(sql, (since.astimezone(UTC).isoformat(),)).fetchall()
+        return {(user, key): int(tokens or 0) for user, key, tokens in rows}
+
     def totals(self, where: Filter, by: str | None = None) -> list[dict[str, Any]]:
         """Sums over the matching requests, one row per group (``day`` is the UTC date)."""
         if not self.path.exists():

@@ -144,8 +144,15 @@ def _known_only(cls: type, data: dict[str, Any], *implied: str) -> None:
         raise RecordError(unknown[0], "unknown setting")
 
 
-def _drop_none(data: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in data.items() if v is not None}
+def ordered_fields(record: Any) -> list[Field[Any]]:
+    """The fields as a reader expects them: the inherited limits last."""
+    return sorted(fields(record), key=lambda f: f.kw_only is True)
+
+
+def _table(record: Any) -> dict[str, Any]:
+    """The record as TOML holds it: unset (None) fields left out."""
+    data = asdict(record)
+    return {f.name: data[f.name] for f in ordered_fields(record) if data[f.name] is not None}
 
 
 def _load(cls: Any, data: dict[str, Any], **given: Any) -> Any:
@@ -175,8 +182,38 @@ def _check_settings(record: Any) -> None:
             meta.check(f.name, getattr(record, f.name))
 
 
+LIMITS = ("rpm", "tpm", "max_concurrent", "daily_tokens", "monthly_tokens")
+
+
+@dataclass(kw_only=True)
+class Limited:
+    """Limits on a user's or a key's requests; None is no limit (a key's user may set one)."""
+
+    rpm: int | None = setting(None, lo=1, hi=1_000_000, help="Requests per minute.")
+    tpm: int | None = setting(
+        None, lo=1, hi=10**12, help="Tokens (prompt and completion) per minute."
+    )
+    max_concurrent: int | None = setting(None, lo=1, hi=100_000, help="Requests at once.")
+    daily_tokens: int | None = setting(
+        None, lo=1, hi=10**15, help="Tokens per day (UTC), counted from the usage record."
+    )
+    monthly_tokens: int | None = setting(
+        None, lo=1, hi=10**15, help="Tokens per calendar month (UTC)."
+    )
+
+    def limits(self) -> dict[str, int]:
+        """The limits that are set."""
+        return {name: v for name in LIMITS if (v := getattr(self, name)) is not None}
+
+
+def _check_assistants(names: list[str]) -> None:
+    for name in names:
+        if name != "*":
+            check_name(name, "assistants")
+
+
 @dataclass
-class User:
+class User(Limited):
     name: str
     role: str = setting("user", choices=ROLES, help="What the user may do.", metavar="ROLE")
     enabled: bool = True
@@ -193,9 +230,7 @@ class User:
     def validate(self) -> User:
         check_name(self.name)
         _check_settings(self)
-        for name in self.assistants:
-            if name != "*":
-                check_name(name, "assistants")
+        _check_assistants(self.assistants)
         return self
 
     def may_use(self, assistant: str) -> bool:
@@ -206,18 +241,27 @@ class User:
         return _load(cls, data, name=name)  # type: ignore[no-any-return]
 
     def to_toml(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = _table(self)
         del data["name"]
         return data
 
 
 @dataclass
-class ApiKey:
+class ApiKey(Limited):
     name: str
     user: str
     hash: str
     prefix: str
     description: str = setting("", help="What the key is for.", metavar="TEXT")
+    assistants: list[str] = field(
+        default_factory=lambda: ["*"],
+        metadata={
+            "setting": Setting(
+                help="Assistants this key may call, of its user's: a,b or '*' for all.",
+                metavar="NAMES",
+            )
+        },
+    )
     created: datetime = field(default_factory=now)
     expires: datetime | None = None
     revoked: datetime | None = None
@@ -228,7 +272,11 @@ class ApiKey:
         _check_settings(self)
         if not re.fullmatch(r"[0-9a-f]{64}", self.hash):
             raise RecordError("hash", "expected a 64-digit hex SHA-256")
+        _check_assistants(self.assistants)
         return self
+
+    def may_use(self, assistant: str) -> bool:
+        return "*" in self.assistants or assistant in self.assistants
 
     def status(self, at: datetime | None = None) -> str:
         if self.revoked is not None:
@@ -242,7 +290,7 @@ class ApiKey:
         return _load(cls, data)  # type: ignore[no-any-return]
 
     def to_toml(self) -> dict[str, Any]:
-        return _drop_none(asdict(self))
+        return _table(self)
 
 
 @dataclass
@@ -310,6 +358,6 @@ class Assistant:
         return _load(cls, data, name=name)  # type: ignore[no-any-return]
 
     def to_toml(self) -> dict[str, Any]:
-        data = _drop_none(asdict(self))
+        data = _table(self)
         del data["name"]
         return data
