@@ -221,13 +221,11 @@ def list_keys(
                 "status": k.status(at),
             }
         )
-    if not json_:
-        shown = ("limits", "user_limits")
-        rows = [{**r, **{c: limits_text(r[c]) for c in shown}} for r in rows]
-    columns = [
-        "name", "user", "prefix", "assistants", "limits", "user_limits", "expires", "last_used",
-        "status",
-    ]  # fmt: skip
+    if not json_:  # both in one column: the key's own, then its user's
+        for r in rows:
+            user_limits = r["user_limits"] and f"; user: {limits_text(r['user_limits'])}"
+            r["limits"] = limits_text(r["limits"]) + (user_limits or "")
+    columns = ["name", "user", "prefix", "assistants", "limits", "expires", "last_used", "status"]
     print_rows("API keys", columns, rows, json_)
 
 

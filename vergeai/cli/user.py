@@ -42,11 +42,11 @@ def parse_assistants(value: str) -> list[str]:
 NameArg = Annotated[str, typer.Argument(help="User name.")]
 
 
-def _params() -> list[inspect.Parameter]:
+def _params(editing: bool) -> list[inspect.Parameter]:
     keyword = inspect.Parameter.KEYWORD_ONLY
     return [
         inspect.Parameter("name", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=NameArg),
-        *settings.options(User, editing=False, parsers={"assistants": parse_assistants}),
+        *settings.options(User, editing=editing, parsers={"assistants": parse_assistants}),
         inspect.Parameter("state_dir", keyword, default=None, annotation=StateDirOption),
     ]
 
@@ -65,14 +65,14 @@ def create(name: str, state_dir: Path | None, **values: Any) -> None:
 
 
 def edit(name: str, state_dir: Path | None, **values: Any) -> None:
-    """Change a user's role or assistants; a running server applies it live."""
+    """Change a user's role, assistants or limits; a running server applies it live."""
     with failures(), store_for(state_dir).transaction() as state:
         settings.edit_in(state.users, "user", name, values)
     say(f"updated user {name}")
 
 
-app.command("create")(settings.command(_params(), create))
-app.command("edit")(settings.command(_params(), edit))
+app.command("create")(settings.command(_params(editing=False), create))
+app.command("edit")(settings.command(_params(editing=True), edit))
 
 
 @app.command("list")
