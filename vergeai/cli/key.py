@@ -223,8 +223,9 @@ def list_keys(
         )
     if not json_:  # both in one column: the key's own, then its user's
         for r in rows:
-            user_limits = r["user_limits"] and f"; user: {limits_text(r['user_limits'])}"
-            r["limits"] = limits_text(r["limits"]) + (user_limits or "")
+            own = [limits_text(r["limits"])] if r["limits"] else []
+            user_limits = [f"user: {limits_text(r['user_limits'])}"] if r["user_limits"] else []
+            r["limits"] = "; ".join(own + user_limits) or "-"
     columns = ["name", "user", "prefix", "assistants", "limits", "expires", "last_used", "status"]
     print_rows("API keys", columns, rows, json_)
 
