@@ -214,7 +214,7 @@ def llama_cpp_python(s: Settings) -> Server:
     return Server(LLAMA_CPP_PYTHON, argv, port, s.work_dir / "llama-cpp-python.log", "/v1/models")
 
 
-def _vergeai_cli(state_dir: Path, *args: str) -> str:
+def vergeai_cli(state_dir: Path, *args: str) -> str:
     argv = [sys.executable, "-m", "vergeai", *args, "--state-dir", str(state_dir)]
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode != 0:
@@ -224,9 +224,9 @@ def _vergeai_cli(state_dir: Path, *args: str) -> str:
 
 def vergeai(s: Settings, embedding: bool = False) -> Server:
     state = s.work_dir / ("vergeai-embedding-state" if embedding else "vergeai-state")
-    _vergeai_cli(state, "user", "create", "bench", "--role", "admin")
-    token = _vergeai_cli(state, "key", "create", "--user", "bench", "--name", "bench").strip()
-    _vergeai_cli(
+    vergeai_cli(state, "user", "create", "bench", "--role", "admin")
+    token = vergeai_cli(state, "key", "create", "--user", "bench", "--name", "bench").strip()
+    vergeai_cli(
         state, "assistant", "create", MODEL_NAME,
         "--model", s.model,
         "--chat-format", "gemma",

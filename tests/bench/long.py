@@ -1,0 +1,378 @@
+"""Where real traffic is: long prompts under load, shared prefixes, long conversations.
+
+vergeai against llama-server on the same model, threads, slots and context
+per slot (vergeai ``--ctx C --parallel N``, llama-server ``-c C*N -np N``,
+its defaults otherwise), interleaved workload by workload:
+
+- ``long``: ~2,000-token unique prompts, 64 tokens out, at c=1 and c=4;
+- ``mixed``: 3 streams decoding while a ~2,000-token request arrives every
+  few seconds; inter-token latency (p50/p99) of the decoding streams;
+- ``conversation``: 8-turn conversations; vergeai keeps them in chat-history
+  sessions (``X-Session-ID``, only the new message sent), llama-server is
+  sent the whole message list each turn;
+- ``system``: a ~1,000-token system prompt (vergeai's assistant setting,
+  llama-server in every request), 16 users' short questions at c=4;
+- ``repeat``: two short prompts sent alternately at c=1.
+
+    python tests/bench/long.py --llama-server PATH [--workloads long,mixed] [--json out.json]
+
+Every stream bans end-of-generation tokens, so it runs to its max_tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from run import DEFAULT_BUILD_SCRIPT, demo_model
+from servers import (
+    MODEL_NAME,
+    Server,
+    Settings,
+    build_llama_server,
+    free_port,
+    llama_server,
+    vergeai_cli,
+)
+from workload import end_of_generation_tokens
+
+WORDS = (
+    "river stone lantern harbor winter market signal garden copper thread window orchard "
+    "engine letter bridge meadow candle valley whistle ladder compass blanket station quiet "
+    "silver morning pocket island thunder kettle anchor feather violin basket mirror tunnel"
+).split()
+WORKLOADS = ("long", "mixed", "conversation", "system", "repeat")
+
+
+def passage(tag: str, words: int) -> str:
+    """Unique from its first word on; ordinary words, about 1.3 tokens each."""
+    rng = random.Random(tag)
+    body = " ".join(rng.choice(WORDS) for _ in range(words))
+    return f"{tag}: {body}. Summarize the text above in one sentence."
+
+
+@dataclass
+class Stream:
+    t_send: float
+    times: list[float] = field(default_factory=list)  # each content chunk's arrival
+    text: str = ""
+    timings: dict[str, Any] = field(default_factory=dict)
+    usage: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def ttft(self) -> float:
+        return self.times[0] - self.t_send if self.times else float("nan")
+
+    @property
+    def decode_tps(self) -> float:
+        if len(self.times) < 2:
+            return float("nan")
+        return (len(self.times) - 1) / (self.times[-1] - self.times[0])
+
+    def gaps(self) -> list[float]:
+        return [b - a for a, b in zip(self.times, self.times[1:], strict=False)]
+
+
+@dataclass
+class Target:
+    name: str
+    server: Server
+    model: Callable[[str], str]  # workload's assistant -> the request's model
+    sessions: bool  # chat history kept by the server
+    system_in_server: bool  # the long system prompt is the assistant's
+
+
+class Client:
+    def __init__(self, target: Target, banned: tuple[int, ...]) -> None:
+        self.target = target
+        self.banned = banned
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0),
+                                      limits=httpx.Limits(max_connections=32))  # fmt: skip
+
+    async def stream(
+        self,
+        messages: list[dict[str, str]],
+        max_tokens: int,
+        assistant: str = "bench",
+        headers: dict[str, str] | None = None,
+    ) -> Stream:
+        body = {
+            "model": self.target.model(assistant),
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "temperature": 0,
+            "max_tokens": max_tokens,
+            "logit_bias": {str(t): -100 for t in self.banned},
+        }
+        s = Stream(time.perf_counter())
+        url = self.target.server.root + "/v1/chat/completions"
+        all_headers = {**self.target.server.headers, **(headers or {})}
+        try:
+            async with self.http.stream("POST", url, json=body, headers=all_headers) as r:
+                if r.status_code != 200:
+                    s.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                    return s
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    event = json.loads(line[6:])
+                    s.timings = event.get("timings") or s.timings
+                    s.usage = event.get("usage") or s.usage
+                    for choice in event.get("choices") or []:
+                        if content := (choice.get("delta") or {}).get("content"):
+                            s.times.append(time.perf_counter())
+                            s.text += content
+        except httpx.HTTPError as exc:
+            s.error = f"{type(exc).__name__}: {exc}"
+        if s.error is None and len(s.times) == 0:
+            s.error = "no content"
+        return s
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def errors(streams: list[Stream]) -> list[str]:
+    return [s.error for s in streams if s.error]
+
+
+async def w_long(c: Client, tag: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for n in (1, 4):
+        t0 = time.perf_counter()
+        prompts = [passage(f"{tag}-long-{n}-{i}", 1500) for i in range(n)]
+        streams = await asyncio.gather(*(c.stream([user(p)], 64) for p in prompts))
+        wall = max(s.times[-1] if s.times else t0 for s in streams) - t0
+        out[f"c{n}"] = {
+            "total_tps": sum(len(s.times) for s in streams) / wall,
+            "decode_tps": statistics.mean(s.decode_tps for s in streams),
+            "ttft_s": statistics.mean(s.ttft for s in streams),
+            "prompt_tokens": statistics.mean(s.usage.get("prompt_tokens", 0) for s in streams),
+            "errors": errors(list(streams)),
+        }
+    return out
+
+
+async def w_mixed(c: Client, tag: str) -> dict[str, Any]:
+    """3 streams of 200 tokens from short prompts; a long prompt every 3 s meanwhile."""
+    t0 = time.perf_counter()
+    decoding = [
+        asyncio.ensure_future(c.stream([user(passage(f"{tag}-mixed-{i}", 20))], 200))
+        for i in range(3)
+    ]
+    arrivals = []
+    while not all(d.done() for d in decoding):
+        await asyncio.sleep(3.0)
+        if all(d.done() for d in decoding):
+            break
+        prompt = passage(f"{tag}-mixed-long-{len(arrivals)}", 1500)
+        arrivals.append(asyncio.ensure_future(c.stream([user(prompt)], 16)))
+    streams = [await d for d in decoding]
+    longs = [await a for a in arrivals]
+    wall = max(s.times[-1] for s in streams + longs if s.times) - t0
+    gaps = [g for s in streams for g in s.gaps()]
+    return {
+        "itl_p50_ms": pct(gaps, 0.5) * 1000,
+        "itl_p99_ms": pct(gaps, 0.99) * 1000,
+        "itl_max_ms": max(gaps) * 1000 if gaps else float("nan"),
+        "decode_tps": statistics.mean(s.decode_tps for s in streams),
+        "total_tps": sum(len(s.times) for s in streams + longs) / wall,
+        "long_ttft_s": statistics.mean(s.ttft for s in longs) if longs else float("nan"),
+        "long_requests": len(longs),
+        "errors": errors(streams + longs),
+    }
+
+
+async def w_conversation(c: Client, tag: str) -> dict[str, Any]:
+    """8 turns; each question ~100 tokens, each answer 64 tokens."""
+    history: list[dict[str, str]] = []
+    session = {"X-Session-ID": f"{tag}-conv"} if c.target.sessions else {}
+    turns = []
+    for turn in range(8):
+        question = user(passage(f"{tag}-conv-{turn}", 80))
+        messages = question if c.target.sessions else [*history, *question]
+        s = await c.stream(messages, 64, "chat", session)
+        turns.append(s)
+        history += [*question, {"role": "assistant", "content": s.text}]
+    later = turns[1:]
+    return {
+        "ttft_ms_later_turns": statistics.mean(s.ttft for s in later) * 1000,
+        "ttft_ms_last_turn": later[-1].ttft * 1000,
+        "prompt_n_later_turns": statistics.mean(s.timings.get("prompt_n", 0) for s in later),
+        "decode_tps": statistics.mean(s.decode_tps for s in turns),
+        "errors": errors(turns),
+    }
+
+
+SYSTEM = passage("system prompt of the support assistant", 750)
+
+
+async def w_system(c: Client, tag: str) -> dict[str, Any]:
+    """16 users' questions at c=4 to an assistant with a ~1,000-token system prompt."""
+    system = [] if c.target.system_in_server else [{"role": "system", "content": SYSTEM}]
+    queue = [user(f"{tag} user {i}: what should I do about my order number {i}?")
+             for i in range(16)]  # fmt: skip
+    streams: list[Stream] = []
+
+    async def worker() -> None:
+        while queue:
+            question = queue.pop(0)
+            streams.append(await c.stream([*system, *question], 32, "sys"))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(4)))
+    wall = max(s.times[-1] for s in streams if s.times) - t0
+    return {
+        "ttft_ms": statistics.mean(s.ttft for s in streams) * 1000,
+        "total_tps": sum(len(s.times) for s in streams) / wall,
+        "cache_n": statistics.mean(s.timings.get("cache_n", 0) for s in streams),
+        "prompt_n": statistics.mean(s.timings.get("prompt_n", 0) for s in streams),
+        "errors": errors(streams),
+    }
+
+
+async def w_repeat(c: Client, tag: str) -> dict[str, Any]:
+    prompts = [user(f"{tag} first question: what is a harbor?"),
+               user(f"{tag} second question: what is an orchard?")]  # fmt: skip
+    streams = [await c.stream(prompts[i % 2], 16) for i in range(10)]
+    later = streams[2:]
+    return {
+        "ttft_ms": statistics.mean(s.ttft for s in later) * 1000,
+        "prompt_n": statistics.mean(s.timings.get("prompt_n", 0) for s in later),
+        "errors": errors(streams),
+    }
+
+
+RUNNERS: dict[str, Callable[[Client, str], Awaitable[dict[str, Any]]]] = {
+    "long": w_long, "mixed": w_mixed, "conversation": w_conversation, "system": w_system,
+    "repeat": w_repeat,
+}  # fmt: skip
+
+
+def user(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+def make_vergeai(s: Settings) -> Target:
+    state = s.work_dir / "vergeai-long-state"
+    vergeai_cli(state, "user", "create", "bench", "--role", "admin")
+    token = vergeai_cli(state, "key", "create", "--user", "bench", "--name", "bench").strip()
+    common = ["--model", s.model, "--chat-format", "gemma", "--threads", str(s.threads),
+              "--ctx", str(s.ctx), "--parallel", str(s.slots)]  # fmt: skip
+    vergeai_cli(state, "assistant", "create", MODEL_NAME, *common)
+    vergeai_cli(state, "assistant", "create", "chat", *common, "--chat-history",
+                "--history-turns", "100")  # fmt: skip
+    vergeai_cli(state, "assistant", "create", "sys", *common, "--system-prompt", SYSTEM)
+    port = free_port()
+    argv = [sys.executable, "-m", "vergeai", "serve", "--port", str(port), "--state-dir",
+            str(state)]  # fmt: skip
+    server = Server("vergeai", argv, port, s.work_dir / "vergeai-long.log", "/health",
+                    {"Authorization": f"Bearer {token}"})  # fmt: skip
+    return Target("vergeai", server, lambda a: a, sessions=True, system_in_server=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--llama-server", help="llama-server binary (default: build one)")
+    p.add_argument("--llama-server-args", default="", help="extra llama-server flags")
+    p.add_argument("--workloads", default=",".join(WORKLOADS))
+    p.add_argument("--ctx", type=int, default=4096)
+    p.add_argument("--slots", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--skip-llama-server", action="store_true")
+    p.add_argument("--json", type=Path, default=Path("bench-long.json"))
+    args = p.parse_args()
+    model = demo_model()
+    work = Path(tempfile.mkdtemp(prefix="vergeai-bench-long-"))
+    s = Settings(model, args.ctx, args.slots, args.threads, work)
+    banned = end_of_generation_tokens(model)
+    targets = [make_vergeai(s)]
+    if not args.skip_llama_server:
+        binary = args.llama_server or build_llama_server(DEFAULT_BUILD_SCRIPT)
+        ls = llama_server(binary, s, args.llama_server_args.split())
+        targets.append(Target("llama-server", ls, lambda a: MODEL_NAME, False, False))
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {t.name: {} for t in targets}
+    try:
+        for t in targets:
+            t.server.start()
+        for name in args.workloads.split(","):
+            for r in range(args.rounds):
+                for t in targets:
+                    tag = f"{name}-{r}-{t.name}-{time.time_ns()}"
+                    result = asyncio.run(run_one(t, banned, name, tag))
+                    results[t.name].setdefault(name, []).append(result)
+                    print(f"{t.name:12} {name:12} round {r}: {fmt(result)}", file=sys.stderr)
+    finally:
+        for t in targets:
+            t.server.stop()
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    report(results)
+    print(f"logs in {work}; results in {args.json}", file=sys.stderr)
+    return 0
+
+
+async def run_one(t: Target, banned: tuple[int, ...], name: str, tag: str) -> dict[str, Any]:
+    c = Client(t, banned)
+    try:
+        return await RUNNERS[name](c, tag)
+    finally:
+        await c.http.aclose()
+
+
+def fmt(result: dict[str, Any]) -> str:
+    def one(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.2f}"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k}={one(x)}" for k, x in v.items()) + "}"
+        return str(v)
+
+    return ", ".join(f"{k}={one(v)}" for k, v in result.items() if k != "errors" or v)
+
+
+def report(results: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
+    """Each metric per workload: every server's rounds, and vergeai ÷ llama-server."""
+    names = list(results)
+    print(f"\n{'workload':14}{'metric':26}" + "".join(f"{n:>24}" for n in names) + "   ratio")
+    for workload, rounds in results[names[0]].items():
+        for metric in flatten(rounds[0]):
+            cells, means = [], []
+            for n in names:
+                values = [flatten(r).get(metric) for r in results[n].get(workload, [])]
+                values = [v for v in values if isinstance(v, (int, float))]
+                cells.append(" / ".join(f"{v:.1f}" for v in values))
+                means.append(statistics.mean(values) if values else float("nan"))
+            ratio = f"{means[0] / means[1]:.2f}x" if len(means) > 1 and means[1] else ""
+            print(f"{workload:14}{metric:26}" + "".join(f"{c:>24}" for c in cells) + f"   {ratio}")
+
+
+def flatten(result: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in result.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        elif k != "errors":
+            out[prefix + k] = v
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
