@@ -47,11 +47,44 @@ from servers import (
 )
 from workload import end_of_generation_tokens
 
-WORDS = (
-    "river stone lantern harbor winter market signal garden copper thread window orchard "
-    "engine letter bridge meadow candle valley whistle ladder compass blanket station quiet "
-    "silver morning pocket island thunder kettle anchor feather violin basket mirror tunnel"
-).split()
+WORDS = [
+    "river",
+    "stone",
+    "lantern",
+    "harbor",
+    "winter",
+    "market",
+    "signal",
+    "garden",
+    "copper",
+    "thread",
+    "window",
+    "orchard",
+    "engine",
+    "letter",
+    "bridge",
+    "meadow",
+    "candle",
+    "valley",
+    "whistle",
+    "ladder",
+    "compass",
+    "blanket",
+    "station",
+    "quiet",
+    "silver",
+    "morning",
+    "pocket",
+    "island",
+    "thunder",
+    "kettle",
+    "anchor",
+    "feather",
+    "violin",
+    "basket",
+    "mirror",
+    "tunnel",
+]
 WORKLOADS = ("long", "mixed", "conversation", "system", "repeat")
 
 
