@@ -169,6 +169,48 @@ def test_slot_reuse_keeps_each_conversation_prefix(slots: Slots) -> None:
         assert second["timings"]["prompt_n"] < second["usage"]["prompt_tokens"] // 2
 
 
+def test_two_prompts_sent_in_turn_each_keep_their_slot(slots: Slots) -> None:
+    """An exact repeat evaluates one token, however another prompt that starts alike
+    came in between (it takes another slot, with the shared opening copied in)."""
+    opening = "A question from the repeat test, about things in the world around us all: " * 2
+    questions = ("what is a harbor?", "what is an orchard, and who tends one?")
+    prompts = [[{"role": "user", "content": opening + q}] for q in questions]
+    answers = [slots.chat("par", prompts[i % 2], max_tokens=8, temperature=0) for i in range(6)]
+    assert answers[1]["timings"]["cache_n"] >= 30  # the opening, copied from the first one's slot
+    for i, answer in enumerate(answers[2:], 2):
+        assert answer["timings"]["prompt_n"] == 1, (i, answer["timings"])
+        first = answers[i % 2]["choices"][0]["message"]["content"]
+        assert answer["choices"][0]["message"]["content"] == first
+
+
+def test_a_shared_prefix_is_copied_from_a_busy_slot(slots: Slots) -> None:
+    """A document many requests share is evaluated once per worker, not once per slot,
+    and what is copied answers as the document evaluated afresh does."""
+    document = "Notes: " + " ".join(f"Box {i} holds {i * 7} red stones." for i in range(40))
+
+    def ask(model: str, question: str, max_tokens: int = 6) -> dict[str, Any]:
+        messages = [{"role": "system", "content": document}, {"role": "user", "content": question}]
+        return slots.chat(model, messages, max_tokens=max_tokens, temperature=0)
+
+    question = "How many red stones does box number 12 hold, and why is that so? Answer briefly."
+    afresh = ask("solo", question)  # another assistant: nothing of the document cached
+    assert afresh["timings"]["cache_n"] < 20
+    ask("par", "Which box holds the fewest stones of all the boxes in these notes?")
+    busy = threading.Thread(
+        target=lambda: ask("par", "Describe every box in these notes, one by one, in order.", 48)
+    )
+    busy.start()
+    try:
+        time.sleep(0.3)
+        copied = ask("par", question)
+    finally:
+        busy.join()
+    assert copied["timings"]["cache_n"] > afresh["usage"]["prompt_tokens"] - 40
+    pieces = [copied, afresh]
+    texts = [p["choices"][0]["message"]["content"] for p in pieces]
+    assert texts[0][:12] == texts[1][:12], texts
+
+
 def test_full_queue_is_503_with_retry_after(slots: Slots) -> None:
     body = {
         "model": "solo",

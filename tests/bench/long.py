@@ -239,7 +239,7 @@ async def w_conversation(c: Client, tag: str) -> dict[str, Any]:
     session = {"X-Session-ID": f"{tag}-conv"} if c.target.sessions else {}
     turns = []
     for turn in range(8):
-        question = user(passage(f"{tag}-conv-{turn}", 80))
+        question = [user(passage(f"{tag}-conv-{turn}", 80))]
         messages = question if c.target.sessions else [*history, *question]
         s = await c.stream(messages, 64, "chat", session)
         turns.append(s)
@@ -267,7 +267,7 @@ async def w_system(c: Client, tag: str) -> dict[str, Any]:
     async def worker() -> None:
         while queue:
             question = queue.pop(0)
-            streams.append(await c.stream([*system, *question], 32, "sys"))
+            streams.append(await c.stream([*system, question], 32, "sys"))
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(4)))
@@ -284,7 +284,7 @@ async def w_system(c: Client, tag: str) -> dict[str, Any]:
 async def w_repeat(c: Client, tag: str) -> dict[str, Any]:
     prompts = [user(f"{tag} first question: what is a harbor?"),
                user(f"{tag} second question: what is an orchard?")]  # fmt: skip
-    streams = [await c.stream(prompts[i % 2], 16) for i in range(10)]
+    streams = [await c.stream([prompts[i % 2]], 16) for i in range(10)]
     later = streams[2:]
     return {
         "ttft_ms": statistics.mean(s.ttft for s in later) * 1000,

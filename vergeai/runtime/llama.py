@@ -358,8 +358,14 @@ class Context:
         n_threads = threads or os.cpu_count() or 1
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
-        params.swa_full = pooling is None  # lets any prefix be reused (embeddings reuse none)
-        params.kv_unified = True
+        # A generating context keeps one KV stream per sequence, so a sequence
+        # attends over its own cells only, and sliding-window layers keep a
+        # window's worth of cells, not the whole context: both cost every decoded
+        # token time in proportion to what it attends over. A prefix stays
+        # reusable while the window before it is still cached (see reusable).
+        # An embedding context reuses nothing and decodes whole inputs together.
+        params.swa_full = False
+        params.kv_unified = pooling is not None
         params.no_perf = True
         ptr = llama_cpp.llama_init_from_model(model.ptr, params)
         if not ptr:
@@ -372,12 +378,23 @@ class Context:
         self.n_batch = n_batch
         self.memory = llama_cpp.llama_get_memory(ptr)
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, n_seq)
+        self.n_swa = int(llama_cpp.llama_model_n_swa(model.ptr))  # 0: no sliding window
+
+    def reusable(self, seq: int, keep: int) -> bool:
+        """Whether the first ``keep`` cached tokens can continue: the next token
+        attends back ``n_swa`` positions in sliding-window layers, and those
+        cells must still be in the cache (older ones are overwritten)."""
+        if keep == 0 or self.n_swa == 0:
+            return True
+        pos_min = int(llama_cpp.llama_memory_seq_pos_min(self.memory, seq))
+        return 0 <= pos_min <= max(0, keep - self.n_swa)
 
     def clear_from(self, seq: int, pos: int) -> bool:
         return bool(llama_cpp.llama_memory_seq_rm(self.memory, seq, pos, -1))
 
     def copy_seq(self, src: int, dst: int) -> None:
-        """``dst`` shares ``src``'s cached tokens (cells are shared, not duplicated)."""
+        """``dst`` gets a copy of ``src``'s cache, whole (llama.cpp copies a whole stream:
+        ``dst``'s own cells are dropped); the data is copied at the next decode."""
         llama_cpp.llama_memory_seq_cp(self.memory, src, dst, 0, -1)
 
     def decode(self, entries: list[tuple[int, int, int, bool]]) -> int:

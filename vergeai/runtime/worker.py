@@ -73,6 +73,8 @@ class WorkerState(StrEnum):
 
 
 RESTART_RETRY_AFTER = 2
+MIN_SHARED = 16  # tokens another slot's cache must add to a slot's own to be copied in
+SLACK = 4  # cached tokens a prompt may differ in at the end and still take the slot
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -317,9 +319,11 @@ class Worker:
             if len(free) < job.slots_needed:
                 return
             self.waiting.popleft()
-            slot = max(free, key=lambda s: (common_prefix(s.tokens, job.tokens), -s.last_used))
+            slot = self._slot_for(job, free)
             slot.job = job
             try:
+                if not job.embed:
+                    self._share_prefix(slot, job)
                 self._start(slot, job)
             except Exception as exc:
                 # the leader's failure fails the whole request; its followers never start
@@ -333,6 +337,40 @@ class Worker:
                 except Exception as exc:
                     self._fail(spare, f"could not start generating: {exc}", exc)
 
+    @staticmethod
+    def _slot_for(job: Job, free: list[Slot]) -> Slot:
+        """The free slot whose cache holds most of the job's prompt, unless that would
+        throw away another conversation.
+
+        A slot the prompt merely starts like (a shared system prompt, a common
+        opening) is kept for its own next turn: another free slot, an empty one
+        or else the least recently used, takes the job and gets the shared
+        prefix copied in (see _share_prefix).
+        """
+        best = max(free, key=lambda s: (common_prefix(s.tokens, job.tokens), -s.last_used))
+        kept = common_prefix(best.tokens, job.tokens)
+        if kept >= len(job.tokens) - 1 or len(best.tokens) - kept <= SLACK or len(free) == 1:
+            return best  # a repeat, a follow-up turn, or no choice
+        return min((s for s in free if s is not best), key=lambda s: (bool(s.tokens), s.last_used))
+
+    def _share_prefix(self, slot: Slot, job: Job) -> None:
+        """Copy in the cache of another slot, busy or not, that holds more of the prompt.
+
+        So a system prompt or a document many requests share is evaluated once
+        per worker, not once per slot.
+        """
+        assert self.ctx is not None
+        own = common_prefix(slot.tokens, job.tokens)
+        donors = [s for s in self.slots if s is not slot and s.leader is None and s.tokens]
+        if not donors:
+            return
+        donor = max(donors, key=lambda s: common_prefix(s.tokens, job.tokens))
+        shared = min(common_prefix(donor.tokens, job.tokens), len(job.tokens) - 1)
+        if shared < own + MIN_SHARED or not self.ctx.reusable(donor.seq, shared):
+            return
+        self.ctx.copy_seq(donor.seq, slot.seq)
+        slot.tokens = list(donor.tokens)
+
     def _start(self, slot: Slot, job: Job) -> None:
         assert self.ctx is not None and self.model is not None
         # Keep the longest cached prefix, but always re-evaluate the last
@@ -340,6 +378,9 @@ class Worker:
         # An embedding pools all its tokens, so it keeps nothing.
         keep = 0 if job.embed else min(common_prefix(slot.tokens, job.tokens), len(job.tokens) - 1)
         if keep < len(slot.tokens) and not self.ctx.clear_from(slot.seq, keep):
+            self.ctx.clear_from(slot.seq, 0)
+            keep = 0
+        if not self.ctx.reusable(slot.seq, keep):  # the window before it is gone
             self.ctx.clear_from(slot.seq, 0)
             keep = 0
         del slot.tokens[keep:]
