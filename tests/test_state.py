@@ -156,6 +156,7 @@ def test_round_trip_of_every_field(store: Store) -> None:
         parallel=4,
         embedding=True,
         max_queue=0,
+        speculate="off",
         online=False,
         created=created,
     )

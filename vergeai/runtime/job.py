@@ -22,6 +22,8 @@ class Timings:
     prompt_ms: float
     predicted_n: int
     predicted_ms: float
+    draft_n: int = 0
+    draft_n_accepted: int = 0
 
     @property
     def prompt_per_second(self) -> float:
@@ -44,6 +46,12 @@ class Timings:
                 self.predicted_ms / self.predicted_n if self.predicted_n else 0.0
             ),
             "predicted_per_second": self.predicted_per_second,
+            # as llama-server reports speculation
+            **(
+                {"draft_n": self.draft_n, "draft_n_accepted": self.draft_n_accepted}
+                if self.draft_n
+                else {}
+            ),
         }
 
 
@@ -102,6 +110,8 @@ class Job:
     # filled in by the worker thread
     cache_n: int = 0
     n_generated: int = 0
+    draft_n: int = 0  # tokens proposed by speculation and checked
+    draft_accepted: int = 0  # of those, the ones the sampler picked
     t_start: float = 0.0
     t_first: float = 0.0
 
@@ -128,4 +138,6 @@ class Job:
             prompt_ms=(self.t_first - self.t_start) * 1000.0,
             predicted_n=self.n_generated,
             predicted_ms=(end - self.t_first) * 1000.0,
+            draft_n=self.draft_n,
+            draft_n_accepted=self.draft_accepted,
         )

@@ -37,6 +37,7 @@ from vergeai.runtime.llama import (
 from vergeai.runtime.logprobs import entry, log_softmax
 from vergeai.runtime.prompt import ChatTemplate, Message
 from vergeai.runtime.reasoning import close_open_think, prompt_opens_think
+from vergeai.runtime.speculate import Drafter
 from vergeai.runtime.stops import StopMatcher
 from vergeai.runtime.templating import build_template
 from vergeai.state.records import Assistant
@@ -55,6 +56,13 @@ class Slot:
     stops: StopMatcher | None = None
     last_used: float = 0.0
     leader: Slot | None = None  # a follower waits here until its leader's prompt is decoded
+    drafter: Drafter | None = None  # proposes tokens to check in the next step, if speculating
+    drafted: int = 0  # the last pending tokens are a draft, this many
+
+    @property
+    def prompting(self) -> bool:
+        """Its prompt is still being decoded (a generating slot has its token and a draft)."""
+        return len(self.pending) - self.drafted > 1
 
 
 @dataclass
@@ -389,6 +397,7 @@ class Worker:
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         slot.stops = StopMatcher(job.stop)
         slot.pending = job.tokens[keep:]
+        slot.drafter = Drafter() if self.assistant.speculate == "ngram" and not job.embed else None
         job.cache_n = keep
         job.t_start = time.perf_counter()
 
@@ -399,6 +408,7 @@ class Worker:
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         slot.stops = StopMatcher(job.stop)
         slot.pending = []
+        slot.drafter = Drafter() if self.assistant.speculate == "ngram" else None
         slot.leader = leader
         job.t_start = time.perf_counter()
 
@@ -428,13 +438,16 @@ class Worker:
         budget = self.ctx.n_batch
         plan: list[tuple[Slot, list[int]]] = []
         active = [s for s in self.slots if s.job is not None and s.leader is None]
-        active.sort(key=lambda s: len(s.pending) > 1)
+        active.sort(key=lambda s: s.prompting)
         for slot in active:
             if budget <= 0:
                 break
             assert slot.job is not None
             if slot.job.embed and len(slot.pending) > budget:
                 continue  # an embedding input is decoded whole, in a later batch
+            if slot.drafted >= budget:  # a draft is checked whole or cut short, never split
+                del slot.pending[budget:]
+                slot.drafted = len(slot.pending) - 1
             take = slot.pending[:budget]
             plan.append((slot, take))
             budget -= len(take)
@@ -463,7 +476,8 @@ class Worker:
         """Batch entries for a slot's next tokens; logits only after its last pending one."""
         base = len(slot.tokens)
         last = len(take) == len(slot.pending)
-        every = slot.job is not None and slot.job.embed  # pooling reads every token's output
+        # pooling reads every token's output; a draft is checked at every token
+        every = slot.drafted > 0 or (slot.job is not None and slot.job.embed)
         return [
             (token, base + i, slot.seq, every or (last and i == len(take) - 1))
             for i, token in enumerate(take)
@@ -475,6 +489,7 @@ class Worker:
         for slot, take in plan:
             index += len(take)
             done = len(take) == len(slot.pending)
+            drafted, slot.drafted = slot.drafted, 0
             slot.tokens.extend(take)
             del slot.pending[: len(take)]
             if done and slot.job is not None and slot.job.followers:
@@ -486,7 +501,7 @@ class Worker:
                     self._fail(slot, f"embedding failed: {exc}", exc)
             elif done:
                 try:
-                    self._sample(slot, index)
+                    self._sample(slot, index, drafted)
                 except Exception as exc:
                     self._fail(slot, f"sampling failed: {exc}", exc)
 
@@ -499,7 +514,52 @@ class Worker:
         self.ctx.clear_from(slot.seq, 0)
         slot.tokens.clear()
 
-    def _sample(self, slot: Slot, index: int) -> None:
+    def _sample(self, slot: Slot, index: int, drafted: int = 0) -> None:
+        """Sample the slot's next token from the batch output at ``index``.
+
+        With a draft (the slot's last ``drafted`` tokens, decoded at the outputs
+        before ``index``), sample position by position from the first: each
+        draft token the sampler picks itself is kept, the first it does not is
+        replaced by the sampler's token, and the cache forgets the rest.
+        """
+        assert self.ctx is not None
+        job = slot.job
+        assert job is not None
+        draft = slot.tokens[len(slot.tokens) - drafted :]
+        accepted = 0
+        for i in range(drafted + 1):
+            token = self._next_token(slot, index - drafted + i)
+            matched = i < drafted and token == draft[i]
+            accepted += matched
+            if not matched or slot.job is not job:
+                break
+        if accepted < drafted:  # the rest of the draft was decoded for nothing
+            cut = len(slot.tokens) - (drafted - accepted)
+            self.ctx.clear_from(slot.seq, cut)
+            del slot.tokens[cut:]
+        job.draft_n += drafted
+        job.draft_accepted += accepted
+        if slot.drafter is not None:
+            slot.drafter.record(drafted, accepted)
+        if slot.job is not job:
+            return  # that token ended the request
+        slot.pending = [token]
+        if slot.drafter is not None and not self._others_generating(slot):
+            room = min(
+                job.max_tokens - job.n_generated - 1, self.ctx.n_ctx_seq - len(slot.tokens) - 2
+            )
+            slot.pending += slot.drafter.propose([*slot.tokens, token], room)
+            slot.drafted = len(slot.pending) - 1
+
+    def _others_generating(self, slot: Slot) -> bool:
+        """Whether another sequence decodes its next token in the same steps (then a
+        draft's tokens cost the batch more than the steps they might save)."""
+        return any(
+            s is not slot and s.job is not None and s.job.n_generated > 0 for s in self.slots
+        )
+
+    def _next_token(self, slot: Slot, index: int) -> int:
+        """Sample one token and report it (the slot's job is over if it ended it)."""
         assert self.ctx is not None and self.model is not None
         job = slot.job
         assert job is not None and slot.stops is not None
@@ -512,7 +572,7 @@ class Worker:
         job.n_generated += 1
         if self.model.is_eog(token):
             self._finish(slot, "stop")
-            return
+            return token
         text = slot.stops.feed(slot.decoder.decode(self.model.piece(token)))
         if distribution is not None:
             assert job.top_logprobs is not None
@@ -523,8 +583,7 @@ class Worker:
             self._finish(slot, "stop")
         elif job.n_generated >= job.max_tokens or len(slot.tokens) + 1 >= self.ctx.n_ctx_seq:
             self._finish(slot, "length")
-        else:
-            slot.pending = [token]
+        return token
 
     def _fail(self, slot: Slot, message: str, exc: Exception | None = None) -> None:
         """Fail the slot's request alone; the others keep generating."""
@@ -573,4 +632,6 @@ class Worker:
         slot.sampler = None
         slot.job = None
         slot.pending = []
+        slot.drafted = 0
+        slot.drafter = None
         slot.last_used = time.perf_counter()

@@ -19,6 +19,7 @@ from typing import Any
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 ROLES = ("admin", "user")
 CHAT_FORMATS = ("gemma", "chatml", "llama-3", "mistral-instruct")
+SPECULATION = ("ngram", "off")
 KINDS: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool}
 
 
@@ -328,6 +329,12 @@ class Assistant:
         False, help="Serve embeddings (/v1/embeddings) instead of chat.", off="no-embedding"
     )
     max_queue: int = setting(64, lo=0, hi=100_000, help="Requests that may wait; then 503.")
+    speculate: str = setting(
+        "ngram",
+        choices=SPECULATION,
+        help="Draft tokens from the prompt and output (n-gram lookup), checked in one step.",
+        metavar="MODE",
+    )
     online: bool = setting(True, help="Load the model when serving.", off="offline")
     created: datetime = field(default_factory=now)
 
