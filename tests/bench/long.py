@@ -12,7 +12,10 @@ its defaults otherwise), interleaved workload by workload:
   sent the whole message list each turn;
 - ``system``: a ~1,000-token system prompt (vergeai's assistant setting,
   llama-server in every request), 16 users' short questions at c=4;
-- ``repeat``: two short prompts sent alternately at c=1.
+- ``repeat``: two short prompts sent alternately at c=1;
+- ``copy``: a ~300-token passage to rewrite with one change, 128 tokens out,
+  at c=1 and c=4 (where speculation pays), and ``normal``: a short prompt
+  for a story, 128 tokens out, at c=1 (where it must not cost).
 
     python tests/bench/long.py --llama-server PATH [--workloads long,mixed] [--json out.json]
 
@@ -45,7 +48,7 @@ from servers import (
     llama_server,
     vergeai_cli,
 )
-from workload import end_of_generation_tokens
+from workload import STORY, end_of_generation_tokens
 
 WORDS = [
     "river",
@@ -85,7 +88,23 @@ WORDS = [
     "mirror",
     "tunnel",
 ]
-WORKLOADS = ("long", "mixed", "conversation", "system", "repeat")
+WORKLOADS = ("long", "mixed", "conversation", "system", "repeat", "copy", "normal")
+PASSAGE = (
+    "The harbor town woke slowly on winter mornings. Fishermen walked down to the boats "
+    "before the sun rose, carrying nets and lanterns, and the baker on the corner opened "
+    "his shutters to let the smell of bread into the street. Children ran along the sea "
+    "wall on their way to school, and the old lighthouse keeper climbed the tower to put "
+    "out the lamp. By nine o'clock the market square was full: farmers sold apples and "
+    "cheese, a woman mended umbrellas under the clock, and the postman stopped at every "
+    "door with letters from the city. In the afternoon the wind turned, the boats came "
+    "back with their catch, and the gulls followed them into the harbor, crying over the "
+    "water. When evening came the keeper climbed the tower again, lit the lamp, and "
+    "watched its beam sweep across the dark sea until the last boat was safely home."
+)
+COPY = (
+    f"{PASSAGE}\n\nRewrite the passage above exactly as it is, word for word, except that "
+    "the baker becomes a butcher."
+)
 
 
 def passage(tag: str, words: int) -> str:
@@ -131,8 +150,11 @@ class Client:
     def __init__(self, target: Target, banned: tuple[int, ...]) -> None:
         self.target = target
         self.banned = banned
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0),
-                                      limits=httpx.Limits(max_connections=32))  # fmt: skip
+        # no keep-alive: a server that closes idle connections would fail the next request
+        self.http = httpx.AsyncClient(
+            timeout=httpx.Timeout(600.0, connect=10.0),
+            limits=httpx.Limits(max_connections=32, max_keepalive_connections=0),
+        )
 
     async def stream(
         self,
@@ -197,6 +219,7 @@ async def w_long(c: Client, tag: str) -> dict[str, Any]:
             "total_tps": sum(len(s.times) for s in streams) / wall,
             "decode_tps": statistics.mean(s.decode_tps for s in streams),
             "ttft_s": statistics.mean(s.ttft for s in streams),
+            "done_s": statistics.mean(s.times[-1] - s.t_send for s in streams if s.times),
             "prompt_tokens": statistics.mean(s.usage.get("prompt_tokens", 0) for s in streams),
             "errors": errors(list(streams)),
         }
@@ -293,9 +316,36 @@ async def w_repeat(c: Client, tag: str) -> dict[str, Any]:
     }
 
 
+async def w_copy(c: Client, tag: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for n in (1, 4):
+        t0 = time.perf_counter()
+        prompts = [f"({tag} {i}) {COPY}" for i in range(n)]
+        streams = await asyncio.gather(*(c.stream([user(p)], 128) for p in prompts))
+        wall = max(s.times[-1] if s.times else t0 for s in streams) - t0
+        out[f"c{n}"] = {
+            "total_tps": sum(len(s.times) for s in streams) / wall,
+            "decode_tps": statistics.mean(s.decode_tps for s in streams),
+            "ttft_ms": statistics.mean(s.ttft for s in streams) * 1000,
+            "accepted": statistics.mean(s.timings.get("draft_n_accepted", 0) for s in streams),
+            "errors": errors(list(streams)),
+        }
+    return out
+
+
+async def w_normal(c: Client, tag: str) -> dict[str, Any]:
+    streams = [await c.stream([user(f"{tag} {i}: {STORY}")], 128) for i in range(2)]
+    return {
+        "decode_tps": statistics.mean(s.decode_tps for s in streams),
+        "ttft_ms": statistics.mean(s.ttft for s in streams) * 1000,
+        "accepted": statistics.mean(s.timings.get("draft_n_accepted", 0) for s in streams),
+        "errors": errors(streams),
+    }
+
+
 RUNNERS: dict[str, Callable[[Client, str], Awaitable[dict[str, Any]]]] = {
     "long": w_long, "mixed": w_mixed, "conversation": w_conversation, "system": w_system,
-    "repeat": w_repeat,
+    "repeat": w_repeat, "copy": w_copy, "normal": w_normal,
 }  # fmt: skip
 
 

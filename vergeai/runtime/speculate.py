@@ -13,17 +13,19 @@ On a CPU a step costs about as much more as it decodes more tokens (two
 tokens cost twice one, nine about four and a half times), so a draft pays
 only when most of it is kept: drafts are never shorter than four tokens, a
 request whose drafts keep missing stops drafting for a while (longer each
-time), and the worker drafts only for a sequence decoding alone, where a
-kept token saves a whole step.
+time), and while other sequences decode in the same steps (where a draft's
+tokens cost the whole batch) only a request whose drafts have mostly been
+kept drafts at all.
 """
 
 from __future__ import annotations
 
 N = 3  # tokens of the n-gram looked up
 MIN_DRAFT = 4
-FIRST_DRAFT = 8
-MAX_DRAFT = 16
+FIRST_DRAFT = 32
+MAX_DRAFT = 64
 MAX_COOLDOWN = 64  # tokens without drafting after misses in a row, at most
+CONFIDENT = 0.7  # share of drafted tokens kept, to draft while other sequences decode
 
 
 class Drafter:
@@ -53,6 +55,11 @@ class Drafter:
         if start is None:
             return []
         return context[start : start + min(self.size, limit)]
+
+    @property
+    def reliable(self) -> bool:
+        """Most of what it drafted was kept (or it has not drafted yet)."""
+        return self.accepted >= CONFIDENT * self.proposed
 
     def record(self, drafted: int, accepted: int) -> None:
         """How a draft did: longer after a full match; a miss (under half kept) pauses drafting."""

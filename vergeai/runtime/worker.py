@@ -544,11 +544,12 @@ class Worker:
         if slot.job is not job:
             return  # that token ended the request
         slot.pending = [token]
-        if slot.drafter is not None and not self._others_generating(slot):
+        drafter = slot.drafter
+        if drafter is not None and (drafter.reliable or not self._others_generating(slot)):
             room = min(
                 job.max_tokens - job.n_generated - 1, self.ctx.n_ctx_seq - len(slot.tokens) - 2
             )
-            slot.pending += slot.drafter.propose([*slot.tokens, token], room)
+            slot.pending += drafter.propose([*slot.tokens, token], room)
             slot.drafted = len(slot.pending) - 1
 
     def _others_generating(self, slot: Slot) -> bool:
