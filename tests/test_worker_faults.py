@@ -133,10 +133,10 @@ def test_an_exception_while_sampling_fails_only_its_request(
     worker = wait_online(pool)
     real = worker._sample
 
-    def sample(slot: Any, index: int) -> None:
-        if MARKER in slot.job.tokens and slot.job.n_generated == 3:
+    def sample(slot: Any, index: int, drafted: int = 0) -> None:
+        if MARKER in slot.job.tokens and slot.job.n_generated >= 3:
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
-        real(slot, index)
+        real(slot, index, drafted)
 
     monkeypatch.setattr(worker, "_sample", sample)
     good, bad = asyncio.run(side_by_side(worker))

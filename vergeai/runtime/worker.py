@@ -546,8 +546,9 @@ class Worker:
         slot.pending = [token]
         drafter = slot.drafter
         if drafter is not None and (drafter.reliable or not self._others_generating(slot)):
+            # the draft must not end the context earlier than its tokens would
             room = min(
-                job.max_tokens - job.n_generated - 1, self.ctx.n_ctx_seq - len(slot.tokens) - 2
+                job.max_tokens - job.n_generated - 1, self.ctx.n_ctx_seq - len(slot.tokens) - 3
             )
             slot.pending += drafter.propose([*slot.tokens, token], room)
             slot.drafted = len(slot.pending) - 1
