@@ -353,12 +353,12 @@ def user(text: str) -> dict[str, str]:
     return {"role": "user", "content": text}
 
 
-def make_vergeai(s: Settings) -> Target:
+def make_vergeai(s: Settings, extra: list[str]) -> Target:
     state = s.work_dir / "vergeai-long-state"
     vergeai_cli(state, "user", "create", "bench", "--role", "admin")
     token = vergeai_cli(state, "key", "create", "--user", "bench", "--name", "bench").strip()
     common = ["--model", s.model, "--chat-format", "gemma", "--threads", str(s.threads),
-              "--ctx", str(s.ctx), "--parallel", str(s.slots)]  # fmt: skip
+              "--ctx", str(s.ctx), "--parallel", str(s.slots), *extra]  # fmt: skip
     vergeai_cli(state, "assistant", "create", MODEL_NAME, *common)
     vergeai_cli(state, "assistant", "create", "chat", *common, "--chat-history",
                 "--history-turns", "100")  # fmt: skip
@@ -375,6 +375,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--llama-server", help="llama-server binary (default: build one)")
     p.add_argument("--llama-server-args", default="", help="extra llama-server flags")
+    p.add_argument(
+        "--vergeai-args", default="", help="extra assistant settings, e.g. --speculate off"
+    )
     p.add_argument("--workloads", default=",".join(WORKLOADS))
     p.add_argument("--ctx", type=int, default=4096)
     p.add_argument("--slots", type=int, default=4)
@@ -387,7 +390,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="vergeai-bench-long-"))
     s = Settings(model, args.ctx, args.slots, args.threads, work)
     banned = end_of_generation_tokens(model)
-    targets = [make_vergeai(s)]
+    targets = [make_vergeai(s, args.vergeai_args.split())]
     if not args.skip_llama_server:
         binary = args.llama_server or build_llama_server(DEFAULT_BUILD_SCRIPT)
         ls = llama_server(binary, s, args.llama_server_args.split())

@@ -37,7 +37,7 @@ from vergeai.runtime.llama import (
 from vergeai.runtime.logprobs import entry, log_softmax
 from vergeai.runtime.prompt import ChatTemplate, Message
 from vergeai.runtime.reasoning import close_open_think, prompt_opens_think
-from vergeai.runtime.speculate import Drafter
+from vergeai.runtime.speculate import MAX_DRAFT, Drafter
 from vergeai.runtime.stops import StopMatcher
 from vergeai.runtime.templating import build_template
 from vergeai.state.records import Assistant
@@ -82,6 +82,7 @@ class WorkerState(StrEnum):
 
 RESTART_RETRY_AFTER = 2
 MIN_SHARED = 16  # tokens another slot's cache must add to a slot's own to be copied in
+PREFILL_CHUNK = 128  # prompt tokens per step while other sequences generate
 SLACK = 4  # cached tokens a prompt may differ in at the end and still take the slot
 
 
@@ -439,15 +440,27 @@ class Worker:
         plan: list[tuple[Slot, list[int]]] = []
         active = [s for s in self.slots if s.job is not None and s.leader is None]
         active.sort(key=lambda s: s.prompting)
+        # Draft tokens in one step, all slots together: each one's logits take a
+        # row of n_vocab floats (llama.cpp keeps the largest buffer it needed).
+        # None while a prompt is decoded: that step is long anyway, and a draft
+        # would only make it longer.
+        drafts = 0 if any(s.prompting for s in active) else MAX_DRAFT
+        # While other sequences are generating, a prompt goes in smaller chunks:
+        # each step gives every one of them its next token, so a long prompt
+        # arriving stalls them for a short step at a time, not a long one.
+        generating = any(not s.prompting for s in active)
         for slot in active:
+            if slot.prompting and generating:
+                budget = min(budget, PREFILL_CHUNK)
             if budget <= 0:
                 break
             assert slot.job is not None
             if slot.job.embed and len(slot.pending) > budget:
                 continue  # an embedding input is decoded whole, in a later batch
-            if slot.drafted >= budget:  # a draft is checked whole or cut short, never split
-                del slot.pending[budget:]
-                slot.drafted = len(slot.pending) - 1
+            if slot.drafted > min(budget - 1, drafts):  # cut short, never split
+                slot.drafted = max(0, min(budget - 1, drafts))
+                del slot.pending[1 + slot.drafted :]
+            drafts -= slot.drafted
             take = slot.pending[:budget]
             plan.append((slot, take))
             budget -= len(take)
