@@ -83,6 +83,7 @@ class WorkerState(StrEnum):
 RESTART_RETRY_AFTER = 2
 MIN_SHARED = 16  # tokens another slot's cache must add to a slot's own to be copied in
 PREFILL_CHUNK = 128  # prompt tokens per step while other sequences generate
+MAX_DRAFTING = 4  # generating sequences beyond which a step carries no drafts
 SLACK = 4  # cached tokens a prompt may differ in at the end and still take the slot
 
 
@@ -440,15 +441,17 @@ class Worker:
         plan: list[tuple[Slot, list[int]]] = []
         active = [s for s in self.slots if s.job is not None and s.leader is None]
         active.sort(key=lambda s: s.prompting)
-        # Draft tokens in one step, all slots together: each one's logits take a
-        # row of n_vocab floats (llama.cpp keeps the largest buffer it needed).
-        # None while a prompt is decoded: that step is long anyway, and a draft
-        # would only make it longer.
-        drafts = 0 if any(s.prompting for s in active) else MAX_DRAFT
         # While other sequences are generating, a prompt goes in smaller chunks:
         # each step gives every one of them its next token, so a long prompt
         # arriving stalls them for a short step at a time, not a long one.
-        generating = any(not s.prompting for s in active)
+        generating = sum(not s.prompting for s in active)
+        # Draft tokens in one step, all slots together: each one's logits take a
+        # row of n_vocab floats (llama.cpp keeps the largest buffer it needed).
+        # None while a prompt is decoded (that step is long anyway), nor beyond
+        # a few generating sequences: their step is long already, and ends only
+        # when the slowest of them is done, which a draft does not hasten.
+        prompting = any(s.prompting for s in active)
+        drafts = 0 if prompting or generating > MAX_DRAFTING else MAX_DRAFT
         for slot in active:
             if slot.prompting and generating:
                 budget = min(budget, PREFILL_CHUNK)
