@@ -364,9 +364,10 @@ def test_tls_with_a_self_signed_certificate(tmp_path: Path, model_path: str) -> 
         with pytest.raises(httpx.TransportError):
             httpx.get(f"http://127.0.0.1:{server.port}/health")  # no plain HTTP on a TLS port
     finally:
-        # Known defect, left for its own fix: after the two failed probes above
-        # the server does not exit on SIGTERM (Hypercorn's serve never returns);
-        # stop() kills it after the timeout, so wait 5 s, not 30.
+        # Known defect, left for its own fix: while a client holds an idle
+        # keep-alive HTTPS connection (the openai client's above), the server
+        # does not exit on SIGTERM for about 30 s (asyncio's SSL shutdown
+        # timeout; Hypercorn sets none); stop() kills it after 5 s, not 30.
         server.stop(timeout=5)
 
 
