@@ -9,6 +9,7 @@ import logging
 import signal
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import hypercorn.asyncio.run
 import hypercorn.asyncio.tcp_server
@@ -24,6 +25,7 @@ from vergeai.state.config import ServerConfig
 from vergeai.state.ledger import Ledger
 
 log = logging.getLogger("vergeai.server")
+TLS_SHUTDOWN_SECONDS = 2.0  # for a TLS client to answer our close before it is cut
 
 
 def hypercorn_config(opts: ServerConfig) -> Config:
@@ -115,6 +117,23 @@ async def seed_quotas(service: Service) -> None:
     service.limits.seed(day, month)
 
 
+def shorten_tls_shutdown(loop: asyncio.AbstractEventLoop) -> None:
+    """Close a TLS connection within a few seconds when the client does not answer.
+
+    asyncio waits 30 s for the client's close_notify by default, and
+    Hypercorn sets no shorter time, so one idle keep-alive HTTPS client kept
+    the server from exiting on SIGTERM for that long.
+    """
+    create_server = loop.create_server
+
+    async def create_tls_server(*args: Any, **kwargs: Any) -> asyncio.Server:
+        if kwargs.get("ssl") is not None:
+            kwargs.setdefault("ssl_shutdown_timeout", TLS_SHUTDOWN_SECONDS)
+        return await create_server(*args, **kwargs)
+
+    loop.create_server = create_tls_server  # type: ignore[method-assign]
+
+
 def listen_url(opts: ServerConfig) -> str:
     scheme = "https" if opts.certfile else "http"
     host = f"[{opts.host}]" if ":" in opts.host else opts.host
@@ -139,6 +158,7 @@ async def run(service: Service, opts: ServerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: service.refresh(force=True))
+    shorten_tls_shutdown(loop)
     watcher = asyncio.ensure_future(service.watch())
     log.info("vergeai listening on %s/v1", listen_url(opts))
     try:
