@@ -20,11 +20,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from vergeai.api import generation
-from vergeai.api.chat import account
+from vergeai.api.chat import account, read_whole
 from vergeai.api.conversation import prepare
 from vergeai.api.fields import bad
 from vergeai.api.generation import Choice, Done, Generation, Piece
-from vergeai.api.http import EventStream, authenticated, gate, read_json, unless_disconnected
+from vergeai.api.http import EventStream, authenticated, gate, read_json
 from vergeai.api.schemas import ChatRequest, parse_chat_request
 from vergeai.auth import check_assistant
 from vergeai.errors import InvalidRequest, VergeError
@@ -190,11 +190,9 @@ async def _messages(request: Request) -> Response:
     reply = MessageReply(worker.assistant.name, len(gen.jobs[0].tokens))
     if req.stream:
         return await stream_reply(request, gen, reply)
-    async with gen:
-        done = await unless_disconnected(request, gen.whole())
+    done = await read_whole(request, gen)
     if done is None:
         return Response(status_code=499)
-    account(request, done)
     return JSONResponse(reply.whole(done))
 
 

@@ -56,11 +56,9 @@ async def chat_completions(request: Request) -> Response:
     headers = {"X-Session-ID": session_id} if session_id else {}
     if req.stream:
         return await stream_reply(request, gen, reply, req.include_usage, headers)
-    async with gen:
-        done = await unless_disconnected(request, gen.whole())
+    done = await read_whole(request, gen)
     if done is None:
         return Response(status_code=499)  # nobody reads this answer
-    account(request, done)
     body = reply.whole(done)
     if done.session is not None:
         body["session"] = done.session
@@ -71,6 +69,15 @@ def account(request: Request, done: Done) -> None:
     """What the access log and the metrics record of a finished answer."""
     request.state.usage = done.usage()
     request.state.ttft = done.ttft
+
+
+async def read_whole(request: Request, gen: Generation) -> Done | None:
+    """The whole answer, read while watching the client, and accounted; None if it left."""
+    async with gen:
+        done = await unless_disconnected(request, gen.whole())
+    if done is not None:
+        account(request, done)
+    return done
 
 
 async def stream_reply(

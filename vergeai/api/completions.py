@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from vergeai.api import generation
-from vergeai.api.chat import account
+from vergeai.api.chat import account, read_whole
 from vergeai.api.fields import (
     IGNORED_FIELDS,
     REFUSED_SAMPLERS,
@@ -33,7 +33,7 @@ from vergeai.api.fields import (
     sampled,
 )
 from vergeai.api.generation import Answer, Done, Generation, Piece
-from vergeai.api.http import EventStream, authenticated, gate, read_json, sse, unless_disconnected
+from vergeai.api.http import EventStream, authenticated, gate, read_json, sse
 from vergeai.auth import check_assistant
 from vergeai.errors import InvalidRequest, VergeError, error_body
 from vergeai.runtime.worker import Worker
@@ -157,11 +157,9 @@ async def completions(request: Request) -> Response:
     reply = CompletionReply(worker.assistant.name, [e for e in echoes for _ in range(req.n)])
     if req.stream:
         return await stream_reply(request, gen, reply, req.include_usage)
-    async with gen:
-        done = await unless_disconnected(request, gen.whole())
+    done = await read_whole(request, gen)
     if done is None:
         return Response(status_code=499)
-    account(request, done)
     return JSONResponse(reply.whole(done))
 
 

@@ -21,10 +21,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from vergeai.api import generation
-from vergeai.api.chat import account
+from vergeai.api.chat import account, read_whole
 from vergeai.api.fields import bad
 from vergeai.api.generation import Choice, Done, Generation, Piece
-from vergeai.api.http import EventStream, authenticated, gate, read_json, unless_disconnected
+from vergeai.api.http import EventStream, authenticated, gate, read_json
 from vergeai.api.schemas import parse_chat_request
 from vergeai.auth import Caller, check_assistant
 from vergeai.errors import InvalidRequest, NotFound, Unsupported, VergeError, error_body
@@ -194,11 +194,9 @@ async def create_response(request: Request) -> Response:
 
     if req.stream:
         return await stream_reply(request, gen, reply, keep)
-    async with gen:
-        done = await unless_disconnected(request, gen.whole())
+    done = await read_whole(request, gen)
     if done is None:
         return Response(status_code=499)
-    account(request, done)
     await keep(done)
     return JSONResponse(reply.whole(done))
 
