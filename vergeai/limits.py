@@ -138,20 +138,22 @@ class Limits:
             out.append((who, limited, usage))
         return out
 
-    def check(self, caller: Caller, prompt_tokens: int = 0) -> None:
-        """Raise the 429 to answer if the caller may not start a request of that prompt now."""
-        for who, limited, usage in self._subjects(caller):
+    def check(self, caller: Caller, prompt_tokens: int = 0) -> list[Usage]:
+        """Raise the 429 to answer if the caller may not start a request of that prompt now;
+        else the key's and the user's usage."""
+        subjects = self._subjects(caller)
+        for who, limited, usage in subjects:
             refusal = self._refusal(who, limited, usage, prompt_tokens)
             if refusal is not None:
                 reason, error = refusal
                 self.refused[reason] += 1
                 raise error
+        return [usage for _, _, usage in subjects]
 
     def admit(self, caller: Caller, prompt_tokens: int) -> Ticket:
         """Check, then count the request and its prompt: one step, nothing awaited."""
-        self.check(caller, prompt_tokens)
+        usages = self.check(caller, prompt_tokens)
         t, today = self.clock(), self.calendar().date().isoformat()
-        usages = [usage for _, _, usage in self._subjects(caller)]
         for usage in usages:
             usage.in_flight += 1
             usage.requests.append(t)
