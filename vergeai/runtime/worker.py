@@ -399,9 +399,13 @@ class Worker:
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         slot.stops = StopMatcher(job.stop)
         slot.pending = job.tokens[keep:]
-        slot.drafter = Drafter() if self.assistant.speculate == "ngram" and not job.embed else None
+        slot.drafter = None if job.embed else self._drafter()
         job.cache_n = keep
         job.t_start = time.perf_counter()
+
+    def _drafter(self) -> Drafter | None:
+        """A request's drafter, when the assistant speculates."""
+        return Drafter() if self.assistant.speculate == "ngram" else None
 
     def _start_follower(self, slot: Slot, job: Job, leader: Slot) -> None:
         """Another choice of the leader's request: it waits for the leader's prompt."""
@@ -410,7 +414,7 @@ class Worker:
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         slot.stops = StopMatcher(job.stop)
         slot.pending = []
-        slot.drafter = Drafter() if self.assistant.speculate == "ngram" else None
+        slot.drafter = self._drafter()
         slot.leader = leader
         job.t_start = time.perf_counter()
 
