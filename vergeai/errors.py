@@ -140,6 +140,24 @@ class QuotaExceeded(VergeError):
         self.headers["x-should-retry"] = "false"
 
 
+class UpstreamFailed(VergeError):
+    """502: an upstream server failed the request (after the retry, or past the first token)."""
+
+    status = 502
+    type = "server_error"
+    code = "upstream_error"
+
+
+class UpstreamRefused(InvalidRequest):
+    """An upstream server's 4xx for the request as the client sent it, relayed."""
+
+    code = "upstream_refused"
+
+    def __init__(self, message: str, *, status: int = 400, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.status = status
+
+
 def error_body(err: VergeError) -> dict[str, Any]:
     inner: dict[str, Any] = {
         "message": err.message,

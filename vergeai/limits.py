@@ -273,6 +273,13 @@ class Ticket:
             self.completion_tokens = completion_tokens
             self.limits.charge(self.usages, new)
 
+    def settle_prompt(self, prompt_tokens: int) -> None:
+        """A prompt counted when it was admitted by an estimate: what its server counted."""
+        more = prompt_tokens - self.prompt_tokens
+        if more > 0:
+            self.prompt_tokens = prompt_tokens
+            self.limits.charge(self.usages, more)
+
     def release(self) -> None:
         """The request has ended: its place is free (once, however often called)."""
         if not self.released:

@@ -44,6 +44,9 @@ class Service:
     _used: dict[str, datetime] = field(default_factory=dict)
     _records: list[Record] = field(default_factory=list)  # finished requests, not yet written
 
+    def __post_init__(self) -> None:
+        self.pool.root = self.store.root
+
     def authenticate(self, authorization: str | None) -> Caller:
         caller = self.keys.authenticate(authorization)
         self._used[caller.key.hash[:16]] = now()

@@ -202,7 +202,7 @@ async def count_tokens(request: Request) -> Response:
         caller = authenticated(request, _api_key(request))
         req = to_chat(await read_json(request), count_only=True)
         check_assistant(caller, req.model, service.state)
-        worker = generation.online_worker(service, req.model)
+        worker = generation.local_worker(service, req.model, "counting tokens")
         thinking = generation.thinking_for(req, worker.assistant)
         tools = req.tools.tools if req.tools else None
         prepared = await asyncio.to_thread(

@@ -144,7 +144,7 @@ async def completions(request: Request) -> Response:
     req = parse_completion_request(await read_json(request))
     check_assistant(caller, req.model, service.state)
     passage = gate(request, caller)
-    worker = generation.online_worker(service, req.model)
+    worker = generation.local_worker(service, req.model, "/v1/completions")
     await generation.check_request(worker, req)
     prompts = prompt_tokens(worker, req)
     max_tokens = req.max_tokens or DEFAULT_MAX_TOKENS

@@ -8,6 +8,7 @@ interleaved.
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,25 @@ from vergeai.state.history import History, SessionKey, Turn
 
 
 @dataclass
-class Prepared:
-    rendered: Rendered
+class Fitted:
+    """How much history a prompt holds, and its own messages' sizes for the history."""
+
     turns_used: int
     turns_dropped: int
-    message_tokens: list[int]  # of the request's own messages, for the history
+    message_tokens: list[int]  # of the request's own messages, when they are remembered
+
+
+@dataclass
+class Prepared(Fitted):
+    rendered: Rendered
+
+
+def _with_history(
+    system_prompt: str, history: list[Message], messages: list[Message]
+) -> list[Message]:
+    """The client's leading system messages stay first, before the history."""
+    lead = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    return with_system_prompt(system_prompt, messages[:lead] + history + messages[lead:])
 
 
 def prepare(
@@ -42,16 +57,41 @@ def prepare(
     history is what makes the prompt long.
     """
     reserve = min(max_tokens, worker.n_ctx // 4)
-    # the client's leading system messages stay first, before the history
-    lead = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
     dropped = 0
     while True:
         history = [m for turn in turns[dropped:] for m in turn]
-        prompt = with_system_prompt(system_prompt, messages[:lead] + history + messages[lead:])
+        prompt = _with_history(system_prompt, history, messages)
         rendered = worker.render(prompt, enable_thinking, tools)
         if dropped == len(turns) or len(rendered.tokens) + reserve < worker.n_ctx:
             counts = [len(worker.tokenize(m["content"])) for m in messages] if remember else []
-            return Prepared(rendered, len(turns) - dropped, dropped, counts)
+            return Prepared(len(turns) - dropped, dropped, counts, rendered)
+        dropped += 1
+
+
+def estimated_tokens(message: Message) -> int:
+    """A message's tokens, guessed where no tokenizer is at hand: 4 characters a token."""
+    calls = json.dumps(message["tool_calls"]) if message.get("tool_calls") else ""
+    return (len(message["content"]) + len(calls)) // 4 + 4
+
+
+def fit_remote(
+    system_prompt: str,
+    turns: list[Turn],
+    messages: list[Message],
+    n_ctx: int,
+    max_tokens: int,
+    remember: bool,
+) -> tuple[list[Message], Fitted]:
+    """:func:`prepare` for an upstream server: the messages it gets, sizes estimated."""
+    reserve = min(max_tokens, n_ctx // 4)
+    dropped = 0
+    while True:
+        history = [m for turn in turns[dropped:] for m in turn]
+        prompt = _with_history(system_prompt, history, messages)
+        size = sum(estimated_tokens(m) for m in prompt)
+        if dropped == len(turns) or size + reserve < n_ctx:
+            counts = [estimated_tokens(m) for m in messages] if remember else []
+            return prompt, Fitted(len(turns) - dropped, dropped, counts)
         dropped += 1
 
 

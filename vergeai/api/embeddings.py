@@ -136,7 +136,7 @@ async def embeddings(request: Request) -> Response:
         raise bad("encoding_format", "must be float or base64")
     check_assistant(caller, model, service.state)
     passage = gate(request, caller)
-    worker = generation.online_worker(service, model, embedding=True)
+    worker = generation.local_worker(service, model, "/v1/embeddings", embedding=True)
     assert worker.model is not None
     dimensions = body.get("dimensions")
     if dimensions is not None and dimensions != worker.model.n_embd:

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from vergeai.api.conversation import Lease, Prepared, Sessions, prepare
+from vergeai.api.conversation import Fitted, Lease, Sessions, prepare
 from vergeai.api.fields import Sampled
 from vergeai.api.schemas import ChatRequest
 from vergeai.api.tools import ToolUse
@@ -31,6 +31,7 @@ from vergeai.runtime.worker import Worker, WorkerState
 from vergeai.service import Service
 from vergeai.state.history import SessionKey
 from vergeai.state.records import Assistant
+from vergeai.upstream.replicas import Remote
 
 log = logging.getLogger("vergeai.generation")
 
@@ -49,6 +50,8 @@ class GenerationFailed(VergeError):
 
 
 def failure(event: Failed) -> VergeError:
+    if event.error is not None:
+        return event.error
     if event.retry_after is not None:
         return Unavailable(event.message, retry_after=event.retry_after)
     return GenerationFailed(event.message)
@@ -128,10 +131,25 @@ class Answer:
         self.content: list[str] = []
         self.reasoning: list[str] = []
         self.logprobs: list[dict[str, Any]] | None = [] if logprobs else None
+        self.passed_calls: list[ToolCall] = []
 
-    def feed(self, text: str, logprobs: list[dict[str, Any]] | None, index: int) -> Piece:
-        reasoning, content = self.splitter.feed(text) if self.splitter else ("", text)
-        return self._keep(reasoning, content, logprobs, index, final=False)
+    def feed(self, delta: Delta, index: int) -> Piece:
+        reasoning, content = self.splitter.feed(delta.text) if self.splitter else ("", delta.text)
+        piece = self._keep(delta.reasoning + reasoning, content, delta.logprobs, index, final=False)
+        if not delta.calls:
+            return piece
+        self._take_calls(delta.calls)
+        return replace(piece, calls=piece.calls + delta.calls)
+
+    def _take_calls(self, deltas: tuple[CallDelta, ...]) -> None:
+        """Tool calls an upstream server parsed, put together from their deltas."""
+        for delta in deltas:
+            if delta.index < len(self.passed_calls):
+                self.passed_calls[delta.index].arguments += delta.arguments
+            else:
+                self.passed_calls.append(
+                    ToolCall(delta.id or "", delta.name or "", delta.arguments)
+                )
 
     def flush(self, index: int) -> Piece:
         reasoning, content = self.splitter.flush() if self.splitter else ("", "")
@@ -159,7 +177,7 @@ class Answer:
 
     @property
     def tool_calls(self) -> list[ToolCall]:
-        return self.calls.calls if self.calls is not None else []
+        return self.calls.calls if self.calls is not None else self.passed_calls
 
     @property
     def in_reasoning(self) -> bool:
@@ -172,7 +190,7 @@ class Memory:
 
     sessions: Sessions
     lease: Lease
-    prepared: Prepared
+    prepared: Fitted
     messages: list[dict[str, Any]]
 
     async def remember(
@@ -244,7 +262,7 @@ class Generation:
             answer = self.answers[index]
             if isinstance(event, Delta):
                 self._charge()
-                piece = answer.feed(event.text, event.logprobs, index)
+                piece = answer.feed(event, index)
                 if piece:
                     yield piece
             elif isinstance(event, Failed):
@@ -252,6 +270,7 @@ class Generation:
             elif isinstance(event, Finished):
                 piece = answer.flush(index)
                 finished[index] = event
+                self.ticket.settle_prompt(event.prompt_tokens)
                 if len(finished) < len(self.answers):  # the last one's comes with Done
                     reason = self._finish_reason(event.finish_reason, answer)
                     piece = replace(piece, finish_reason=reason)
@@ -330,8 +349,24 @@ class Generation:
         raise GenerationFailed("the generation ended without an answer")
 
 
-def online_worker(service: Service, name: str, embedding: bool = False) -> Worker:
-    """The assistant's worker, ready for this kind of request, or the error to answer."""
+def local_worker(service: Service, name: str, endpoint: str, embedding: bool = False) -> Worker:
+    """:func:`online_worker` for endpoints that need the model here, not an upstream's."""
+    worker = online_worker(service, name, embedding)
+    if isinstance(worker, Remote):
+        raise InvalidRequest(
+            f"assistant {name!r} is served by upstream servers, which get chat requests only; "
+            f"{endpoint} needs an assistant on a local model",
+            param="model",
+        )
+    return worker
+
+
+def online_worker(service: Service, name: str, embedding: bool = False) -> Worker | Remote:
+    """The assistant's worker, ready for this kind of request, or the error to answer.
+
+    A remote assistant's replicas are chosen per request (each attempt may
+    find one recovered), so only a local worker's state is checked here.
+    """
     assistant = service.state.assistants.get(name)
     if assistant is not None and assistant.embedding != embedding:
         what = "an embedding" if assistant.embedding else "a chat"
@@ -345,6 +380,8 @@ def online_worker(service: Service, name: str, embedding: bool = False) -> Worke
             f"assistant {name!r} is offline; an admin can bring it online with "
             f"'vergeai assistant online {name}'"
         )
+    if isinstance(worker, Remote):
+        return worker
     state = worker.state
     if state == WorkerState.LOADING:
         raise Unavailable(
@@ -433,9 +470,17 @@ def thinking_for(req: ChatRequest, assistant: Assistant) -> bool | None:
 
 
 async def start(
-    worker: Worker, sessions: Sessions, gate: Gate, req: ChatRequest, session_id: str | None
+    worker: Worker | Remote,
+    sessions: Sessions,
+    gate: Gate,
+    req: ChatRequest,
+    session_id: str | None,
 ) -> Generation:
     """Prepare the prompt and submit the job; the caller enters the Generation."""
+    if isinstance(worker, Remote):
+        from vergeai.api.remote import start_remote  # it builds on this module
+
+        return await start_remote(worker, sessions, gate, req, session_id)
     assistant = worker.assistant
     user = gate.caller.user.name
     assert worker.template is not None

@@ -25,7 +25,7 @@ from vergeai.cli.common import (
     store_for,
 )
 from vergeai.gguf import GgufError, check_gguf
-from vergeai.state.records import Assistant, check_name
+from vergeai.state.records import Assistant, RecordError, check_name, check_upstream_url
 
 app = typer.Typer(
     help="Manage assistants: the names clients send as 'model'.", no_args_is_help=True
@@ -61,6 +61,16 @@ def read_system_prompt(text: str | None, file: Path | None) -> str | None:
 
 
 NameArg = Annotated[str, typer.Argument(help="The name clients send as 'model'.")]
+UpstreamOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--upstream",
+        help="Base URL of an OpenAI-compatible server (vLLM, llama-server, vergeai) that "
+        "answers for this assistant instead of a GGUF; repeat for replicas. On edit, replaces "
+        "the list; 'none' makes the assistant local again.",
+        metavar="URL",
+    ),
+]
 PromptFileOpt = Annotated[
     Path | None,
     typer.Option("--system-prompt-file", help="Read the system prompt from a file."),
@@ -76,22 +86,48 @@ def _params(editing: bool) -> list[inspect.Parameter]:
     return [
         inspect.Parameter("name", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=NameArg),
         *settings.options(Assistant, editing, parsers={"model": _model}),
+        inspect.Parameter("upstream", keyword, default=None, annotation=UpstreamOpt),
         inspect.Parameter("system_prompt_file", keyword, default=None, annotation=PromptFileOpt),
         inspect.Parameter("state_dir", keyword, default=None, annotation=StateDirOption),
     ]
 
 
+def upstream_urls(given: list[str] | None, editing: bool) -> list[str] | None:
+    """The --upstream URLs (each may also hold several, comma-separated), checked."""
+    if given is None:
+        return None
+    if editing and given == [settings.UNSET]:
+        return []
+    urls = [url.strip() for item in given for url in item.split(",") if url.strip()]
+    if not urls:
+        raise typer.BadParameter("give at least one URL", param_hint="--upstream")
+    for url in urls:
+        try:
+            check_upstream_url(url)
+        except RecordError as exc:
+            raise typer.BadParameter(str(exc).split(": ", 1)[1], param_hint="--upstream") from None
+    return urls
+
+
 def create(
-    name: str, system_prompt_file: Path | None, state_dir: Path | None, **values: Any
+    name: str,
+    upstream: list[str] | None,
+    system_prompt_file: Path | None,
+    state_dir: Path | None,
+    **values: Any,
 ) -> None:
-    """Create an assistant on a GGUF model."""
-    if values["model"] is None:
-        raise typer.BadParameter("an assistant needs a GGUF file", param_hint="--model")
+    """Create an assistant on a GGUF model, or on upstream servers (--upstream)."""
+    urls = upstream_urls(upstream, editing=False)
+    if values["model"] is None and urls is None:
+        raise typer.BadParameter(
+            "an assistant needs a GGUF file, or upstream servers (--upstream URL)",
+            param_hint="--model",
+        )
     with failures():
         check_name(name)
     values["system_prompt"] = read_system_prompt(values["system_prompt"], system_prompt_file)
     with failures():
-        assistant = Assistant(name=name, model=values.pop("model"))
+        assistant = Assistant(name=name, upstream=urls or [])
         settings.apply(assistant, values)
         assistant.validate()
         with store_for(state_dir).transaction() as state:
@@ -99,11 +135,19 @@ def create(
                 fail(f"assistant {name!r} already exists")
             state.assistants[name] = assistant
     state_word = "online" if assistant.online else "offline"
-    say(f"created assistant {name} on {assistant.model} ({state_word})")
+    where = ", ".join(assistant.upstream) if assistant.remote else assistant.model
+    say(f"created assistant {name} on {where} ({state_word})")
 
 
-def edit(name: str, system_prompt_file: Path | None, state_dir: Path | None, **values: Any) -> None:
+def edit(
+    name: str,
+    upstream: list[str] | None,
+    system_prompt_file: Path | None,
+    state_dir: Path | None,
+    **values: Any,
+) -> None:
     """Change an assistant's settings; a running server applies them live."""
+    values["upstream"] = upstream_urls(upstream, editing=True)
     values["system_prompt"] = read_system_prompt(values["system_prompt"], system_prompt_file)
     with failures(), store_for(state_dir).transaction() as state:
         settings.edit_in(state.assistants, "assistant", name, values)
@@ -115,7 +159,7 @@ app.command("edit")(settings.command(_params(editing=True), edit))
 
 
 def assistant_row(a: Assistant) -> dict[str, Any]:
-    row = dataclasses.asdict(a)
+    row = {k: v for k, v in dataclasses.asdict(a).items() if k not in a.unused}
     row["model_name"] = a.display_model
     return row
 
@@ -138,6 +182,11 @@ def show(name: str, json_: JsonOption = False, state_dir: StateDirOption = None)
     if assistant is None:
         fail(f"no assistant named {name!r}")
     row = assistant_row(assistant)
+    if assistant.remote:
+        row["chat_template"] = "the upstream's"
+        row["thinking_control"] = "chat_template_kwargs.enable_thinking, sent upstream"
+        show_row(name, row, json_)
+        return
     from vergeai.runtime.llama import LoadError  # loads llama.cpp: only for this command
     from vergeai.runtime.templating import inspect_template
 
@@ -148,6 +197,10 @@ def show(name: str, json_: JsonOption = False, state_dir: StateDirOption = None)
     except LoadError as exc:
         row["chat_template"] = f"unreadable: {exc.message}"
         row["thinking_control"] = "unknown"
+    show_row(name, row, json_)
+
+
+def show_row(name: str, row: dict[str, Any], json_: bool) -> None:
     if json_:
         print_json(row)
         return

@@ -99,7 +99,7 @@ def print_rows(title: str, columns: list[str], rows: list[dict[str, Any]], json_
     if json_:
         print_json(rows)
     else:
-        print_table(title, columns, ([r[c] for c in columns] for r in rows))
+        print_table(title, columns, ([r.get(c) for c in columns] for r in rows))
 
 
 def print_table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> None:

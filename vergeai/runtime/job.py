@@ -8,7 +8,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from vergeai.errors import VergeError
 from vergeai.runtime.llama import Sampling
+from vergeai.runtime.toolcalls import CallDelta
 
 FinishReason = Literal["stop", "length"]
 
@@ -59,6 +61,8 @@ class Timings:
 class Delta:
     text: str
     logprobs: list[dict[str, Any]] | None = None  # one entry per token, when asked for
+    reasoning: str = ""  # split off already, by an upstream server
+    calls: tuple[CallDelta, ...] = ()  # tool calls an upstream server parsed
 
 
 @dataclass
@@ -81,6 +85,7 @@ class Embedded:
 class Failed:
     message: str
     retry_after: int | None = None  # set when the assistant itself is unavailable for now
+    error: VergeError | None = None  # the error to answer, when the job knows it
 
 
 Event = Delta | Embedded | Finished | Failed

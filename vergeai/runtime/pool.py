@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 
 from vergeai.runtime.worker import Worker, WorkerState
+from vergeai.upstream.replicas import Remote
 from vergeai.state.records import Assistant
 
 log = logging.getLogger("vergeai.pool")
@@ -16,13 +18,14 @@ MAX_RESTART_DELAY = 60.0
 
 
 class Pool:
-    def __init__(self) -> None:
-        self.workers: dict[str, Worker] = {}
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root  # the state dir: remote assistants' keys may be in its secrets.toml
+        self.workers: dict[str, Worker | Remote] = {}
         self.restarts: dict[str, int] = {}
-        self._retiring: list[Worker] = []
+        self._retiring: list[Worker | Remote] = []
         self._lock = threading.Lock()
 
-    def get(self, name: str) -> Worker | None:
+    def get(self, name: str) -> Worker | Remote | None:
         return self.workers.get(name)
 
     def status(self, assistant: Assistant) -> str:
@@ -74,13 +77,14 @@ class Pool:
                     worker.assistant = wanted
             for name, wanted in assistants.items():
                 if wanted.online and name not in self.workers:
-                    log.info("loading assistant %s (%s)", name, wanted.model)
+                    where = ", ".join(wanted.upstream) if wanted.remote else wanted.model
+                    log.info("loading assistant %s (%s)", name, where)
                     self.restarts.pop(name, None)
                     self._start(wanted)
             self._retiring = [w for w in self._retiring if w.thread.is_alive()]
 
     def _start(self, assistant: Assistant) -> None:
-        worker = Worker(assistant)
+        worker = Remote(assistant, self.root) if assistant.remote else Worker(assistant)
         worker.restarts = self.restarts.get(assistant.name, 0)
         self.workers[assistant.name] = worker
         worker.start()

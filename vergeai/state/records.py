@@ -15,8 +15,11 @@ import re
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
+MAX_UPSTREAMS = 32
 ROLES = ("admin", "user")
 CHAT_FORMATS = ("gemma", "chatml", "llama-3", "mistral-instruct")
 SPECULATION = ("ngram", "off")
@@ -207,6 +210,28 @@ class Limited:
         return {name: v for name in LIMITS if (v := getattr(self, name)) is not None}
 
 
+def check_upstream_url(url: object) -> str:
+    """An http(s) base URL with a host, no credentials, query or fragment (``/v1`` optional)."""
+    if not isinstance(url, str) or len(url) > 2048 or not url.isprintable() or " " in url:
+        raise RecordError("upstream", f"{url!r} is not a URL")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RecordError("upstream", f"{url!r}: give an http:// or https:// URL with a host")
+    if parts.username is not None or parts.password is not None:
+        raise RecordError(
+            "upstream", f"{parts.hostname}: no credentials in the URL; use upstream_key_env"
+        )
+    if parts.query or parts.fragment:
+        raise RecordError("upstream", f"{url!r}: a base URL has no query or fragment")
+    try:
+        parts.port  # noqa: B018 - raises for a port out of range
+    except ValueError:
+        raise RecordError(
+            "upstream", f"{url!r}: the port is not a number from 1 to 65535"
+        ) from None
+    return url
+
+
 def _check_assistants(names: list[str]) -> None:
     for name in names:
         if name != "*":
@@ -297,7 +322,28 @@ class ApiKey(Limited):
 @dataclass
 class Assistant:
     name: str
-    model: str = setting(help="Path of a GGUF model file.", metavar="FILE.gguf")
+    model: str = setting("", help="Path of a GGUF model file.", metavar="FILE.gguf")
+    # a remote assistant: OpenAI-compatible servers answer instead of a GGUF loaded here
+    upstream: list[str] = field(default_factory=list)  # the CLI's --upstream, repeatable
+    upstream_model: str | None = setting(
+        None, help="The model id the upstream servers serve.", metavar="ID"
+    )
+    upstream_key_env: str | None = setting(
+        None,
+        help="Environment variable (or entry of the state dir's secrets.toml) holding the "
+        "upstream's API key.",
+        metavar="VAR",
+    )
+    health_interval: float = setting(
+        5.0, lo=0.5, hi=3600, help="Seconds between health checks of each upstream.", metavar="S"
+    )
+    upstream_timeout: float = setting(
+        300.0,
+        lo=1,
+        hi=86_400,
+        help="Seconds an upstream may take to connect or stay silent in an answer.",
+        metavar="S",
+    )
     model_name: str = setting("", help="Display name of the underlying model.", metavar="DISPLAY")
     system_prompt: str = setting("", help="System prompt put before every chat.", metavar="TEXT")
     disable_think: bool = setting(False, help="Suppress the model's thinking.", off="enable-think")
@@ -339,13 +385,31 @@ class Assistant:
     created: datetime = field(default_factory=now)
 
     LOAD_SETTINGS = (
-        "model", "ctx", "threads", "gpu_layers", "chat_format", "parallel", "embedding"
+        "model", "ctx", "threads", "gpu_layers", "chat_format", "parallel", "embedding",
+        "upstream", "upstream_model", "upstream_key_env", "health_interval", "upstream_timeout",
     )  # fmt: skip
+
+    REMOTE_ONLY = ("upstream", "health_interval", "upstream_timeout")
+    LOCAL_ONLY = (
+        "model", "threads", "gpu_layers", "chat_format", "parallel", "speculate", "max_queue"
+    )  # fmt: skip
+
+    @property
+    def remote(self) -> bool:
+        """Served by upstream servers, not by a model loaded here."""
+        return bool(self.upstream)
+
+    @property
+    def unused(self) -> tuple[str, ...]:
+        """The settings of the other kind (local or remote), left out of tables."""
+        return self.LOCAL_ONLY if self.remote else self.REMOTE_ONLY
 
     @property
     def display_model(self) -> str:
         if self.model_name:
             return self.model_name
+        if self.remote:
+            return self.upstream_model or ""
         base = self.model.rsplit("/", 1)[-1]
         return base[:-5] if base.lower().endswith(".gguf") else base
 
@@ -355,16 +419,47 @@ class Assistant:
 
     def validate(self) -> Assistant:
         check_name(self.name)
-        if not self.model:
-            raise RecordError("model", "must name a GGUF file")
         _check_settings(self)
+        if self.remote:
+            self._check_remote()
+        elif not self.model:
+            raise RecordError("model", "must name a GGUF file (or give upstream servers)")
+        elif self.upstream_model is not None or self.upstream_key_env is not None:
+            what = "upstream_model" if self.upstream_model is not None else "upstream_key_env"
+            raise RecordError(what, "is for assistants served by upstream servers")
         return self
+
+    def _check_remote(self) -> None:
+        if self.model:
+            raise RecordError(
+                "upstream", "an assistant runs a GGUF model or upstream servers, not both"
+            )
+        if len(self.upstream) > MAX_UPSTREAMS:
+            raise RecordError("upstream", f"at most {MAX_UPSTREAMS} servers")
+        if len(set(self.upstream)) != len(self.upstream):
+            raise RecordError("upstream", "a server is listed twice")
+        for url in self.upstream:
+            check_upstream_url(url)
+        model = self.upstream_model
+        if not model or len(model) > 256 or not model.isprintable():
+            raise RecordError(
+                "upstream_model", "must name the model the upstream serves (1-256 characters)"
+            )
+        if self.upstream_key_env is not None and not ENV_NAME_RE.match(self.upstream_key_env):
+            raise RecordError(
+                "upstream_key_env",
+                f"{self.upstream_key_env!r} is not an environment variable name "
+                "(letters, digits and _, not starting with a digit)",
+            )
+        if self.embedding:
+            raise RecordError("embedding", "upstream servers serve chat assistants only")
 
     @classmethod
     def from_toml(cls, name: str, data: dict[str, Any]) -> Assistant:
         return _load(cls, data, name=name)  # type: ignore[no-any-return]
 
     def to_toml(self) -> dict[str, Any]:
+        """The table, with only the settings of its kind (local or remote)."""
         data = _table(self)
         del data["name"]
-        return data
+        return {k: v for k, v in data.items() if k not in self.unused}

@@ -1,0 +1,1 @@
+"""Remote model workers: assistants answered by OpenAI-compatible servers on other hosts."""
