@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import socket
@@ -162,6 +163,7 @@ class Server:
     proc: subprocess.Popen[bytes] | None = None
     extra_args: list[str] = field(default_factory=list)
     tls: ssl.SSLContext | None = None  # trust for a server started with a certificate
+    env: dict[str, str] = field(default_factory=dict)  # added to the environment
 
     @property
     def root_url(self) -> str:
@@ -178,6 +180,7 @@ class Server:
                  "--state-dir", str(self.state_dir), *self.extra_args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env},
             )  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -71,6 +71,9 @@ def setup_logging(level: str = "info", fmt: str = "text", capture_native: bool =
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # a line per upstream request and health check: ours say what matters
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
 
 
 def _native_stderr_to_log() -> TextIO:

@@ -13,6 +13,7 @@ from starlette.responses import Response
 from vergeai.api.http import authenticated
 from vergeai.errors import PermissionDenied
 from vergeai.service import Service
+from vergeai.upstream.replicas import Remote, ReplicaState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -44,6 +45,7 @@ class PoolCollector(Collector):
             load.add_metric([name], worker.load_seconds)
             online.add_metric([name], 1.0 if worker.status == "online" else 0.0)
         yield from (processing, deferred, load, online)
+        yield from self._upstreams()
         limited = CounterMetricFamily(
             "vergeai:requests_limited",
             "Requests refused (429) for a user's or key's limit, by the limit.",
@@ -52,6 +54,41 @@ class PoolCollector(Collector):
         for reason, count in self.service.limits.refused.items():
             limited.add_metric([reason], count)
         yield limited
+
+    def _upstreams(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """Per upstream server of each remote assistant (configured, so bounded in number)."""
+        labels = ["assistant", "upstream"]
+        healthy = GaugeMetricFamily(
+            "vergeai:upstream_healthy", "1 when the upstream server is healthy.", labels=labels
+        )
+        in_flight = GaugeMetricFamily(
+            "vergeai:upstream_requests_in_flight", "Requests at the upstream now.", labels=labels
+        )
+        latency = GaugeMetricFamily(
+            "vergeai:upstream_latency_seconds",
+            "Seconds to the first byte of the upstream's last answer.",
+            labels=labels,
+        )
+        requests = CounterMetricFamily(
+            "vergeai:upstream_requests", "Requests sent to the upstream.", labels=labels
+        )
+        failures = CounterMetricFamily(
+            "vergeai:upstream_failures",
+            "Failed requests and health checks of the upstream.",
+            labels=labels,
+        )
+        for name, worker in sorted(self.service.pool.workers.items()):
+            if not isinstance(worker, Remote):
+                continue
+            for r in worker.replicas:
+                key = [name, r.url]
+                healthy.add_metric(key, 1.0 if r.state == ReplicaState.HEALTHY else 0.0)
+                in_flight.add_metric(key, r.in_flight)
+                if r.last_latency is not None:
+                    latency.add_metric(key, r.last_latency)
+                requests.add_metric(key, r.requests)
+                failures.add_metric(key, r.failures)
+        yield from (healthy, in_flight, latency, requests, failures)
 
 
 class Metrics:

@@ -128,6 +128,7 @@ async def start_remote(
             session=(user, session_id) if session_id else None,
             prompt_estimate=estimate,
             choices=req.n,
+            hold=not req.stream,
         )
         ticket = gate.admit(estimate)
         job.run(remote)

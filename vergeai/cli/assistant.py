@@ -147,7 +147,14 @@ def edit(
     **values: Any,
 ) -> None:
     """Change an assistant's settings; a running server applies them live."""
-    values["upstream"] = upstream_urls(upstream, editing=True)
+    urls = values["upstream"] = upstream_urls(upstream, editing=True)
+    # a switch of kind drops the other kind's settings
+    if urls and values["model"] is None:
+        values["model"] = settings.CLEAR
+    if urls == []:
+        for setting in ("upstream_model", "upstream_key_env"):
+            if values[setting] is None:
+                values[setting] = settings.CLEAR
     values["system_prompt"] = read_system_prompt(values["system_prompt"], system_prompt_file)
     with failures(), store_for(state_dir).transaction() as state:
         settings.edit_in(state.assistants, "assistant", name, values)

@@ -88,15 +88,43 @@ def render(snapshot: dict[str, Any]) -> Group:
     if not snapshot["workers"]:
         parts.append(Text("no model workers: no assistant is online"))
         return Group(*parts)
-    workers = Table(title="model workers", title_justify="left")
-    workers.add_column("assistant", style="bold")
-    rows = [_worker_fields(w) for w in snapshot["workers"]]
-    for w in snapshot["workers"]:
-        workers.add_column(w["assistant"], overflow="fold")
-    for i, (field, _) in enumerate(rows[0]):
-        workers.add_row(field, *(r[i][1] for r in rows))
-    parts.append(workers)
+    local = [w for w in snapshot["workers"] if not w.get("remote")]
+    remote = [w for w in snapshot["workers"] if w.get("remote")]
+    if local:
+        workers = Table(title="model workers", title_justify="left")
+        workers.add_column("assistant", style="bold")
+        rows = [_worker_fields(w) for w in local]
+        for w in local:
+            workers.add_column(w["assistant"], overflow="fold")
+        for i, (field, _) in enumerate(rows[0]):
+            workers.add_row(field, *(r[i][1] for r in rows))
+        parts.append(workers)
+    parts.extend(_remote_table(w) for w in remote)
     return Group(*parts)
+
+
+def _remote_table(w: dict[str, Any]) -> Table:
+    """One remote assistant: fields down, one column per upstream server."""
+    title = f"remote model worker {w['assistant']} ({w['model']})"
+    table = Table(title=title, title_justify="left")
+    table.add_column("upstream", style="bold")
+    columns = []
+    for r in w["replicas"]:
+        table.add_column(r["url"], overflow="fold")
+        latency = r["last_latency_ms"]
+        columns.append(
+            [
+                ("state", r["state"]),
+                ("in flight", str(r["in_flight"])),
+                ("requests", str(r["requests"])),
+                ("failures", str(r["failures"])),
+                ("last latency", "-" if latency is None else f"{latency:.0f} ms"),
+                ("last error", r["last_error"] or "-"),
+            ]
+        )
+    for i, (field, _) in enumerate(columns[0]):
+        table.add_row(field, *(c[i][1] for c in columns))
+    return table
 
 
 def workers(

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 from vergeai.runtime.worker import Worker, WorkerState
-from vergeai.upstream.replicas import Remote
 from vergeai.state.records import Assistant
+from vergeai.upstream.replicas import Remote
 
 log = logging.getLogger("vergeai.pool")
 

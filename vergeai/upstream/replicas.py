@@ -3,10 +3,11 @@
 A :class:`Remote` stands where a local :class:`~vergeai.runtime.worker.Worker`
 would, for the pool, the workers view, /health and /metrics. Requests go to
 the healthy replica with the fewest in flight (a chat-history session sticks
-to the replica that served it while that one is healthy). A replica that
-refuses, times out or answers 5xx is ejected for a growing time, then
-probed back in by the health thread, which also checks every replica each
-``health_interval`` seconds.
+to the replica that served it while that one is healthy). A replica whose
+request is refused, times out or answers 5xx is ejected for a time that
+doubles with each failure in a row (1 s to 60 s); the health thread checks
+every replica each ``health_interval`` seconds and takes back one that
+passes once its time is out.
 """
 
 from __future__ import annotations
@@ -69,16 +70,30 @@ class Replica:
         self.in_a_row = 0
         self.checked = True
 
-    def eject(self, error: str) -> float:
-        """Out for a while, longer each time in a row; the seconds it stays out."""
+    def eject(self, error: str) -> float | None:
+        """Out for a while, longer each time in a row; the seconds it stays out.
+
+        None when it is out already: the requests that were in flight when
+        it went down fail together, and count as one failure.
+        """
         self.failures += 1
-        self.in_a_row += 1
         self.last_error = error
         self.checked = True
+        now = time.monotonic()
+        if self.state == ReplicaState.EJECTED and now < self.ejected_until:
+            return None
+        self.in_a_row += 1
         backoff: float = min(MAX_BACKOFF, MIN_BACKOFF * 2.0 ** (self.in_a_row - 1))
         self.state = ReplicaState.EJECTED
-        self.ejected_until = time.monotonic() + backoff
+        self.ejected_until = now + backoff
         return backoff
+
+    def down(self, error: str) -> None:
+        """Failed a health check: out until one passes."""
+        self.failures += 1
+        self.last_error = error
+        self.checked = True
+        self.state = ReplicaState.EJECTED
 
     def usable(self, now: float) -> bool:
         return self.state != ReplicaState.EJECTED or now >= self.ejected_until
@@ -115,7 +130,6 @@ class Remote:
         self.model = None  # nothing loaded here
         self.client: httpx.AsyncClient | None = None
         self._stop = threading.Event()
-        self._wake = threading.Event()
         self.thread = threading.Thread(
             target=self._watch, name=f"upstream-{self.name}", daemon=True
         )
@@ -127,7 +141,6 @@ class Remote:
 
     def stop(self) -> None:
         self._stop.set()
-        self._wake.set()
 
     def join(self, timeout: float | None = None) -> None:
         self.thread.join(timeout)
@@ -148,8 +161,12 @@ class Remote:
     def error(self) -> str:
         if self.status != WorkerState.ERROR:
             return ""
-        return "no upstream server is healthy: " + "; ".join(
-            f"{r.url}: {r.last_error}" for r in self.replicas
+        # no URLs: /health shows this to anyone; `vergeai workers` has each server's error
+        n = len(self.replicas)
+        return (
+            f"none of its {n} upstream servers is healthy"
+            if n > 1
+            else "its upstream server is not healthy"
         )
 
     @property
@@ -221,6 +238,8 @@ class Remote:
 
     def failed(self, replica: Replica, error: str) -> None:
         backoff = replica.eject(error)
+        if backoff is None:
+            return
         log.warning(
             "assistant %s: upstream %s ejected for %.0f s: %s",
             self.name,
@@ -228,34 +247,27 @@ class Remote:
             backoff,
             error,
         )
-        self._wake.set()
 
     # the health thread
 
     def _watch(self) -> None:
-        next_check = {id(r): 0.0 for r in self.replicas}
-        with httpx.Client(timeout=min(PROBE_TIMEOUT, self.assistant.health_interval)) as client:
+        interval = self.assistant.health_interval
+        with httpx.Client(timeout=min(PROBE_TIMEOUT, interval)) as client:
             while not self._stop.is_set():
-                now = time.monotonic()
+                started = time.monotonic()
                 for replica in self.replicas:
-                    due = next_check[id(replica)]
-                    if replica.state == ReplicaState.EJECTED:
-                        due = replica.ejected_until
-                    if now >= due and not self._stop.is_set():
-                        self._probe(client, replica)
-                        next_check[id(replica)] = time.monotonic() + self.assistant.health_interval
-                wait = min(next_check.values()) - time.monotonic()
-                ejected = [r.ejected_until for r in self.replicas if r.state == "ejected"]
-                if ejected:
-                    wait = min(wait, min(ejected) - time.monotonic())
-                self._wake.wait(max(0.05, wait))
-                self._wake.clear()
+                    if self._stop.is_set():
+                        return
+                    self._probe(client, replica)
+                self._stop.wait(max(0.05, interval - (time.monotonic() - started)))
 
     def _probe(self, client: httpx.Client, replica: Replica) -> None:
-        """GET /health (or /v1/models where there is none): 2xx is healthy."""
-        was = replica.state
-        if was == ReplicaState.EJECTED:
-            replica.state = ReplicaState.PROBING
+        """GET /health (or /v1/models where there is none): 2xx is healthy.
+
+        A failed check takes the replica out (without growing its backoff:
+        it is checked again next round); a passed one brings it back once the
+        backoff of its failed requests has run out.
+        """
         try:
             response = client.get(replica.base + "/health", headers=self.headers())
             if response.status_code == 404:
@@ -264,13 +276,14 @@ class Remote:
                 raise ProbeFailed(f"health check answered HTTP {response.status_code}")
         except (httpx.HTTPError, ProbeFailed) as exc:
             error = describe(exc)
-            if was != ReplicaState.EJECTED or replica.last_error != error:
+            if replica.state != ReplicaState.EJECTED or replica.last_error != error:
                 log.warning("assistant %s: upstream %s fails its health check: %s",
                             self.name, replica.url, error)  # fmt: skip
-            replica.eject(error)
+            replica.down(error)
             return
-        if was != ReplicaState.HEALTHY:
-            log.info("assistant %s: upstream %s is healthy", self.name, replica.url)
+        if replica.state == ReplicaState.HEALTHY or time.monotonic() < replica.ejected_until:
+            return
+        log.info("assistant %s: upstream %s is healthy", self.name, replica.url)
         replica.healthy()
 
 

@@ -49,6 +49,7 @@ class RemoteJob(Job):
     session: tuple[str, str] | None = None  # (user, session id): the replica it sticks to
     prompt_estimate: int = 0  # until the upstream reports its count
     choices: int = 1  # n: the upstream answers them all in one stream
+    hold: bool = False  # the client takes the answer whole: keep it until it is, so retry
     task: asyncio.Task[None] | None = None
 
     def emit(self, event: Any) -> None:  # on the event loop already
@@ -95,6 +96,7 @@ class Progress:
 
     n: int
     passed: bool = False  # something went to the client: no retry any more
+    held: list[tuple[int, Delta]] = field(default_factory=list)  # kept back for a whole answer
     finish: dict[int, FinishReason] = field(default_factory=dict)
     usage: dict[str, Any] | None = None
     timings: dict[str, Any] | None = None
@@ -120,8 +122,8 @@ async def _attempts(job: RemoteJob, remote: Remote) -> None:
                 replica.last_error = failure.reason
             if progress.passed or not failure.retry or len(tried) >= ATTEMPTS:
                 raise
-            log.warning("assistant %s: retrying on another upstream after %s: %s",
-                        remote.name, replica.url, failure.reason)  # fmt: skip
+            log.info("assistant %s: retrying on another upstream after %s: %s",
+                     remote.name, replica.url, failure.reason)  # fmt: skip
         finally:
             replica.in_flight -= 1
 
@@ -129,17 +131,20 @@ async def _attempts(job: RemoteJob, remote: Remote) -> None:
 async def _attempt(job: RemoteJob, remote: Remote, replica: Replica, progress: Progress) -> None:
     job.t_start = time.perf_counter()
     async for chunk in _chunks(remote, replica, job.body):
-        if replica.last_latency is None or not progress.chunks:
+        if not progress.chunks:
             replica.last_latency = time.perf_counter() - job.t_start
         _read(job, chunk, progress)
     if len(progress.finish) < progress.n:
         raise Failure("the answer ended without a finish reason")
     replica.healthy()
+    job.t_first = job.t_first or time.perf_counter()  # an empty answer
     usage = progress.usage or {}
     completion = _int(usage.get("completion_tokens"), progress.chunks)
     prompt = _int(usage.get("prompt_tokens"), job.prompt_estimate)
     job.n_generated = completion
     timings = _timings(job, progress, prompt, completion)
+    for index, delta in progress.held:
+        job.emit_as(index, delta)
     for index in range(progress.n):
         first = index == 0  # the request's counts go with its first choice
         job.emit_as(
@@ -170,12 +175,16 @@ def _read(job: RemoteJob, chunk: dict[str, Any], progress: Progress) -> None:
         calls = _calls(delta.get("tool_calls"))
         logprobs = (choice.get("logprobs") or {}).get("content") or None
         if text or reasoning or calls or logprobs:
-            if not progress.passed:
-                progress.passed = True
+            if not progress.chunks:
                 job.t_first = time.perf_counter()
             progress.chunks += 1
             job.n_generated = progress.chunks  # counted against limits as it comes
-            job.emit_as(index, Delta(text, logprobs, reasoning, calls))
+            delta = Delta(text, logprobs, reasoning, calls)
+            if job.hold:
+                progress.held.append((index, delta))
+            else:
+                progress.passed = True
+                job.emit_as(index, delta)
         reason = choice.get("finish_reason")
         if reason:
             progress.finish[index] = "length" if reason == "length" else "stop"
