@@ -308,8 +308,7 @@ def test_assistant_option_ranges_match_the_record_table() -> None:
         if meta is None or not meta.span():
             continue
         flag = "\\-\\-" + f.name.replace("_", "\\-")
-        entry = next((e for e in entries if e.split("\n", 1)[0].endswith(f"{flag} \" N\"")
-                      or e.split("\n", 1)[0].endswith(f"{flag} \" F\"")), None)  # fmt: skip
+        entry = next((e for e in entries if e.startswith(f'.BI {flag} "')), None)
         assert entry is not None, flag
         span = meta.span().replace("-", "\\-")
         assert span in " ".join(entry.split()), (flag, span)

@@ -160,20 +160,31 @@ def test_round_trip_of_every_field(store: Store) -> None:
         online=False,
         created=created,
     )
+    remote = Assistant(
+        name="vllm",
+        upstream=["http://gpu-1:8000/v1", "https://gpu-2.internal"],
+        upstream_model="Qwen/Qwen3-14B",
+        upstream_key_env="VLLM_API_KEY",
+        health_interval=2.5,
+        upstream_timeout=30.0,
+    )
     defaults = Assistant(name="defaults", model="/m.gguf")
     # each field differs from the default record's, so the round trip shows it is kept
     for record, default in ((user, plain), (api_key, bare_key), (assistant, defaults)):
         for f in dataclasses.fields(record):
-            assert getattr(record, f.name) != getattr(default, f.name), f.name
+            if f.name not in Assistant.REMOTE_ONLY:
+                assert getattr(record, f.name) != getattr(default, f.name), f.name
+    for name in Assistant.REMOTE_ONLY:
+        assert getattr(remote, name) != getattr(defaults, name), name
     with store.transaction() as state:
         state.users = {u.name: u for u in (user, plain)}
         state.keys = [api_key, bare_key]
-        state.assistants = {a.name: a for a in (assistant, defaults)}
+        state.assistants = {a.name: a for a in (assistant, defaults, remote)}
 
     loaded = Store(store.root).load()
     assert loaded.users == {"Alice.B_c-9": user, "plain": plain}
     assert loaded.keys == [api_key, bare_key]
-    assert loaded.assistants == {"qwen": assistant, "defaults": defaults}
+    assert loaded.assistants == {"qwen": assistant, "defaults": defaults, "vllm": remote}
     assert loaded.keys[0].expires == datetime(2099, 1, 1, 8, 30, tzinfo=UTC)
     assert loaded.keys[1].expires is None and loaded.keys[1].revoked is None
     assert loaded.assistants["defaults"].temperature is None

@@ -651,10 +651,12 @@ def test_edit_switches_between_local_and_remote(tmp_path: Path, model_path: str)
     assert code == 1 and "GGUF" in err
     cli_ok(state, "assistant", "edit", "a", "--upstream", "none", "--model", model_path)
     shown = json.loads(cli_ok(state, "assistant", "list", "--json"))[0]
-    assert shown["model"] == model_path and "upstream" not in shown
+    assert shown["model"] == model_path and shown["upstream"] == []
     code, _, err = run_cli(state, "assistant", "edit", "a", "--upstream-model", "m")
     assert code == 1 and "upstream servers" in err
     cli_ok(state, "assistant", "edit", "a", "--upstream", "http://h:3,http://h:4",
            "--upstream-model", "m")  # fmt: skip
     shown = json.loads(cli_ok(state, "assistant", "show", "a", "--json"))
-    assert shown["upstream"] == ["http://h:3", "http://h:4"] and "threads" not in shown
+    assert shown["upstream"] == ["http://h:3", "http://h:4"] and shown["model"] == ""
+    stored = (state / "assistants.toml").read_text()
+    assert not re.search(r"^(model|threads|parallel) =", stored, re.M)  # a local model's

@@ -148,12 +148,10 @@ def edit(
 ) -> None:
     """Change an assistant's settings; a running server applies them live."""
     urls = values["upstream"] = upstream_urls(upstream, editing=True)
-    # a switch of kind drops the other kind's settings
-    if urls and values["model"] is None:
-        values["model"] = settings.CLEAR
-    if urls == []:
-        for setting in ("upstream_model", "upstream_key_env"):
-            if values[setting] is None:
+    if urls is not None:  # a switch of kind puts the other kind's settings back to defaults
+        others = Assistant.LOCAL_ONLY if urls else Assistant.REMOTE_ONLY
+        for setting in others:
+            if values.get(setting) is None:
                 values[setting] = settings.CLEAR
     values["system_prompt"] = read_system_prompt(values["system_prompt"], system_prompt_file)
     with failures(), store_for(state_dir).transaction() as state:
@@ -166,7 +164,7 @@ app.command("edit")(settings.command(_params(editing=True), edit))
 
 
 def assistant_row(a: Assistant) -> dict[str, Any]:
-    row = {k: v for k, v in dataclasses.asdict(a).items() if k not in a.unused}
+    row = dataclasses.asdict(a)
     row["model_name"] = a.display_model
     return row
 

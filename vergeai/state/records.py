@@ -389,7 +389,9 @@ class Assistant:
         "upstream", "upstream_model", "upstream_key_env", "health_interval", "upstream_timeout",
     )  # fmt: skip
 
-    REMOTE_ONLY = ("upstream", "health_interval", "upstream_timeout")
+    REMOTE_ONLY = (
+        "upstream", "upstream_model", "upstream_key_env", "health_interval", "upstream_timeout"
+    )  # fmt: skip
     LOCAL_ONLY = (
         "model", "threads", "gpu_layers", "chat_format", "parallel", "speculate", "max_queue"
     )  # fmt: skip
@@ -424,9 +426,11 @@ class Assistant:
             self._check_remote()
         elif not self.model:
             raise RecordError("model", "must name a GGUF file (or give upstream servers)")
-        elif self.upstream_model is not None or self.upstream_key_env is not None:
-            what = "upstream_model" if self.upstream_model is not None else "upstream_key_env"
-            raise RecordError(what, "is for assistants served by upstream servers")
+        defaults = {f.name: default_of(f) for f in fields(self)}
+        for name in self.unused:
+            if getattr(self, name) != defaults[name]:
+                kind = "a local model" if self.remote else "upstream servers"
+                raise RecordError(name, f"is a setting of assistants on {kind}")
         return self
 
     def _check_remote(self) -> None:
