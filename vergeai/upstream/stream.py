@@ -27,6 +27,7 @@ from vergeai.upstream.replicas import Remote, Replica, describe
 log = logging.getLogger("vergeai.upstream")
 
 MAX_ERROR_BODY = 64 * 1024
+MAX_EVENT = 16 * 1024 * 1024
 ATTEMPTS = 2  # the first replica, then one other
 
 
@@ -248,11 +249,8 @@ async def _chunks(remote: Remote, replica: Replica, body: dict[str, Any]) -> Asy
         async with remote.http().stream("POST", url, json=body, headers=remote.headers()) as r:
             if r.status_code != 200:
                 raise await _refusal(r)
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
+            async for data in _events(r):
+                if data == b"[DONE]":
                     return
                 try:
                     chunk = json.loads(data)
@@ -266,6 +264,19 @@ async def _chunks(remote: Remote, replica: Replica, body: dict[str, Any]) -> Asy
     except httpx.HTTPError as exc:
         raise Failure(describe(exc)) from None
     raise Failure("the answer ended without [DONE]")
+
+
+async def _events(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The data of each SSE ``data:`` line, split from the bytes as they come."""
+    pending = b""
+    async for part in response.aiter_bytes():
+        lines = (pending + part).split(b"\n")
+        pending = lines.pop()
+        if len(pending) > MAX_EVENT:
+            raise Failure("an event in the answer is over 16 MiB", eject=False)
+        for line in lines:
+            if line.startswith(b"data:"):
+                yield line[5:].strip()
 
 
 def _message(body: bytes) -> str:
