@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -188,3 +189,52 @@ def test_the_key_comes_from_the_environment_else_a_private_secrets_file(
     secrets.write_text("UP_KEY = [broken")
     assert upstream_key("UP_KEY", tmp_path) is None
     assert os.stat(secrets).st_mode & 0o777 == 0o600
+
+
+SSE_ANSWER = (
+    b'data: {"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}\n\n'
+    b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}],'
+    b'"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n'
+    b"data: [DONE]\n\n"
+)
+
+
+async def _one_answer_per_connection(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Answers the first request of a connection, kept alive; closes on the second unanswered."""
+    for answered in (True, False):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"content-length: (\d+)", head.lower()).group(1))  # type: ignore[union-attr]
+        await reader.readexactly(length)
+        if not answered:
+            break
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(SSE_ANSWER), SSE_ANSWER)
+        )
+        await writer.drain()
+    writer.close()
+
+
+def test_a_kept_alive_connection_the_upstream_closed_is_retried_on_a_new_one() -> None:
+    async def run() -> list[Any]:
+        server = await asyncio.start_server(_one_answer_per_connection, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        r = remote(f"http://127.0.0.1:{port}")
+        results = []
+        for _ in range(3):
+            j = RemoteJob(tokens=[], sampling=Sampling(0.8, 0.95, 40, 0.05, None, 0.0, 0.0,
+                          1.0, 64, {}), max_tokens=8, stop=[], loop=asyncio.get_running_loop(),
+                          body={"model": "m"})  # fmt: skip
+            j.run(r)
+            assert j.task is not None
+            await j.task
+            results.append([type(e).__name__ for _, e in events(j)])
+            await asyncio.sleep(0.05)  # the server closes the kept connection meanwhile
+        assert r.replicas[0].failures == 0 and r.replicas[0].state == ReplicaState.HEALTHY
+        await r.http().aclose()
+        server.close()
+        return results
+
+    assert asyncio.run(run()) == [["Delta", "Finished"]] * 3

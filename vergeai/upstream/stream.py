@@ -34,11 +34,16 @@ ATTEMPTS = 2  # the first replica, then one other
 class Failure(Exception):
     """A failed attempt: whether another replica may be tried, whether this one is ejected."""
 
-    def __init__(self, reason: str, retry: bool = True, eject: bool = True) -> None:
+    def __init__(
+        self, reason: str, retry: bool = True, eject: bool = True, stale: bool = False
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry = retry
         self.eject = eject
+        # the upstream had closed the kept-alive connection it was sent on (llama-server
+        # does, now and then): nothing is wrong with the upstream
+        self.stale = stale
         self.error: VergeError | None = None  # what the client gets when it is not retried
 
 
@@ -113,7 +118,13 @@ async def _attempts(job: RemoteJob, remote: Remote) -> None:
         replica.in_flight += 1
         replica.requests += 1
         try:
-            await _attempt(job, remote, replica, progress)
+            try:
+                await _attempt(job, remote, replica, progress)
+            except Failure as failure:
+                if not failure.stale:
+                    raise
+                progress = Progress(job.choices)  # once more, on a new connection
+                await _attempt(job, remote, replica, progress)
             remote.requests_served += 1
             return
         except Failure as failure:
@@ -245,13 +256,19 @@ def _float(value: Any, fallback: float) -> float:
 async def _chunks(remote: Remote, replica: Replica, body: dict[str, Any]) -> AsyncIterator[Any]:
     """The upstream's SSE events, parsed; a :class:`Failure` for whatever goes wrong."""
     url = replica.base + "/v1/chat/completions"
+    answered = False
     try:
         async with remote.http().stream("POST", url, json=body, headers=remote.headers()) as r:
+            answered = True
             if r.status_code != 200:
                 raise await _refusal(r)
+            done = False
             async for data in _events(r):
+                if done:  # read to the end, so that the connection is kept for the next
+                    continue
                 if data == b"[DONE]":
-                    return
+                    done = True
+                    continue
                 try:
                     chunk = json.loads(data)
                 except ValueError:
@@ -261,8 +278,11 @@ async def _chunks(remote: Remote, replica: Replica, body: dict[str, Any]) -> Asy
                 if "error" in chunk:
                     raise _mid_stream_error(chunk["error"])
                 yield chunk
+            if done:
+                return
     except httpx.HTTPError as exc:
-        raise Failure(describe(exc)) from None
+        stale = not answered and isinstance(exc, httpx.RemoteProtocolError)
+        raise Failure(describe(exc), stale=stale) from None
     raise Failure("the answer ended without [DONE]")
 
 
