@@ -180,6 +180,7 @@ class Env:
     front: Server
     state: Path
     token: str  # an admin's key on the front
+    metered: str  # a key limited to 2 requests a minute
     upstream: Server  # the vergeai upstream (never killed)
     victim: Server  # a vergeai upstream the failover test kills and brings back
     pirate: Recorder  # in front of the upstream, for the pirate assistant
@@ -241,6 +242,9 @@ def env(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator[E
                "--upstream-model", "gemma", "--upstream-key-env", "LLAMA_KEY")  # fmt: skip
     cli_ok(state, "user", "create", "root", "--role", "admin")
     token = cli_ok(state, "key", "create", "--user", "root", "--name", "root").strip()
+    cli_ok(state, "user", "create", "metered")
+    metered = cli_ok(state, "key", "create", "--user", "metered", "--name", "m", "--rpm", "2",
+                     "--tpm", "100000").strip()  # fmt: skip
     secrets = state / "secrets.toml"
     secrets.write_text(f'FILE_KEY = "{UPSTREAM_KEY}"\n')
     secrets.chmod(0o600)
@@ -251,7 +255,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator[E
         env={"UPSTREAM_KEY": UPSTREAM_KEY, "LLAMA_KEY": LLAMA_KEY, "WRONG_KEY": "sk-wrong"},
     )
     front.start(timeout=60)
-    env = Env(front, state, token, upstream, victim, pirate, pair, llama)
+    env = Env(front, state, token, metered, upstream, victim, pirate, pair, llama)
     try:
         eventually(
             lambda: all(w["state"] == "online" for w in env.workers().values() if w["assistant"]),
@@ -415,6 +419,25 @@ def test_concurrent_requests_spread_over_replicas_by_requests_in_flight(env: Env
     asyncio.run(run())
     added = [len(r.bodies) - n for r, n in zip(env.pair, counts, strict=True)]
     assert sum(added) == 6 and min(added) >= 2, added
+
+
+def test_limits_and_the_usage_record_apply_to_a_remote_assistant(env: Env) -> None:
+    client = env.front.client(env.metered)
+    answers = [
+        client.chat.completions.with_raw_response.create(model="direct", **CHAT)
+        for _ in range(2)
+    ]
+    headers = answers[-1].headers
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    # the upstream's token count, not the estimate, is what the minute's tokens hold
+    used = sum(a.parse().usage.total_tokens for a in answers)  # type: ignore[union-attr]
+    assert int(headers["x-ratelimit-remaining-tokens"]) == 100000 - used
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(model="direct", **CHAT)
+    assert "requests per minute (RPM): limit 2" in caught.value.message
+    rows = json.loads(cli_ok(env.state, "usage", "--json", "--key", "m"))
+    assert rows[0]["requests"] == 3 and rows[0]["completion_tokens"] == 16
+    assert rows[0]["prompt_tokens"] == sum(a.parse().usage.prompt_tokens for a in answers)  # type: ignore[union-attr]
 
 
 @needs_llama_server
