@@ -15,8 +15,7 @@ from typing import Any
 import anthropic
 import httpx
 import pytest
-from helpers import BackgroundStream, Server, cli_ok, free_port
-from test_thinking import relabel
+from helpers import BackgroundStream, Server, cli_ok, free_port, relabel
 
 DATA = Path(__file__).parent / "data"
 GREEDY: Any = {"temperature": 0}  # the anthropic client takes no temperature any more
@@ -52,7 +51,7 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator[Env]:
     root = tmp_path_factory.mktemp("anthropic")
-    r1 = relabel(model_path, DATA / "deepseek-r1.jinja", root / "r1.gguf")
+    r1 = relabel(model_path, root / "r1.gguf", DATA / "deepseek-r1.jinja")
     state = root / "state"
     common = ["--threads", "2", "--ctx", "1024", "--parallel", "2"]
     cli_ok(state, "user", "create", "u", "--assistants", "gemma,r1")

@@ -6,8 +6,6 @@ tokens (the model was not trained for FIM, but the request path runs for real).
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +21,7 @@ from helpers import (
     error_of,
     free_port,
     readme_fields,
+    relabel,
     sse_events,
 )
 
@@ -47,13 +46,10 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator[Env]:
     root = tmp_path_factory.mktemp("completions")
-    fim = root / "fim.gguf"
-    subprocess.run(
-        [sys.executable, "-m", "gguf.scripts.gguf_new_metadata", model_path, str(fim),
-         "--special-token", "fim_pre", "<unused0>", "--special-token", "fim_suf", "<unused1>",
-         "--special-token", "fim_mid", "<unused2>", "--force"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    # Gemma's <unused0..2> (ids 6, 7, 8) as the FIM tokens
+    fim_ids = {"tokenizer.ggml.fim_pre_token_id": 6, "tokenizer.ggml.fim_suf_token_id": 7,
+               "tokenizer.ggml.fim_mid_token_id": 8}  # fmt: skip
+    fim = relabel(model_path, root / "fim.gguf", uint32s=fim_ids)
     state = root / "state"
     common = ["--threads", "2", "--ctx", "512", "--parallel", "2", "--chat-format", "gemma"]
     cli_ok(state, "user", "create", "u", "--assistants", "gemma,fim")

@@ -17,9 +17,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from helpers import BackgroundStream, Server, cli_ok, error_of, free_port
+from helpers import BackgroundStream, Server, cli_ok, error_of, free_port, relabel
 from pydantic import BaseModel, Field
-from test_thinking import relabel
 
 from vergeai.state.responses import Responses
 
@@ -53,7 +52,7 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator[Env]:
     root = tmp_path_factory.mktemp("responses")
-    r1 = relabel(model_path, DATA / "deepseek-r1.jinja", root / "r1.gguf")
+    r1 = relabel(model_path, root / "r1.gguf", DATA / "deepseek-r1.jinja")
     state = root / "state"
     common = ["--threads", "2", "--ctx", "1024", "--parallel", "2"]
     cli_ok(state, "user", "create", "u")

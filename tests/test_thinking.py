@@ -8,17 +8,14 @@ and a llama.cpp grammar makes it emit `<think>…</think>answer` on demand.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from helpers import Server, cli_ok, eventually, free_port
+from helpers import Server, cli_ok, eventually, free_port, relabel
 
 from vergeai.runtime.llama import read_chat_template
 from vergeai.runtime.prompt import ChatTemplate
@@ -42,15 +39,6 @@ LONG_THOUGHT = f"""root ::= "<think>" word (" " word){{40,60}} "</think>" " " wo
 {WORDS}"""
 PLAIN_ANSWER = f"""root ::= word (" " word){{1,3}} "."
 {WORDS}"""
-
-
-def relabel(model: str, template: Path, out: Path) -> str:
-    subprocess.run(
-        [sys.executable, "-m", "gguf.scripts.gguf_new_metadata", model, str(out),
-         "--chat-template-file", str(template), "--force"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return str(out)
 
 
 @dataclass
@@ -88,10 +76,8 @@ class Thinking:
 @pytest.fixture(scope="module")
 def thinking(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator[Thinking]:
     root = tmp_path_factory.mktemp("thinking")
-    with ThreadPoolExecutor(2) as pool:
-        qwen_f = pool.submit(relabel, model_path, DATA / "qwen3.jinja", root / "qwen3.gguf")
-        r1_f = pool.submit(relabel, model_path, DATA / "deepseek-r1.jinja", root / "r1.gguf")
-        qwen, r1 = qwen_f.result(), r1_f.result()
+    qwen = relabel(model_path, root / "qwen3.gguf", DATA / "qwen3.jinja")
+    r1 = relabel(model_path, root / "r1.gguf", DATA / "deepseek-r1.jinja")
     state = root / "state"
     common = ["--threads", "2", "--ctx", "512"]
     cli_ok(state, "user", "create", "u")

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from vergeai.api.generation import Answer
 from vergeai.api.tools import parse_tools
 from vergeai.runtime import toolformats
+from vergeai.runtime.job import Delta
 from vergeai.runtime.prompt import ChatTemplate
 from vergeai.runtime.templates import BUILTIN
 from vergeai.runtime.toolcalls import Syntax, ToolCallParser
@@ -143,7 +144,7 @@ def test_reasoning_is_split_off_before_calls_are_parsed() -> None:
     text = (
         '<think>I should call f.</think>\n\n<tool_call>{"name": "f", "arguments": {}}</tool_call>'
     )
-    pieces = [answer.feed(text[i : i + 4], None, 0) for i in range(0, len(text), 4)]
+    pieces = [answer.feed(Delta(text[i : i + 4]), 0) for i in range(0, len(text), 4)]
     pieces.append(answer.flush(0))
     assert "".join(p.reasoning for p in pieces) == "I should call f."
     assert "".join(p.content for p in pieces) == ""

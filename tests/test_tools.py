@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from helpers import Server, cli_ok, error_of, free_port, sse_events
+from helpers import Server, cli_ok, error_of, free_port, relabel, sse_events
 from pydantic import BaseModel
-from test_thinking import relabel
 
 DATA = Path(__file__).parent / "data"
 FAMILIES = ("gemma", "qwen", "llama", "mistral")
@@ -74,12 +72,9 @@ def tools(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator
     root = tmp_path_factory.mktemp("tools")
     templates = {"qwen": "qwen3-tools.jinja", "llama": "llama-3.2.jinja",
                  "mistral": "mistral-nemo.jinja"}  # fmt: skip
-    with ThreadPoolExecutor(3) as pool:
-        futures = {
-            name: pool.submit(relabel, model_path, DATA / t, root / f"{name}.gguf")
-            for name, t in templates.items()
-        }
-        models = {name: f.result() for name, f in futures.items()}
+    models = {
+        name: relabel(model_path, root / f"{name}.gguf", DATA / t) for name, t in templates.items()
+    }
     state = root / "state"
     common = ["--threads", "2", "--ctx", "1024", "--parallel", "2"]
     cli_ok(state, "user", "create", "u")

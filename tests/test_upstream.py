@@ -424,8 +424,7 @@ def test_concurrent_requests_spread_over_replicas_by_requests_in_flight(env: Env
 def test_limits_and_the_usage_record_apply_to_a_remote_assistant(env: Env) -> None:
     client = env.front.client(env.metered)
     answers = [
-        client.chat.completions.with_raw_response.create(model="direct", **CHAT)
-        for _ in range(2)
+        client.chat.completions.with_raw_response.create(model="direct", **CHAT) for _ in range(2)
     ]
     headers = answers[-1].headers
     assert headers["x-ratelimit-remaining-requests"] == "0"
@@ -435,7 +434,13 @@ def test_limits_and_the_usage_record_apply_to_a_remote_assistant(env: Env) -> No
     with pytest.raises(openai.RateLimitError) as caught:
         client.chat.completions.create(model="direct", **CHAT)
     assert "requests per minute (RPM): limit 2" in caught.value.message
-    rows = json.loads(cli_ok(env.state, "usage", "--json", "--key", "m"))
+
+    def usage() -> dict[str, Any]:
+        row: dict[str, Any] = json.loads(cli_ok(env.state, "usage", "--json", "--key", "m"))[0]
+        return row
+
+    eventually(lambda: usage()["requests"] == 3, 5, "three requests in the usage record")
+    rows = [usage()]
     assert rows[0]["requests"] == 3 and rows[0]["completion_tokens"] == 16
     assert rows[0]["prompt_tokens"] == sum(a.parse().usage.prompt_tokens for a in answers)  # type: ignore[union-attr]
 
