@@ -16,6 +16,7 @@ from typing import Any
 from vergeai.runtime.prompt import Message, with_system_prompt
 from vergeai.runtime.worker import Rendered, Worker
 from vergeai.state.history import History, SessionKey, Turn
+from vergeai.state.records import Assistant
 
 
 @dataclass
@@ -111,6 +112,20 @@ class Sessions:
     def __init__(self, root: Path) -> None:
         self.history = History(root)
         self._locks: dict[SessionKey, tuple[asyncio.Lock, int]] = {}
+
+    async def open(
+        self, assistant: Assistant, user: str, session_id: str | None
+    ) -> tuple[Lease | None, list[Turn]]:
+        """The session's lease and stored turns, when the assistant keeps history; else none."""
+        if session_id is None or not assistant.chat_history:
+            return None, []
+        lease = await self.lease(SessionKey(user, assistant.name, session_id))
+        try:
+            turns = await asyncio.to_thread(self.history.turns, lease.key, assistant.history_days)
+        except BaseException:
+            lease.release()
+            raise
+        return lease, turns
 
     async def lease(self, key: SessionKey) -> Lease:
         lock, users = self._locks.get(key, (asyncio.Lock(), 0))

@@ -29,7 +29,6 @@ from vergeai.runtime.toolcalls import CallDelta, ToolCall, ToolCallParser
 from vergeai.runtime.toolformats import ToolFormat
 from vergeai.runtime.worker import Worker, WorkerState
 from vergeai.service import Service
-from vergeai.state.history import SessionKey
 from vergeai.state.records import Assistant
 from vergeai.upstream.replicas import Remote
 
@@ -490,14 +489,8 @@ async def start(
     await check_request(worker, req, grammar)
     max_tokens = req.max_tokens or assistant.max_tokens or DEFAULT_MAX_TOKENS
     thinking = thinking_for(req, assistant)
-    key = SessionKey(user, assistant.name, session_id) if session_id else None
-    lease = await sessions.lease(key) if key and assistant.chat_history else None
+    lease, turns = await sessions.open(assistant, user, session_id)
     try:
-        turns = []
-        if lease is not None:
-            turns = await asyncio.to_thread(
-                sessions.history.turns, lease.key, assistant.history_days
-            )
         prepared = await asyncio.to_thread(
             prepare,
             worker,

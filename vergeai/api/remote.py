@@ -25,7 +25,6 @@ from vergeai.api.schemas import ChatRequest
 from vergeai.api.tools import ToolUse
 from vergeai.limits import Gate
 from vergeai.runtime.prompt import Message
-from vergeai.state.history import SessionKey
 from vergeai.state.records import Assistant
 from vergeai.upstream.replicas import Remote
 from vergeai.upstream.stream import RemoteJob
@@ -99,14 +98,8 @@ async def start_remote(
     assistant = remote.assistant
     user = gate.caller.user.name
     max_tokens = req.max_tokens or assistant.max_tokens or DEFAULT_MAX_TOKENS
-    key = SessionKey(user, assistant.name, session_id) if session_id else None
-    lease = await sessions.lease(key) if key and assistant.chat_history else None
+    lease, turns = await sessions.open(assistant, user, session_id)
     try:
-        turns = []
-        if lease is not None:
-            turns = await asyncio.to_thread(
-                sessions.history.turns, lease.key, assistant.history_days
-            )
         messages, fitted = fit_remote(
             assistant.system_prompt,
             turns,
