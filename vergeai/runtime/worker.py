@@ -84,6 +84,7 @@ RESTART_RETRY_AFTER = 2
 MIN_SHARED = 16  # tokens another slot's cache must add to a slot's own to be copied in
 PREFILL_CHUNK = 128  # prompt tokens per step while other sequences generate
 MAX_DRAFTING = 4  # generating sequences beyond which a step carries no drafts
+PROMPTING_DRAFT = 16  # draft tokens, all slots together, in a step that decodes a long prompt
 SLACK = 4  # cached tokens a prompt may differ in at the end and still take the slot
 
 
@@ -451,11 +452,16 @@ class Worker:
         generating = sum(not s.prompting for s in active)
         # Draft tokens in one step, all slots together: each one's logits take a
         # row of n_vocab floats (llama.cpp keeps the largest buffer it needed).
-        # None while a prompt is decoded (that step is long anyway), nor beyond
-        # a few generating sequences: their step is long already, and ends only
-        # when the slowest of them is done, which a draft does not hasten.
+        # A few while a long prompt is decoded: they add little to its long steps
+        # and may give a generating sequence several tokens in one instead of one.
+        # None beside a short prompt, whose step they would lengthen much more.
+        # None beyond a few generating sequences: their step is long already,
+        # and ends only when the slowest of them is done.
         prompting = any(s.prompting for s in active)
-        drafts = 0 if prompting or generating > MAX_DRAFTING else MAX_DRAFT
+        long_prompt = any(s.prompting and len(s.pending) >= PREFILL_CHUNK for s in active)
+        drafts = MAX_DRAFT if not prompting else PROMPTING_DRAFT if long_prompt else 0
+        if generating > MAX_DRAFTING:
+            drafts = 0
         for slot in active:
             if slot.prompting and generating:
                 budget = min(budget, PREFILL_CHUNK)
