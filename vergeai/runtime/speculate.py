@@ -16,8 +16,8 @@ request whose drafts keep missing stops drafting for a while (longer each
 time), and while other sequences decode in the same steps (where a draft's
 tokens cost the whole batch) only a request whose drafts have mostly been
 kept drafts at all (the worker also caps the drafts of a step that decodes
-a prompt at 16 tokens, and leaves them out of steps that carry more than
-four generating sequences).
+a long prompt at 16 tokens, leaves them out of a step beside a short prompt,
+and out of steps that carry more than four generating sequences).
 """
 
 from __future__ import annotations
