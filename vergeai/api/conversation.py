@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from vergeai.runtime.prompt import Message, with_system_prompt
 from vergeai.runtime.worker import Rendered, Worker
 from vergeai.state.history import History, SessionKey, Turn
 from vergeai.state.records import Assistant
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -41,6 +44,32 @@ def _with_history(
     return with_system_prompt(system_prompt, messages[:lead] + history + messages[lead:])
 
 
+def _fit(
+    system_prompt: str,
+    turns: list[Turn],
+    messages: list[Message],
+    n_ctx: int,
+    max_tokens: int,
+    measure: Callable[[list[Message]], tuple[T, int]],
+) -> tuple[T, int, int]:
+    """Drop the oldest whole turns until the prompt fits the context.
+
+    ``measure`` makes a prompt's form for the model and counts its tokens;
+    returns that form, its tokens and how many turns were dropped. The
+    system prompt and the request's own messages always stay; room for some
+    of the answer (up to a quarter of the context) is kept when history is
+    what makes the prompt long.
+    """
+    reserve = min(max_tokens, n_ctx // 4)
+    dropped = 0
+    while True:
+        history = [m for turn in turns[dropped:] for m in turn]
+        measured, size = measure(_with_history(system_prompt, history, messages))
+        if dropped == len(turns) or size + reserve < n_ctx:
+            return measured, size, dropped
+        dropped += 1
+
+
 def prepare(
     worker: Worker,
     system_prompt: str,
@@ -51,22 +80,15 @@ def prepare(
     remember: bool,
     tools: list[dict[str, Any]] | None = None,
 ) -> Prepared:
-    """Render the prompt; drop the oldest whole turns until it fits the context.
+    """Render the prompt with as much of the history as fits the context."""
 
-    The system prompt and the request's own messages always stay; room for
-    some of the answer (up to a quarter of the context) is kept when
-    history is what makes the prompt long.
-    """
-    reserve = min(max_tokens, worker.n_ctx // 4)
-    dropped = 0
-    while True:
-        history = [m for turn in turns[dropped:] for m in turn]
-        prompt = _with_history(system_prompt, history, messages)
+    def render(prompt: list[Message]) -> tuple[Rendered, int]:
         rendered = worker.render(prompt, enable_thinking, tools)
-        if dropped == len(turns) or len(rendered.tokens) + reserve < worker.n_ctx:
-            counts = [len(worker.tokenize(m["content"])) for m in messages] if remember else []
-            return Prepared(len(turns) - dropped, dropped, counts, rendered)
-        dropped += 1
+        return rendered, len(rendered.tokens)
+
+    rendered, _, dropped = _fit(system_prompt, turns, messages, worker.n_ctx, max_tokens, render)
+    counts = [len(worker.tokenize(m["content"])) for m in messages] if remember else []
+    return Prepared(len(turns) - dropped, dropped, counts, rendered)
 
 
 def estimated_tokens(message: Message) -> int:
@@ -82,18 +104,16 @@ def fit_remote(
     n_ctx: int,
     max_tokens: int,
     remember: bool,
-) -> tuple[list[Message], Fitted]:
-    """:func:`prepare` for an upstream server: the messages it gets, sizes estimated."""
-    reserve = min(max_tokens, n_ctx // 4)
-    dropped = 0
-    while True:
-        history = [m for turn in turns[dropped:] for m in turn]
-        prompt = _with_history(system_prompt, history, messages)
-        size = sum(estimated_tokens(m) for m in prompt)
-        if dropped == len(turns) or size + reserve < n_ctx:
-            counts = [estimated_tokens(m) for m in messages] if remember else []
-            return prompt, Fitted(len(turns) - dropped, dropped, counts)
-        dropped += 1
+) -> tuple[list[Message], int, Fitted]:
+    """:func:`prepare` for an upstream server: the messages it gets, their estimated
+    tokens, and what history they hold."""
+
+    def estimate(prompt: list[Message]) -> tuple[list[Message], int]:
+        return prompt, sum(estimated_tokens(m) for m in prompt)
+
+    prompt, size, dropped = _fit(system_prompt, turns, messages, n_ctx, max_tokens, estimate)
+    counts = [estimated_tokens(m) for m in messages] if remember else []
+    return prompt, size, Fitted(len(turns) - dropped, dropped, counts)
 
 
 class Lease:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from vergeai.api.conversation import Sessions, estimated_tokens, fit_remote
+from vergeai.api.conversation import Sessions, fit_remote
 from vergeai.api.fields import DEFAULT_REPEAT_LAST_N
 from vergeai.api.generation import (
     DEFAULT_MAX_TOKENS,
@@ -100,7 +100,7 @@ async def start_remote(
     max_tokens = req.max_tokens or assistant.max_tokens or DEFAULT_MAX_TOKENS
     lease, turns = await sessions.open(assistant, user, session_id)
     try:
-        messages, fitted = fit_remote(
+        messages, estimate, fitted = fit_remote(
             assistant.system_prompt,
             turns,
             req.messages,
@@ -109,7 +109,6 @@ async def start_remote(
             lease is not None,
         )
         thinking = thinking_for(req, assistant)
-        estimate = sum(estimated_tokens(m) for m in messages)
         gate.check(estimate)
         job = RemoteJob(
             tokens=[],
