@@ -35,7 +35,12 @@ class Failure(Exception):
     """A failed attempt: whether another replica may be tried, whether this one is ejected."""
 
     def __init__(
-        self, reason: str, retry: bool = True, eject: bool = True, stale: bool = False
+        self,
+        reason: str,
+        retry: bool = True,
+        eject: bool = True,
+        stale: bool = False,
+        error: VergeError | None = None,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
@@ -44,7 +49,7 @@ class Failure(Exception):
         # the upstream had closed the kept-alive connection it was sent on (llama-server
         # does, now and then): nothing is wrong with the upstream
         self.stale = stale
-        self.error: VergeError | None = None  # what the client gets when it is not retried
+        self.error = error  # what the client gets, when the failure says more than its reason
 
 
 @dataclass(eq=False)
@@ -101,12 +106,16 @@ class Progress:
     """What an attempt has read and passed on so far."""
 
     n: int
-    passed: bool = False  # something went to the client: no retry any more
     held: list[tuple[int, Delta]] = field(default_factory=list)  # kept back for a whole answer
     finish: dict[int, FinishReason] = field(default_factory=dict)
     usage: dict[str, Any] | None = None
     timings: dict[str, Any] | None = None
-    chunks: int = 0  # pieces passed on: the completion tokens if the upstream gives no usage
+    chunks: int = 0  # pieces read: the completion tokens if the upstream gives no usage
+
+    @property
+    def passed(self) -> bool:
+        """Something went to the client: no retry any more."""
+        return self.chunks > len(self.held)
 
 
 async def _attempts(job: RemoteJob, remote: Remote) -> None:
@@ -195,7 +204,6 @@ def _read(job: RemoteJob, chunk: dict[str, Any], progress: Progress) -> None:
             if job.hold:
                 progress.held.append((index, delta))
             else:
-                progress.passed = True
                 job.emit_as(index, delta)
         reason = choice.get("finish_reason")
         if reason:
@@ -327,21 +335,21 @@ async def _refusal(response: httpx.Response) -> Failure:
         return Failure(f"answered HTTP {status}: {message}")
     if status == 429:
         return Failure(f"answered HTTP 429: {message}", eject=False)
-    failure = Failure(f"answered HTTP {status}: {message}", retry=False, eject=False)
+    error: VergeError
     if status in (401, 403):
-        failure.error = UpstreamFailed(
+        error = UpstreamFailed(
             f"the upstream server refused vergeai's key (HTTP {status}); an admin should check "
             "the assistant's upstream_key_env"
         )
     else:
-        failure.error = UpstreamRefused(
+        error = UpstreamRefused(
             f"the upstream server refused the request: {message}", status=status
         )
-    return failure
+    return Failure(f"answered HTTP {status}: {message}", retry=False, eject=False, error=error)
 
 
 def _mid_stream_error(error: Any) -> Failure:
     message = error.get("message") if isinstance(error, dict) else error
-    failure = Failure(f"an error in the answer: {str(message)[:2000]}", eject=False)
-    failure.error = UpstreamFailed(f"the upstream server failed the answer: {str(message)[:2000]}")
-    return failure
+    text = str(message)[:2000]
+    error = UpstreamFailed(f"the upstream server failed the answer: {text}")
+    return Failure(f"an error in the answer: {text}", eject=False, error=error)
