@@ -268,10 +268,11 @@ class Remote:
         it is checked again next round); a passed one brings it back once the
         backoff of its failed requests has run out.
         """
+        headers = self.headers()
         try:
-            response = client.get(replica.base + "/health", headers=self.headers())
+            response = client.get(replica.base + "/health", headers=headers)
             if response.status_code == 404:
-                response = client.get(replica.base + "/v1/models", headers=self.headers())
+                response = client.get(replica.base + "/v1/models", headers=headers)
             if response.status_code >= 300:
                 raise ProbeFailed(f"health check answered HTTP {response.status_code}")
         except (httpx.HTTPError, ProbeFailed) as exc:
