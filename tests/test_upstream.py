@@ -28,6 +28,7 @@ import pytest
 from helpers import (
     HELLO,
     NO_EOS,
+    BackgroundStream,
     Server,
     cli_ok,
     error_of,
@@ -308,8 +309,11 @@ def test_whole_and_streamed_through_vergeai_upstream_with_the_front_s_system_pro
 
 
 def test_sampling_fields_tools_schema_logprobs_and_n_reach_the_upstream(env: Env) -> None:
+    """Every field a remote assistant passes on, through the real model, beside another stream."""
     client = env.client()
     before = len(env.pirate.bodies)
+    # on the same upstream model worker, not through the recorder
+    other = BackgroundStream(env.front.root_url, env.token, "direct", max_tokens=400).start()
     tool = {
         "type": "function",
         "function": {
@@ -365,7 +369,22 @@ def test_sampling_fields_tools_schema_logprobs_and_n_reach_the_upstream(env: Env
         assert "capital" in json.loads(c.message.content or "")
         assert c.logprobs is not None and c.logprobs.content
         assert len(c.logprobs.content[0].top_logprobs) == 2
-    tools_body, shaped_body = env.pirate.bodies[before:]
+    with env.http() as http:
+        constrained = http.post(
+            "/v1/chat/completions",
+            json={"model": "pirate", "messages": HELLO, "max_tokens": 4, "temperature": 0,
+                  "grammar": 'root ::= "yes" | "no"', "repeat_last_n": 32,
+                  "reasoning_format": "none", "chat_template_kwargs": {"enable_thinking": True}},
+        )  # fmt: skip
+    assert constrained.status_code == 200, constrained.text
+    assert constrained.json()["choices"][0]["message"]["content"] in ("yes", "no")
+    assert other.completed()
+    tools_body, shaped_body, constrained_body = env.pirate.bodies[before:]
+    assert {k: constrained_body.get(k) for k in ("grammar", "repeat_last_n", "reasoning_format",
+                                                 "chat_template_kwargs")} == {
+        "grammar": 'root ::= "yes" | "no"', "repeat_last_n": 32, "reasoning_format": "none",
+        "chat_template_kwargs": {"enable_thinking": True},  # the request's, over --disable-think
+    }  # fmt: skip
     assert tools_body["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
     assert tools_body["tools"][0]["function"]["name"] == "get_weather"
     assert tools_body["parallel_tool_calls"] is False
