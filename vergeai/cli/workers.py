@@ -91,40 +91,40 @@ def render(snapshot: dict[str, Any]) -> Group:
     local = [w for w in snapshot["workers"] if not w.get("remote")]
     remote = [w for w in snapshot["workers"] if w.get("remote")]
     if local:
-        workers = Table(title="model workers", title_justify="left")
-        workers.add_column("assistant", style="bold")
-        rows = [_worker_fields(w) for w in local]
-        for w in local:
-            workers.add_column(w["assistant"], overflow="fold")
-        for i, (field, _) in enumerate(rows[0]):
-            workers.add_row(field, *(r[i][1] for r in rows))
-        parts.append(workers)
-    parts.extend(_remote_table(w) for w in remote)
+        heads = [w["assistant"] for w in local]
+        columns = [_worker_fields(w) for w in local]
+        parts.append(_fields_across("model workers", "assistant", heads, columns))
+    for w in remote:
+        title = f"remote model worker {w['assistant']} ({w['model']})"
+        heads = [r["url"] for r in w["replicas"]]
+        columns = [_replica_fields(r) for r in w["replicas"]]
+        parts.append(_fields_across(title, "upstream", heads, columns))
     return Group(*parts)
 
 
-def _remote_table(w: dict[str, Any]) -> Table:
-    """One remote assistant: fields down, one column per upstream server."""
-    title = f"remote model worker {w['assistant']} ({w['model']})"
+def _fields_across(
+    title: str, corner: str, heads: list[str], columns: list[list[tuple[str, str]]]
+) -> Table:
+    """Fields down, one column per worker (or upstream), each a list of (field, value)."""
     table = Table(title=title, title_justify="left")
-    table.add_column("upstream", style="bold")
-    columns = []
-    for r in w["replicas"]:
-        table.add_column(r["url"], overflow="fold")
-        latency = r["last_latency_ms"]
-        columns.append(
-            [
-                ("state", r["state"]),
-                ("in flight", str(r["in_flight"])),
-                ("requests", str(r["requests"])),
-                ("failures", str(r["failures"])),
-                ("last latency", "-" if latency is None else f"{latency:.0f} ms"),
-                ("last error", r["last_error"] or "-"),
-            ]
-        )
+    table.add_column(corner, style="bold")
+    for head in heads:
+        table.add_column(head, overflow="fold")
     for i, (field, _) in enumerate(columns[0]):
         table.add_row(field, *(c[i][1] for c in columns))
     return table
+
+
+def _replica_fields(r: dict[str, Any]) -> list[tuple[str, str]]:
+    latency = r["last_latency_ms"]
+    return [
+        ("state", r["state"]),
+        ("in flight", str(r["in_flight"])),
+        ("requests", str(r["requests"])),
+        ("failures", str(r["failures"])),
+        ("last latency", "-" if latency is None else f"{latency:.0f} ms"),
+        ("last error", r["last_error"] or "-"),
+    ]
 
 
 def workers(

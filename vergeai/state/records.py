@@ -384,16 +384,16 @@ class Assistant:
     online: bool = setting(True, help="Load the model when serving.", off="offline")
     created: datetime = field(default_factory=now)
 
-    LOAD_SETTINGS = (
-        "model", "ctx", "threads", "gpu_layers", "chat_format", "parallel", "embedding",
-        "upstream", "upstream_model", "upstream_key_env", "health_interval", "upstream_timeout",
-    )  # fmt: skip
-
     REMOTE_ONLY = (
         "upstream", "upstream_model", "upstream_key_env", "health_interval", "upstream_timeout"
     )  # fmt: skip
     LOCAL_ONLY = (
         "model", "threads", "gpu_layers", "chat_format", "parallel", "speculate", "max_queue"
+    )  # fmt: skip
+    # a remote assistant's are all load settings: a change rebuilds its replicas and client
+    LOAD_SETTINGS = (
+        "model", "ctx", "threads", "gpu_layers", "chat_format", "parallel", "embedding",
+        *REMOTE_ONLY,
     )  # fmt: skip
 
     @property
