@@ -82,6 +82,8 @@ def slots(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator
     cli_ok(state, "assistant", "create", "par", *common, "--ctx", "512", "--parallel", "4")
     cli_ok(state, "assistant", "create", "solo", *common, "--ctx", "512", "--max-queue", "1")
     cli_ok(state, "assistant", "create", "twin", *common, "--ctx", "512", "--offline")
+    cli_ok(state, "assistant", "create", "wide", *common, "--ctx", "2048", "--parallel", "3")
+    cli_ok(state, "assistant", "create", "wide1", *common, "--ctx", "2048")
     token = cli_ok(state, "key", "create", "--user", "u", "--name", "k").strip()
     server = Server(state_dir=state, port=free_port(), log_path=root / "serve.log")
     server.start()
@@ -209,6 +211,72 @@ def test_a_shared_prefix_is_copied_from_a_busy_slot(slots: Slots) -> None:
     pieces = [copied, afresh]
     texts = [p["choices"][0]["message"]["content"] for p in pieces]
     assert texts[0][:12] == texts[1][:12], texts
+
+
+INVENTORY = "Inventory: " + " ".join(f"Shelf {i} has {i * 3} blue jars." for i in range(110))
+SHELF_QUESTIONS = (
+    "How many blue jars are on shelf 12? Answer briefly.",
+    "Which shelf has the most jars of all? Answer briefly.",
+    "Are there any shelves without jars? Answer briefly.",
+)
+
+
+def ask_inventory(slots: Slots, model: str, question: str) -> dict[str, Any]:
+    messages = [{"role": "system", "content": INVENTORY}, {"role": "user", "content": question}]
+    return slots.chat(model, messages, max_tokens=6, temperature=0)
+
+
+def test_requests_arriving_together_evaluate_their_shared_prefix_once(slots: Slots) -> None:
+    """Three requests with the same ~1,300-token document arrive at once: one evaluates
+    it (several steps), the others wait for it and copy it, then answer as afresh."""
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda q: ask_inventory(slots, "wide", q), SHELF_QUESTIONS))
+    prompt_tokens = min(a["usage"]["prompt_tokens"] for a in answers)
+    assert prompt_tokens > 1000
+    cached = sorted(a["timings"]["cache_n"] for a in answers)
+    assert cached[0] < 20, cached  # the first one evaluated the document
+    assert cached[1] > prompt_tokens - 40 and cached[2] > prompt_tokens - 40, cached
+    evaluated = sum(a["timings"]["prompt_n"] for a in answers)
+    assert evaluated < prompt_tokens + 100, evaluated
+    copied = max(range(3), key=lambda i: answers[i]["timings"]["cache_n"])
+    afresh = ask_inventory(slots, "wide1", SHELF_QUESTIONS[copied])
+    texts = [a["choices"][0]["message"]["content"] for a in (answers[copied], afresh)]
+    assert texts[0][:12] == texts[1][:12], texts
+
+
+def test_requests_waiting_on_a_prefix_go_on_when_its_request_leaves(slots: Slots) -> None:
+    """The request decoding the shared document disconnects part way (its prompt takes
+    about 2.5 s, in 512-token steps): the two waiting for it take what it decoded, one
+    evaluates the rest and the other waits for that one in turn; both answer."""
+    document = INVENTORY.replace("blue", "green")
+
+    def ask(question: str) -> dict[str, Any]:
+        messages = [{"role": "system", "content": document}, {"role": "user", "content": question}]
+        return slots.chat("wide", messages, max_tokens=6, temperature=0)
+
+    def leave() -> None:
+        messages = [{"role": "system", "content": document}, {"role": "user", "content": "Hi."}]
+        body = {"model": "wide", "messages": messages, "max_tokens": 6, "temperature": 0}
+        with slots.server.http(slots.token) as http, pytest.raises(httpx.TimeoutException):
+            http.post("/v1/chat/completions", json=body, timeout=1.2)
+
+    leaver = threading.Thread(target=leave)
+    leaver.start()
+    try:
+        time.sleep(0.1)
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(ask, SHELF_QUESTIONS[:2]))
+    finally:
+        leaver.join()
+    for answer in answers:
+        assert answer["usage"]["completion_tokens"] == 6
+        timings = answer["timings"]
+        assert timings["cache_n"] + timings["prompt_n"] == answer["usage"]["prompt_tokens"]
+    prompt_tokens = min(a["usage"]["prompt_tokens"] for a in answers)
+    # whole 512-token steps of the leaver's were copied, not evaluated again
+    cached = sorted(a["timings"]["cache_n"] for a in answers)
+    assert 500 <= cached[0] < prompt_tokens - 40, cached
+    assert cached[1] > prompt_tokens - 40, cached
 
 
 def test_full_queue_is_503_with_retry_after(slots: Slots) -> None:

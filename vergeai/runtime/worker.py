@@ -58,11 +58,26 @@ class Slot:
     leader: Slot | None = None  # a follower waits here until its leader's prompt is decoded
     drafter: Drafter | None = None  # proposes tokens to check in the next step, if speculating
     drafted: int = 0  # the last pending tokens are a draft, this many
+    awaiting: Awaiting | None = None  # the job starts once another slot has decoded its prefix
 
     @property
     def prompting(self) -> bool:
         """Its prompt is still being decoded (a generating slot has its token and a draft)."""
         return len(self.pending) - self.drafted > 1
+
+
+@dataclass
+class Awaiting:
+    """A prompt waiting for another slot, which is decoding a prompt that starts alike,
+    to have decoded the first ``until`` tokens: they are then copied, not decoded again."""
+
+    donor: Slot
+    job: Job  # the donor's job; another one there (or none) ends the wait
+    until: int
+
+    @property
+    def over(self) -> bool:
+        return self.donor.job is not self.job or len(self.donor.tokens) >= self.until
 
 
 @dataclass
@@ -333,9 +348,7 @@ class Worker:
             slot = self._slot_for(job, free)
             slot.job = job
             try:
-                if not job.embed:
-                    self._share_prefix(slot, job)
-                self._start(slot, job)
+                self._begin_or_await(slot, job)
             except Exception as exc:
                 # the leader's failure fails the whole request; its followers never start
                 self._fail(slot, f"could not start generating: {exc}", exc)
@@ -363,6 +376,47 @@ class Worker:
         if kept >= len(job.tokens) - 1 or len(best.tokens) - kept <= SLACK or len(free) == 1:
             return best  # a repeat, a follow-up turn, or no choice
         return min((s for s in free if s is not best), key=lambda s: (bool(s.tokens), s.last_used))
+
+    def _begin_or_await(self, slot: Slot, job: Job) -> None:
+        """Start the job in the slot, or have it wait for a prompt that starts alike."""
+        if job.embed:
+            self._start(slot, job)
+            return
+        slot.awaiting = self._prefix_to_await(slot, job)
+        if slot.awaiting is None:
+            self._share_prefix(slot, job)
+            self._start(slot, job)
+
+    def _prefix_to_await(self, slot: Slot, job: Job) -> Awaiting | None:
+        """Another slot's prompt, still being decoded, that starts like this one for
+        MIN_SHARED tokens more than any cache holds now: worth waiting for.
+
+        So requests arriving together with the same system prompt or document
+        evaluate it once, not once each side by side.
+        """
+        held = max(common_prefix(s.tokens, job.tokens) for s in self.slots)
+        best: Awaiting | None = None
+        for s in self.slots:
+            if s is slot or s.job is None or s.leader is not None or s.job.embed:
+                continue
+            if s.awaiting is not None or not s.prompting:
+                continue
+            until = min(common_prefix(s.tokens + s.pending, job.tokens), len(job.tokens) - 1)
+            if until >= held + MIN_SHARED and (best is None or until > best.until):
+                best = Awaiting(s, s.job, until)
+        return best
+
+    def _end_waits(self) -> None:
+        """Start each awaiting job whose donor has decoded the shared prefix, or left
+        (then the job may wait for another that started since)."""
+        for slot in self.slots:
+            if slot.awaiting is None or not slot.awaiting.over:
+                continue
+            assert slot.job is not None
+            try:
+                self._begin_or_await(slot, slot.job)
+            except Exception as exc:
+                self._fail(slot, f"could not start generating: {exc}", exc)
 
     def _share_prefix(self, slot: Slot, job: Job) -> None:
         """Copy in the cache of another slot, busy or not, that holds more of the prompt.
@@ -442,9 +496,12 @@ class Worker:
         own, so only a request whose own tokens fail is failed.
         """
         assert self.ctx is not None
+        self._end_waits()
         budget = self.ctx.n_batch
         plan: list[tuple[Slot, list[int]]] = []
-        active = [s for s in self.slots if s.job is not None and s.leader is None]
+        active = [
+            s for s in self.slots if s.job is not None and s.leader is None and s.awaiting is None
+        ]
         active.sort(key=lambda s: s.prompting)
         # While other sequences are generating, a prompt goes in smaller chunks:
         # each step gives every one of them its next token, so a long prompt
@@ -662,4 +719,5 @@ class Worker:
         slot.pending = []
         slot.drafted = 0
         slot.drafter = None
+        slot.awaiting = None
         slot.last_used = time.perf_counter()
