@@ -283,7 +283,21 @@ def check_grammar(model: Model, grammar: str) -> None:
     llama_cpp.llama_sampler_free(grammar_sampler(model, grammar))
 
 
-def build_sampler(model: Model, s: Sampling, n_ctx: int) -> Any:
+@dataclass
+class Sampler:
+    """A request's native sampler chain.
+
+    A plain greedy chain (no grammar, no penalties; a logit bias or not) is
+    applied here as the first argmax of the biased logits, the token it would
+    pick, without the chain first copying all n_vocab logits into candidates
+    (0.28 ms a token with a 262k vocabulary, against 0.02-0.05 ms).
+    """
+
+    chain: Any
+    argmax: tuple[npt.NDArray[np.intp], npt.NDArray[np.float32]] | None = None  # bias
+
+
+def build_sampler(model: Model, s: Sampling, n_ctx: int) -> Sampler:
     """A native sampler chain in llama-server's order (a grammar, if any, first).
 
     On any failure the partly built chain is freed and the error raised.
@@ -294,7 +308,18 @@ def build_sampler(model: Model, s: Sampling, n_ctx: int) -> Any:
     except BaseException:
         llama_cpp.llama_sampler_free(chain)
         raise
-    return chain
+    plain = s.temperature <= 0.0 and not s.grammar and not _penalised(s, n_ctx)
+    if not plain or any(not 0 <= t < model.n_vocab for t in s.logit_bias):
+        return Sampler(chain)
+    ids = np.array(list(s.logit_bias), dtype=np.intp)
+    return Sampler(chain, (ids, np.array(list(s.logit_bias.values()), dtype=np.float32)))
+
+
+def _penalised(s: Sampling, n_ctx: int) -> bool:
+    last_n = n_ctx if s.repeat_last_n < 0 else s.repeat_last_n
+    return bool(last_n) and (
+        s.repeat_penalty != 1.0 or bool(s.presence_penalty) or bool(s.frequency_penalty)
+    )
 
 
 def _fill_chain(chain: Any, model: Model, s: Sampling, n_ctx: int) -> None:
@@ -307,8 +332,8 @@ def _fill_chain(chain: Any, model: Model, s: Sampling, n_ctx: int) -> None:
             arr[i].token = token  # type: ignore[assignment]
             arr[i].bias = bias
         add(chain, llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, len(arr), arr))
-    last_n = n_ctx if s.repeat_last_n < 0 else s.repeat_last_n
-    if last_n and (s.repeat_penalty != 1.0 or s.presence_penalty or s.frequency_penalty):
+    if _penalised(s, n_ctx):
+        last_n = n_ctx if s.repeat_last_n < 0 else s.repeat_last_n
         penalties = llama_cpp.llama_sampler_init_penalties(
             model.n_vocab, last_n, s.repeat_penalty, s.frequency_penalty, s.presence_penalty
         )
@@ -326,8 +351,8 @@ def _fill_chain(chain: Any, model: Model, s: Sampling, n_ctx: int) -> None:
     add(chain, llama_cpp.llama_sampler_init_dist(DEFAULT_SEED if s.seed is None else s.seed))
 
 
-def free_sampler(chain: Any) -> None:
-    llama_cpp.llama_sampler_free(chain)
+def free_sampler(sampler: Sampler) -> None:
+    llama_cpp.llama_sampler_free(sampler.chain)
 
 
 class Context:
@@ -410,8 +435,17 @@ class Context:
         with _decode_lock:
             return int(llama_cpp.llama_decode(self.ptr, b))
 
-    def sample(self, sampler: Any, index: int) -> int:
-        return int(llama_cpp.llama_sampler_sample(sampler, self.ptr, index))
+    def sample(self, sampler: Sampler, index: int) -> int:
+        if sampler.argmax is not None:
+            logits = self.logits(index)
+            ids, bias = sampler.argmax
+            if len(ids):
+                logits = logits.copy()
+                logits[ids] += bias
+            token = int(np.argmax(logits))
+            if not np.isnan(logits[token]):  # the native greedy pick skips NaNs
+                return token
+        return int(llama_cpp.llama_sampler_sample(sampler.chain, self.ptr, index))
 
     def embedding(self, seq: int) -> npt.NDArray[np.float32]:
         """The pooled embedding of a sequence just decoded, L2-normalised (a copy)."""

@@ -30,6 +30,7 @@ from vergeai.runtime.job import Delta, Embedded, Failed, Finished, FinishReason,
 from vergeai.runtime.llama import (
     Context,
     Model,
+    Sampler,
     build_sampler,
     free_sampler,
     shared_models,
@@ -51,7 +52,7 @@ class Slot:
     tokens: list[int] = field(default_factory=list)  # what the KV cache holds
     job: Job | None = None
     pending: list[int] = field(default_factory=list)  # still to decode
-    sampler: Any = None
+    sampler: Sampler | None = None
     decoder: Any = None
     stops: StopMatcher | None = None
     last_used: float = 0.0
@@ -647,7 +648,7 @@ class Worker:
         """Sample one token and report it (the slot's job is over if it ended it)."""
         assert self.ctx is not None and self.model is not None
         job = slot.job
-        assert job is not None and slot.stops is not None
+        assert job is not None and slot.stops is not None and slot.sampler is not None
         distribution = None
         if job.top_logprobs is not None:
             distribution = log_softmax(self.ctx.logits(index))
