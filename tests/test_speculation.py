@@ -106,6 +106,25 @@ def test_drafts_stop_where_the_request_stops(env: Env) -> None:
     assert second["timings"]["cache_n"] >= first["usage"]["prompt_tokens"] + 30
 
 
+PASSAGE = (
+    "The harbor town woke slowly on winter mornings. Fishermen walked down to the boats "
+    "before the sun rose, carrying nets and lanterns, and the baker on the corner opened "
+    "his shutters to let the smell of bread into the street."
+)
+
+
+def test_a_draft_that_ends_the_answer_is_counted(env: Env) -> None:
+    """The answer copies the passage: after its first few tokens, drafts make the rest,
+    the last one ending the answer at max_tokens (its timings were made before that
+    draft was counted, so a whole draft went missing from them)."""
+    answer = ask(env, "on", f"{PASSAGE}\n\nRepeat the text above exactly.", max_tokens=48)
+    timings = answer["timings"]
+    assert answer["usage"]["completion_tokens"] == 48
+    assert PASSAGE[:60] in answer["choices"][0]["message"]["content"]
+    assert timings["draft_n_accepted"] >= 48 - 8, timings
+    assert timings["draft_n"] >= timings["draft_n_accepted"]
+
+
 def test_speculation_is_an_assistant_setting(env: Env) -> None:
     code, _, err = run_cli(env.server.state_dir, "assistant", "edit", "off", "--speculate", "x")
     assert code == 2 and "ngram" in err

@@ -611,18 +611,20 @@ class Worker:
         assert job is not None
         draft = slot.tokens[len(slot.tokens) - drafted :]
         accepted = 0
+        job.draft_n += drafted  # counted before a token is reported: it may end the job
         for i in range(drafted + 1):
-            token = self._next_token(slot, index - drafted + i)
+            assert slot.sampler is not None
+            token = self.ctx.sample(slot.sampler, index - drafted + i)
             matched = i < drafted and token == draft[i]
             accepted += matched
+            job.draft_accepted += matched
+            self._report(slot, index - drafted + i, token)
             if not matched or slot.job is not job:
                 break
         if accepted < drafted:  # the rest of the draft was decoded for nothing
             cut = len(slot.tokens) - (drafted - accepted)
             self.ctx.clear_from(slot.seq, cut)
             del slot.tokens[cut:]
-        job.draft_n += drafted
-        job.draft_accepted += accepted
         if slot.drafter is not None:
             slot.drafter.record(drafted, accepted)
         if slot.job is not job:
@@ -644,21 +646,21 @@ class Worker:
             s is not slot and s.job is not None and s.job.n_generated > 0 for s in self.slots
         )
 
-    def _next_token(self, slot: Slot, index: int) -> int:
-        """Sample one token and report it (the slot's job is over if it ended it)."""
+    def _report(self, slot: Slot, index: int, token: int) -> None:
+        """Report a token sampled at batch output ``index`` (the slot's job is over if it
+        ended it)."""
         assert self.ctx is not None and self.model is not None
         job = slot.job
-        assert job is not None and slot.stops is not None and slot.sampler is not None
+        assert job is not None and slot.stops is not None
         distribution = None
         if job.top_logprobs is not None:
             distribution = log_softmax(self.ctx.logits(index))
-        token = self.ctx.sample(slot.sampler, index)
         if job.n_generated == 0:
             job.t_first = time.perf_counter()
         job.n_generated += 1
         if self.model.is_eog(token):
             self._finish(slot, "stop")
-            return token
+            return
         text = slot.stops.feed(slot.decoder.decode(self.model.piece(token)))
         if distribution is not None:
             assert job.top_logprobs is not None
@@ -669,7 +671,6 @@ class Worker:
             self._finish(slot, "stop")
         elif job.n_generated >= job.max_tokens or len(slot.tokens) + 1 >= self.ctx.n_ctx_seq:
             self._finish(slot, "length")
-        return token
 
     def _fail(self, slot: Slot, message: str, exc: Exception | None = None) -> None:
         """Fail the slot's request alone; the others keep generating."""
