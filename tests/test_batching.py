@@ -279,6 +279,39 @@ def test_requests_waiting_on_a_prefix_go_on_when_its_request_leaves(slots: Slots
     assert cached[1] > prompt_tokens - 40, cached
 
 
+HARBOR = (
+    "The harbor town woke slowly on winter mornings. Fishermen walked down to the boats "
+    "before the sun rose, carrying nets and lanterns, and the baker on the corner opened "
+    "his shutters to let the smell of bread into the street. Children ran along the sea "
+    "wall on their way to school, and the old lighthouse keeper climbed the tower to put "
+    "out the lamp. By nine o'clock the market square was full: farmers sold apples and "
+    "cheese, a woman mended umbrellas under the clock, and the postman stopped at every "
+    "door with letters from the city. In the afternoon the wind turned, the boats came "
+    "back with their catch, and the gulls followed them into the harbor, crying over the "
+    "water. When evening came the keeper climbed the tower again, lit the lamp, and "
+    "watched its beam sweep across the dark sea until the last boat was safely home."
+)
+
+
+def test_a_shared_prefix_outlives_answers_longer_than_the_window(slots: Slots) -> None:
+    """Two requests with the same document get answers long enough (520 tokens) that
+    neither slot still caches the sliding window before the document's end; a third
+    still finds the document cached, in the keeper: a sequence, never decoded, that
+    keeps the latest prefix two prompts shared."""
+    document = "\n\n".join(f"Day {day}. {HARBOR}" for day in range(1, 5))
+
+    def ask(question: str, max_tokens: int) -> dict[str, Any]:
+        messages = [{"role": "system", "content": document}, {"role": "user", "content": question}]
+        return slots.chat("wide", messages, max_tokens=max_tokens, temperature=0)
+
+    # copying the document, one at a time: speculation makes them quick
+    long = [ask("Repeat the text above exactly.", 520) for _ in range(2)]
+    assert all(a["usage"]["completion_tokens"] == 520 for a in long)
+    assert long[1]["timings"]["cache_n"] == 0  # the first one's window was gone
+    third = ask("What did the baker do?", 4)
+    assert third["timings"]["cache_n"] > third["usage"]["prompt_tokens"] - 40, third["timings"]
+
+
 def test_full_queue_is_503_with_retry_after(slots: Slots) -> None:
     body = {
         "model": "solo",

@@ -90,6 +90,7 @@ class Model:
         self.n_embd: int = llama_cpp.llama_model_n_embd(ptr)
         self.n_ctx_train: int = llama_cpp.llama_model_n_ctx_train(ptr)
         self.n_params: int = llama_cpp.llama_model_n_params(ptr)
+        self.n_swa: int = llama_cpp.llama_model_n_swa(ptr)  # 0: no sliding window
         self._piece_buf = ctypes.create_string_buffer(256)
 
     def meta(self, key: str) -> str | None:
@@ -403,7 +404,7 @@ class Context:
         self.n_batch = n_batch
         self.memory = llama_cpp.llama_get_memory(ptr)
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, n_seq)
-        self.n_swa = int(llama_cpp.llama_model_n_swa(model.ptr))  # 0: no sliding window
+        self.n_swa = model.n_swa
 
     def reusable(self, seq: int, keep: int) -> bool:
         """Whether the first ``keep`` cached tokens can continue: the next token

@@ -59,6 +59,7 @@ class Slot:
     leader: Slot | None = None  # a follower waits here until its leader's prompt is decoded
     drafter: Drafter | None = None  # proposes tokens to check in the next step, if speculating
     drafted: int = 0  # the last pending tokens are a draft, this many
+    keep_at: int = 0  # once this many prompt tokens are decoded, the keeper gets them
     awaiting: Awaiting | None = None  # the job starts once another slot has decoded its prefix
 
     @property
@@ -102,6 +103,7 @@ PREFILL_CHUNK = 128  # prompt tokens per step while other sequences generate
 MAX_DRAFTING = 4  # generating sequences beyond which a step carries no drafts
 PROMPTING_DRAFT = 16  # draft tokens, all slots together, in a step that decodes a long prompt
 SLACK = 4  # cached tokens a prompt may differ in at the end and still take the slot
+KEEP_MIN = 64  # tokens two prompts must share for the keeper to hold them for later ones
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -122,6 +124,11 @@ class Worker:
         self.ctx: Context | None = None
         self.template: ChatTemplate | None = None
         self.slots: list[Slot] = []
+        # A sliding-window model's slot forgets what lies a window before its end, so a
+        # shared prefix (a system prompt) is gone from every slot once their answers
+        # run long; an extra sequence, never decoded, keeps the latest one two prompts
+        # shared, for the requests after them.
+        self.keeper: Slot | None = None
         self.waiting: deque[Job] = deque()
         self.cond = threading.Condition()
         self.stopping = False
@@ -265,7 +272,9 @@ class Worker:
                 self.ctx = Context(self.model, a.ctx, a.parallel, a.threads, pooling)
             else:
                 self.template = build_template(a, self.model)
-                self.ctx = Context(self.model, a.ctx, a.parallel, a.threads)
+                keeper = self.model.n_swa > 0
+                self.ctx = Context(self.model, a.ctx, a.parallel + keeper, a.threads)
+                self.keeper = Slot(seq=a.parallel) if keeper else None
             self.slots = [Slot(seq=i) for i in range(a.parallel)]
         except Exception as exc:  # llama.cpp reports load failures many ways
             self.error = str(exc) or type(exc).__name__
@@ -395,7 +404,8 @@ class Worker:
         So requests arriving together with the same system prompt or document
         evaluate it once, not once each side by side.
         """
-        held = max(common_prefix(s.tokens, job.tokens) for s in self.slots)
+        caches = [*self.slots, *([self.keeper] if self.keeper is not None else [])]
+        held = max(common_prefix(s.tokens, job.tokens) for s in caches)
         best: Awaiting | None = None
         for s in self.slots:
             if s is slot or s.job is None or s.leader is not None or s.job.embed:
@@ -426,16 +436,43 @@ class Worker:
         per worker, not once per slot.
         """
         assert self.ctx is not None
-        own = common_prefix(slot.tokens, job.tokens)
-        donors = [s for s in self.slots if s is not slot and s.leader is None and s.tokens]
-        if not donors:
+        held = min(common_prefix(slot.tokens, job.tokens), len(job.tokens) - 1)
+        # what it holds past its window is evaluated again by _start
+        own = held if self.ctx.reusable(slot.seq, held) else 0
+        others = [s for s in self.slots if s is not slot and s.leader is None and s.tokens]
+        # a prefix seen before: in another slot, or in this one where it is lost
+        seen = max([held - own, *(common_prefix(s.tokens, job.tokens) for s in others)])
+        self._plan_keep(slot, job, min(seen, len(job.tokens) - 1))
+        if self.keeper is not None and self.keeper.tokens:
+            others.append(self.keeper)
+        for donor in sorted(others, key=lambda s: -common_prefix(s.tokens, job.tokens)):
+            shared = min(common_prefix(donor.tokens, job.tokens), len(job.tokens) - 1)
+            if shared < own + MIN_SHARED:
+                return
+            if self.ctx.reusable(donor.seq, shared):
+                self.ctx.copy_seq(donor.seq, slot.seq)
+                slot.tokens = list(donor.tokens)
+                return
+
+    def _plan_keep(self, slot: Slot, job: Job, shared: int) -> None:
+        """A prompt that starts like an earlier one for KEEP_MIN tokens or more: the
+        keeper gets that prefix once this slot has decoded it, unless it holds it."""
+        slot.keep_at = 0
+        if self.keeper is None or shared < KEEP_MIN:
             return
-        donor = max(donors, key=lambda s: common_prefix(s.tokens, job.tokens))
-        shared = min(common_prefix(donor.tokens, job.tokens), len(job.tokens) - 1)
-        if shared < own + MIN_SHARED or not self.ctx.reusable(donor.seq, shared):
+        if common_prefix(self.keeper.tokens, job.tokens) < shared:
+            slot.keep_at = shared
+
+    def _keep(self, slot: Slot) -> None:
+        """Copy the slot's planned prefix into the keeper, if it has been decoded: its
+        sliding-window cells are all still cached just after."""
+        if self.keeper is None or not 0 < slot.keep_at <= len(slot.tokens):
             return
-        self.ctx.copy_seq(donor.seq, slot.seq)
-        slot.tokens = list(donor.tokens)
+        assert self.ctx is not None
+        self.ctx.copy_seq(slot.seq, self.keeper.seq)
+        self.ctx.clear_from(self.keeper.seq, slot.keep_at)
+        self.keeper.tokens = slot.tokens[: slot.keep_at]
+        slot.keep_at = 0
 
     def _start(self, slot: Slot, job: Job) -> None:
         assert self.ctx is not None and self.model is not None
@@ -458,6 +495,7 @@ class Worker:
         slot.drafter = None if job.embed else self._drafter()
         job.cache_n = keep
         job.t_start = time.perf_counter()
+        self._keep(slot)
 
     def _drafter(self) -> Drafter | None:
         """A request's drafter, when the assistant speculates."""
@@ -576,6 +614,7 @@ class Worker:
             drafted, slot.drafted = slot.drafted, 0
             slot.tokens.extend(take)
             del slot.pending[: len(take)]
+            self._keep(slot)
             if done and slot.job is not None and slot.job.followers:
                 self._fork(slot, index)
             if done and slot.job is not None and slot.job.embed:
@@ -722,4 +761,5 @@ class Worker:
         slot.drafted = 0
         slot.drafter = None
         slot.awaiting = None
+        slot.keep_at = 0
         slot.last_used = time.perf_counter()
