@@ -12,6 +12,8 @@ its defaults otherwise), interleaved workload by workload:
   sent the whole message list each turn;
 - ``system``: a ~1,000-token system prompt (vergeai's assistant setting,
   llama-server in every request), 16 users' short questions at c=4;
+- ``system-long``: the same system prompt, two users' 600-token answers (past
+  a sliding window), then six short questions one at a time;
 - ``repeat``: two short prompts sent alternately at c=1;
 - ``copy``: a ~300-token passage to rewrite with one change, 128 tokens out,
   at c=1 and c=4 (where speculation pays), and ``normal``: a short prompt
@@ -88,7 +90,9 @@ WORDS = [
     "mirror",
     "tunnel",
 ]
-WORKLOADS = ("long", "mixed", "conversation", "system", "repeat", "copy", "normal")
+WORKLOADS = (
+    "long", "mixed", "conversation", "system", "system-long", "repeat", "copy", "normal"
+)  # fmt: skip
 PASSAGE = (
     "The harbor town woke slowly on winter mornings. Fishermen walked down to the boats "
     "before the sun rose, carrying nets and lanterns, and the baker on the corner opened "
@@ -304,6 +308,21 @@ async def w_system(c: Client, tag: str) -> dict[str, Any]:
     }
 
 
+async def w_system_long(c: Client, tag: str) -> dict[str, Any]:
+    """The system prompt again after answers longer than a sliding window: two users
+    get 600-token answers, then six users ask short questions, one at a time."""
+    system = [] if c.target.system_in_server else [{"role": "system", "content": SYSTEM}]
+    long = [await c.stream([*system, user(f"{tag} user {i}: tell me a very long story.")], 600,
+                           "sys") for i in range(2)]  # fmt: skip
+    short = [await c.stream([*system, user(f"{tag} user {i}: what is my order status?")], 16,
+                            "sys") for i in range(2, 8)]  # fmt: skip
+    return {
+        "ttft_ms": statistics.mean(s.ttft for s in short) * 1000,
+        "cache_n": statistics.mean(s.timings.get("cache_n", 0) for s in short),
+        "errors": errors([*long, *short]),
+    }
+
+
 async def w_repeat(c: Client, tag: str) -> dict[str, Any]:
     prompts = [user(f"{tag} first question: what is a harbor?"),
                user(f"{tag} second question: what is an orchard?")]  # fmt: skip
@@ -345,7 +364,7 @@ async def w_normal(c: Client, tag: str) -> dict[str, Any]:
 
 RUNNERS: dict[str, Callable[[Client, str], Awaitable[dict[str, Any]]]] = {
     "long": w_long, "mixed": w_mixed, "conversation": w_conversation, "system": w_system,
-    "repeat": w_repeat, "copy": w_copy, "normal": w_normal,
+    "system-long": w_system_long, "repeat": w_repeat, "copy": w_copy, "normal": w_normal,
 }  # fmt: skip
 
 
