@@ -272,9 +272,9 @@ class Worker:
                 self.ctx = Context(self.model, a.ctx, a.parallel, a.threads, pooling)
             else:
                 self.template = build_template(a, self.model)
-                keeper = self.model.n_swa > 0
-                self.ctx = Context(self.model, a.ctx, a.parallel + keeper, a.threads)
-                self.keeper = Slot(seq=a.parallel) if keeper else None
+                self.keeper = Slot(seq=a.parallel) if self.model.n_swa > 0 else None
+                n_seq = a.parallel + (self.keeper is not None)
+                self.ctx = Context(self.model, a.ctx, n_seq, a.threads)
             self.slots = [Slot(seq=i) for i in range(a.parallel)]
         except Exception as exc:  # llama.cpp reports load failures many ways
             self.error = str(exc) or type(exc).__name__
@@ -670,7 +670,9 @@ class Worker:
             return  # that token ended the request
         slot.pending = [token]
         drafter = slot.drafter
-        if drafter is not None and (drafter.reliable or not self._others_generating(slot)):
+        others = self._generating_besides(slot)
+        # beyond MAX_DRAFTING generating, _decode_step would drop the draft anyway
+        if drafter is not None and others < MAX_DRAFTING and (drafter.reliable or not others):
             # the draft must not end the context earlier than its tokens would
             room = min(
                 job.max_tokens - job.n_generated - 1, self.ctx.n_ctx_seq - len(slot.tokens) - 3
@@ -678,10 +680,10 @@ class Worker:
             slot.pending += drafter.propose([*slot.tokens, token], room)
             slot.drafted = len(slot.pending) - 1
 
-    def _others_generating(self, slot: Slot) -> bool:
-        """Whether another sequence decodes its next token in the same steps (then a
-        draft's tokens cost the batch more than the steps they might save)."""
-        return any(
+    def _generating_besides(self, slot: Slot) -> int:
+        """Other sequences decoding their next tokens in the same steps (then a draft's
+        tokens cost the batch more than the steps they might save)."""
+        return sum(
             s is not slot and s.job is not None and s.job.n_generated > 0 for s in self.slots
         )
 
