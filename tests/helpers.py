@@ -42,6 +42,19 @@ EOS_TEXT = 212  # </s>, also end-of-generation
 # a logit_bias that bans every end-of-generation token of Gemma 3: answers run to max_tokens
 NO_EOS = {str(t): -100 for t in (EOS, END_OF_TURN, EOS_TEXT)}
 HELLO = [{"role": "user", "content": "What is the capital of France?"}]
+# prose the demo model copies word for word when asked to repeat it
+HARBOR = (
+    "The harbor town woke slowly on winter mornings. Fishermen walked down to the boats "
+    "before the sun rose, carrying nets and lanterns, and the baker on the corner opened "
+    "his shutters to let the smell of bread into the street. Children ran along the sea "
+    "wall on their way to school, and the old lighthouse keeper climbed the tower to put "
+    "out the lamp. By nine o'clock the market square was full: farmers sold apples and "
+    "cheese, a woman mended umbrellas under the clock, and the postman stopped at every "
+    "door with letters from the city. In the afternoon the wind turned, the boats came "
+    "back with their catch, and the gulls followed them into the harbor, crying over the "
+    "water. When evening came the keeper climbed the tower again, lit the lamp, and "
+    "watched its beam sweep across the dark sea until the last boat was safely home."
+)
 
 # the refused request fields -> a value that asks for the feature (test_params checks
 # that it names every refused field of the schema)

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import NO_EOS, Server, cli_ok, free_port, run_cli
+from helpers import HARBOR, NO_EOS, Server, cli_ok, free_port, run_cli
 
 from vergeai.state.admin_socket import ask
 
@@ -277,20 +277,6 @@ def test_requests_waiting_on_a_prefix_go_on_when_its_request_leaves(slots: Slots
     cached = sorted(a["timings"]["cache_n"] for a in answers)
     assert 500 <= cached[0] < prompt_tokens - 40, cached
     assert cached[1] > prompt_tokens - 40, cached
-
-
-HARBOR = (
-    "The harbor town woke slowly on winter mornings. Fishermen walked down to the boats "
-    "before the sun rose, carrying nets and lanterns, and the baker on the corner opened "
-    "his shutters to let the smell of bread into the street. Children ran along the sea "
-    "wall on their way to school, and the old lighthouse keeper climbed the tower to put "
-    "out the lamp. By nine o'clock the market square was full: farmers sold apples and "
-    "cheese, a woman mended umbrellas under the clock, and the postman stopped at every "
-    "door with letters from the city. In the afternoon the wind turned, the boats came "
-    "back with their catch, and the gulls followed them into the harbor, crying over the "
-    "water. When evening came the keeper climbed the tower again, lit the lamp, and "
-    "watched its beam sweep across the dark sea until the last boat was safely home."
-)
 
 
 def test_a_shared_prefix_outlives_answers_longer_than_the_window(slots: Slots) -> None:

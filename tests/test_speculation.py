@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from helpers import NO_EOS, Server, cli_ok, free_port, run_cli
+from helpers import HARBOR, NO_EOS, Server, cli_ok, free_port, run_cli
 
 CODE = (
     "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\n"
@@ -106,21 +106,14 @@ def test_drafts_stop_where_the_request_stops(env: Env) -> None:
     assert second["timings"]["cache_n"] >= first["usage"]["prompt_tokens"] + 30
 
 
-PASSAGE = (
-    "The harbor town woke slowly on winter mornings. Fishermen walked down to the boats "
-    "before the sun rose, carrying nets and lanterns, and the baker on the corner opened "
-    "his shutters to let the smell of bread into the street."
-)
-
-
 def test_a_draft_that_ends_the_answer_is_counted(env: Env) -> None:
     """The answer copies the passage: after its first few tokens, drafts make the rest,
     the last one ending the answer at max_tokens (its timings were made before that
     draft was counted, so a whole draft went missing from them)."""
-    answer = ask(env, "on", f"{PASSAGE}\n\nRepeat the text above exactly.", max_tokens=48)
+    answer = ask(env, "on", f"{HARBOR}\n\nRepeat the text above exactly.", max_tokens=48)
     timings = answer["timings"]
     assert answer["usage"]["completion_tokens"] == 48
-    assert PASSAGE[:60] in answer["choices"][0]["message"]["content"]
+    assert HARBOR[:60] in answer["choices"][0]["message"]["content"]
     assert timings["draft_n_accepted"] >= 48 - 8, timings
     assert timings["draft_n"] >= timings["draft_n_accepted"]
 
