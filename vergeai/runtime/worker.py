@@ -2,9 +2,10 @@
 
 The thread is the context's only user. Requests wait in a bounded FIFO
 queue; each step it moves waiting jobs into free slots (the slot whose
-cached tokens share the longest prefix with the prompt), then decodes one
-batch holding every active slot's next tokens (continuous batching), and
-samples each slot with its own native sampler chain.
+cached tokens share the longest prefix with the prompt; a prefix another
+slot holds, or is decoding, is copied from it), then decodes one batch
+holding every active slot's next tokens (continuous batching), and samples
+each slot with its own sampler chain.
 
 Whatever goes wrong with one request (its sampler, a failed decode of its
 tokens, an exception while sampling it) fails that request alone and frees
@@ -430,7 +431,8 @@ class Worker:
                 self._fail(slot, f"could not start generating: {exc}", exc)
 
     def _share_prefix(self, slot: Slot, job: Job) -> None:
-        """Copy in the cache of another slot, busy or not, that holds more of the prompt.
+        """Copy in the cache of another slot, busy or not, or the keeper's, that holds
+        more of the prompt and can continue it.
 
         So a system prompt or a document many requests share is evaluated once
         per worker, not once per slot.
