@@ -89,6 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help='extra llama-server flags, e.g. --llama-server-args="--kv-unified --swa-full"',
     )
     p.add_argument(
+        "--vergeai-args",
+        type=shlex.split,
+        default=[],
+        help='extra assistant settings, e.g. --vergeai-args="--speculate off"',
+    )
+    p.add_argument(
         "--quiet-wait",
         type=float,
         default=5.0,
@@ -133,7 +139,7 @@ def make_servers(args: argparse.Namespace, settings: Settings) -> list[Server]:
     binary = None
     if LLAMA_SERVER not in args.skip:
         binary = args.llama_server or build_llama_server(args.build_script)
-    servers = [vergeai(settings)]
+    servers = [vergeai(settings, extra=args.vergeai_args)]
     if binary is not None:
         servers.append(llama_server(binary, settings, args.llama_server_args))
     if LLAMA_CPP_PYTHON not in args.skip:

@@ -222,7 +222,7 @@ def vergeai_cli(state_dir: Path, *args: str) -> str:
     return done.stdout
 
 
-def vergeai(s: Settings, embedding: bool = False) -> Server:
+def vergeai(s: Settings, embedding: bool = False, extra: list[str] | None = None) -> Server:
     state = s.work_dir / ("vergeai-embedding-state" if embedding else "vergeai-state")
     vergeai_cli(state, "user", "create", "bench", "--role", "admin")
     token = vergeai_cli(state, "key", "create", "--user", "bench", "--name", "bench").strip()
@@ -234,6 +234,7 @@ def vergeai(s: Settings, embedding: bool = False) -> Server:
         "--ctx", str(s.ctx),  # per conversation; the llama.cpp context is ctx * parallel
         "--parallel", str(s.slots),
         *(["--embedding"] if embedding else []),
+        *(extra or []),
     )  # fmt: skip
     port = free_port()
     argv = [
