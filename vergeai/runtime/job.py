@@ -121,6 +121,10 @@ class Job:
     t_first: float = 0.0
 
     def emit(self, event: Event) -> None:
+        held: list[tuple[Job, Event]] | None = getattr(_held, "events", None)
+        if held is not None:
+            held.append((self, event))
+            return
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.choice, event))
         except RuntimeError:  # the loop is gone: nobody is listening any more
@@ -146,3 +150,39 @@ class Job:
             draft_n=self.draft_n,
             draft_n_accepted=self.draft_accepted,
         )
+
+
+_held = threading.local()  # a thread that holds its events (see hold_events)
+
+
+def hold_events() -> None:
+    """From now on this thread's emitted events wait for ``hand_over``.
+
+    A model worker hands them over just before it decodes, and before it
+    waits: the event loop then formats and sends them while the worker is
+    inside llama_decode, which releases the GIL, instead of taking the GIL
+    from the worker between two decodes.
+    """
+    _held.events = []
+
+
+def hand_over() -> None:
+    """Deliver this thread's held events, in order, one hand-off per event loop."""
+    events: list[tuple[Job, Event]] = getattr(_held, "events", None) or []
+    if not events:
+        return
+    _held.events = []
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Event]]] = {}
+    for job, event in events:
+        by_loop.setdefault(job.loop, []).append((job, event))
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_deliver, batch)
+        except RuntimeError:  # the loop is gone: nobody is listening any more
+            for job, _ in batch:
+                job.cancelled.set()
+
+
+def _deliver(batch: list[tuple[Job, Event]]) -> None:
+    for job, event in batch:
+        job.queue.put_nowait((job.choice, event))

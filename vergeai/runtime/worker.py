@@ -27,7 +27,16 @@ from typing import Any
 
 from vergeai.errors import ContextOverflow, InvalidRequest, QueueFull, Unavailable
 from vergeai.gguf import GgufError, check_gguf
-from vergeai.runtime.job import Delta, Embedded, Failed, Finished, FinishReason, Job
+from vergeai.runtime.job import (
+    Delta,
+    Embedded,
+    Failed,
+    Finished,
+    FinishReason,
+    Job,
+    hand_over,
+    hold_events,
+)
 from vergeai.runtime.llama import (
     Context,
     Model,
@@ -288,6 +297,7 @@ class Worker:
         self.load_seconds = time.perf_counter() - t0
         self._set_status(WorkerState.ONLINE)
         log.info("assistant %s online in %.2fs", self.name, self.load_seconds)
+        hold_events()
         try:
             while self._step():
                 pass
@@ -307,6 +317,7 @@ class Worker:
                 self.waiting.clear()
                 if self.status == WorkerState.ONLINE and self.stopping:
                     self.status = WorkerState.OFFLINE
+            hand_over()
             self._release()
             self.ended_at = time.monotonic()
 
@@ -341,6 +352,7 @@ class Worker:
                     break
                 if self.stopping:
                     return False
+                hand_over()
                 self.cond.wait()
         self._decode_step()
         return True
@@ -576,6 +588,7 @@ class Worker:
             plan.append((slot, take))
             budget -= len(take)
         entries = [e for slot, take in plan for e in self._entries(slot, take)]
+        hand_over()  # the last step's events go out while this one decodes
         status = self.ctx.decode(entries)
         if status == 0:
             self._advance(plan)
