@@ -450,17 +450,22 @@ class Worker:
         per worker, not once per slot.
         """
         assert self.ctx is not None
-        held = min(common_prefix(slot.tokens, job.tokens), len(job.tokens) - 1)
+        last = len(job.tokens) - 1  # the last prompt token is always evaluated again
+        held = min(common_prefix(slot.tokens, job.tokens), last)
         # what it holds past its window is evaluated again by _start
         own = held if self.ctx.reusable(slot.seq, held) else 0
-        others = [s for s in self.slots if s is not slot and s.leader is None and s.tokens]
+        donors = [
+            (common_prefix(s.tokens, job.tokens), s)
+            for s in self.slots
+            if s is not slot and s.leader is None and s.tokens
+        ]
         # a prefix seen before: in another slot, or in this one where it is lost
-        seen = max([held - own, *(common_prefix(s.tokens, job.tokens) for s in others)])
-        self._plan_keep(slot, job, min(seen, len(job.tokens) - 1))
+        seen = max([held - own, *(n for n, _ in donors)])
+        self._plan_keep(slot, job, min(seen, last))
         if self.keeper is not None and self.keeper.tokens:
-            others.append(self.keeper)
-        for donor in sorted(others, key=lambda s: -common_prefix(s.tokens, job.tokens)):
-            shared = min(common_prefix(donor.tokens, job.tokens), len(job.tokens) - 1)
+            donors.append((common_prefix(self.keeper.tokens, job.tokens), self.keeper))
+        for n, donor in sorted(donors, key=lambda d: -d[0]):
+            shared = min(n, last)
             if shared < own + MIN_SHARED:
                 return
             if self.ctx.reusable(donor.seq, shared):
