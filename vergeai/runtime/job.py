@@ -124,11 +124,8 @@ class Job:
         held: list[tuple[Job, Event]] | None = getattr(_held, "events", None)
         if held is not None:
             held.append((self, event))
-            return
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.choice, event))
-        except RuntimeError:  # the loop is gone: nobody is listening any more
-            self.cancelled.set()
+        else:
+            _send(self.loop, [(self, event)])
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -176,11 +173,15 @@ def hand_over() -> None:
     for job, event in events:
         by_loop.setdefault(job.loop, []).append((job, event))
     for loop, batch in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_deliver, batch)
-        except RuntimeError:  # the loop is gone: nobody is listening any more
-            for job, _ in batch:
-                job.cancelled.set()
+        _send(loop, batch)
+
+
+def _send(loop: asyncio.AbstractEventLoop, batch: list[tuple[Job, Event]]) -> None:
+    try:
+        loop.call_soon_threadsafe(_deliver, batch)
+    except RuntimeError:  # the loop is gone: nobody is listening any more
+        for job, _ in batch:
+            job.cancelled.set()
 
 
 def _deliver(batch: list[tuple[Job, Event]]) -> None:
