@@ -148,18 +148,13 @@ def test_model_names_cannot_forge_or_hide_log_lines(hard: Hard) -> None:
 def test_hostile_grammars_are_400_and_cannot_crash_or_forge(hard: Hard) -> None:
     deep = "root ::= " + "(" * 20_000 + '"a"' + ")" * 20_000  # overflowed llama.cpp's stack
     forged = 'root ::= "a\n2026-01-01 00:00:00,000 INFO vergeai.access: forged ::= ]'
-    complaints = hard.server.log().count("vergeai.llama_cpp")
-    for grammar, why in ((deep, "nest deeper"), (forged, "could not parse")):
+    for grammar, why in ((deep, "nest deeper"), (forged, "cannot be enforced")):
         body = {"model": "gemma", "messages": HELLO, "grammar": grammar}
         response = hard.post(body)
         assert response.status_code == 400, response.text
         assert why in error_of(response)["message"]
+        assert "\n" not in error_of(response)["message"]
     assert hard.post({"model": "gemma", "messages": HELLO, "max_tokens": 1}).status_code == 200
-    # llama.cpp's complaint about the forged grammar is logged, escaped
-    eventually(
-        lambda: hard.server.log().count("vergeai.llama_cpp") > complaints,
-        what="llama.cpp's complaint in the log",
-    )
     log = hard.server.log()
     assert not any(line.startswith("2026-01-01 00:00:00,000") for line in log.splitlines())
 

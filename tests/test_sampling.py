@@ -13,6 +13,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from vergeai.runtime.constraint import GrammarSpec, compile_grammar
 from vergeai.runtime.llama import Context, Model, Sampler, Sampling, build_sampler, free_sampler
 
 GREEDY = Sampling(
@@ -85,13 +86,12 @@ def test_a_nan_logit_is_skipped_as_the_native_chain_does(
     "change",
     [
         {"temperature": 0.7},
-        {"grammar": 'root ::= "yes" | "no"'},
         {"repeat_penalty": 1.1},
         {"presence_penalty": 0.5},
         {"frequency_penalty": 0.5},
         {"logit_bias": {10**7: -1.0}},
     ],
-    ids=["temperature", "grammar", "repeat", "presence", "frequency", "bias-out-of-range"],
+    ids=["temperature", "repeat", "presence", "frequency", "bias-out-of-range"],
 )
 def test_only_a_plain_greedy_chain_takes_the_argmax_path(
     decoded: tuple[Model, Context, int], change: dict[str, object]
@@ -108,3 +108,26 @@ def test_only_a_plain_greedy_chain_takes_the_argmax_path(
         assert plain.argmax is not None
     finally:
         free_sampler(plain)
+
+
+def test_a_grammar_masks_the_logits_before_either_path(decoded: tuple[Model, Context, int]) -> None:
+    """The mask comes first, so the argmax path and the native chain pick an allowed token."""
+    model, ctx, n = decoded
+    spec = GrammarSpec("gbnf", 'root ::= "yes" | "no"', "grammar")
+    grammar = compile_grammar(model.grammar_tokenizer(), spec, {})
+    logits = ctx.logits(n - 1)
+    saved = logits.copy()
+    greedy, warm = (
+        build_sampler(model, GREEDY, 512),
+        build_sampler(model, replace(GREEDY, temperature=1.0, seed=7), 512),
+    )
+    try:
+        for sampler in (greedy, Sampler(greedy.chain), warm):
+            grammar.start().mask(logits)
+            token = ctx.sample(sampler, n - 1)
+            assert model.piece(token) in (b"y", b"ye", b"yes", b"n", b"no"), model.piece(token)
+            logits[:] = saved
+    finally:
+        logits[:] = saved
+        free_sampler(greedy)
+        free_sampler(warm)

@@ -89,12 +89,11 @@ def test_openai_parse_with_a_pydantic_model(deployment: Deployment) -> None:
 @pytest.mark.parametrize(
     ("schema", "named"),
     [
-        ({"not": {"type": "string"}}, "'not'"),
-        ({"type": "object", "properties": {"a": {"type": "integer", "multipleOf": 3}}},
-         "properties/a/multipleOf"),
-        ({"type": "object", "properties": {"a": {"type": "wizard"}}}, "cannot be enforced"),
-        ({"type": "integer", "minimum": 1, "maximum": 40}, "'minimum'"),
-        ({"$ref": "https://example.com/schema.json"}, "cannot be enforced"),
+        ({"not": {"type": "string"}}, '["not"]'),
+        ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, '["uniqueItems"]'),
+        ({"type": "object", "properties": {"a": {"type": "wizard"}}}, "wizard"),
+        ({"type": "string", "format": "wizard"}, "Unknown format: wizard"),
+        ({"$ref": "https://example.com/schema.json"}, "https://example.com/schema.json"),
     ],
 )  # fmt: skip
 def test_a_schema_that_cannot_be_enforced_is_400_naming_it(
@@ -104,7 +103,24 @@ def test_a_schema_that_cannot_be_enforced_is_400_naming_it(
     response = post(deployment, {"model": "gemma", "messages": HELLO, "response_format": fmt})
     assert response.status_code == 400, response.text
     err = error_of(response)
-    assert err["param"] == "response_format" and named in err["message"]
+    assert err["param"] == "response_format" and "cannot be enforced" in err["message"]
+    assert named in err["message"]
+
+
+def test_number_ranges_and_multiples_are_honoured(deployment: Deployment) -> None:
+    numbers = {"type": "array", "minItems": 4, "maxItems": 4, "items": {
+        "type": "integer", "minimum": 10, "exclusiveMaximum": 30, "multipleOf": 5}}  # fmt: skip
+    for seed in range(3):
+        reply = ask(deployment, json_schema=numbers, temperature=1.0, seed=seed, max_tokens=40)
+        values = json.loads(reply["choices"][0]["message"]["content"])
+        assert len(values) == 4 and all(v in (10, 15, 20, 25) for v in values), values
+
+
+def test_defs_and_refs_are_followed(deployment: Deployment) -> None:
+    schema = {"$defs": {"flag": {"type": "boolean"}}, "type": "object",
+              "properties": {"a": {"$ref": "#/$defs/flag"}}, "required": ["a"]}  # fmt: skip
+    reply = ask(deployment, json_schema=schema, max_tokens=20)
+    assert isinstance(json.loads(reply["choices"][0]["message"]["content"])["a"], bool)
 
 
 def test_a_property_named_like_a_keyword_is_fine(deployment: Deployment) -> None:

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from llguidance import LLMatcher
 
 from vergeai.api.generation import Answer
 from vergeai.api.tools import parse_tools
 from vergeai.runtime import toolformats
+from vergeai.runtime.constraint import GrammarSpec, grammar_source
 from vergeai.runtime.job import Delta
 from vergeai.runtime.prompt import ChatTemplate
 from vergeai.runtime.templates import BUILTIN
@@ -239,37 +240,35 @@ def test_tool_choice_none_renders_no_tools() -> None:
 
 
 def test_tool_schemas_keep_what_the_grammar_can_hold() -> None:
+    """A tool's keyword the engine cannot enforce is left out (lenient); a response_format's
+    is refused."""
+    unique = {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}
     ranged = {**WEATHER["function"], "parameters": {
-        "type": "object", "properties": {"days": {"type": "integer", "minimum": 1}}}}  # fmt: skip
+        "type": "object", "properties": {"days": unique}}}  # fmt: skip
     tools = parse_tools({"tools": [{"type": "function", "function": ranged}]})
     assert tools is not None
-    grammar = tools.grammar(HERMES)
-    assert grammar.startswith('root ::= "<tool_call>"') and '"\\"days\\""' in grammar
-    assert "integer" in grammar
-
-
-def rule_names(grammar: str) -> tuple[set[str], set[str]]:
-    """The rules a GBNF grammar defines, and those its right-hand sides use."""
-    defined, used = set(), set()
-    for line in grammar.splitlines():
-        name, _, rhs = line.partition(" ::= ")
-        defined.add(name)
-        rhs = re.sub(r'"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]|\{[0-9,]*\}', " ", rhs)
-        used.update(re.findall(r"[a-z][a-z0-9-]*", rhs))
-    return defined, used
+    spec = tools.grammar(HERMES)
+    assert spec.kind == "lark" and spec.markers == ("<tool_call>", "</tool_call>")
+    assert LLMatcher.validate_grammar(grammar_source(spec, {})) == ""
+    strict = grammar_source(GrammarSpec.schema(unique, "response_format"), {})
+    assert "uniqueItems" in LLMatcher.validate_grammar(strict)
 
 
 @pytest.mark.parametrize("fmt", [HERMES, MISTRAL, LLAMA3, GENERIC], ids=lambda f: f.name)
 @pytest.mark.parametrize("parallel", [True, False])
 @pytest.mark.parametrize("answer", [None, {"type": "object"}])
-def test_every_grammar_uses_only_rules_it_defines(
-    fmt: toolformats.ToolFormat, parallel: bool, answer: dict[str, Any] | None
+@pytest.mark.parametrize("choice", ["auto", "required", "get_time"])
+def test_every_tool_grammar_is_valid(
+    fmt: toolformats.ToolFormat, parallel: bool, answer: dict[str, Any] | None, choice: str
 ) -> None:
     time = {"type": "function", "function": {"name": "get_time"}}
-    tools = parse_tools({"tools": [WEATHER, time], "parallel_tool_calls": parallel})
+    named = {"type": "function", "function": {"name": choice}}
+    tools = parse_tools({"tools": [WEATHER, time], "parallel_tool_calls": parallel,
+                         "tool_choice": named if choice == "get_time" else choice})  # fmt: skip
     assert tools is not None
-    defined, used = rule_names(tools.grammar(fmt, answer))
-    assert "root" in defined and used <= defined, used - defined
+    spec = tools.grammar(fmt, answer, lazy=choice == "auto")
+    assert LLMatcher.validate_grammar(grammar_source(spec, {})) == ""
+    assert spec.triggers == ((fmt.trigger(),) if choice == "auto" else ())
 
 
 FRAGMENTS = ['<tool_call>', '</tool_call>', '[TOOL_CALLS]', '{"name": "', '"arguments": ',

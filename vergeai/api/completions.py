@@ -29,6 +29,7 @@ from vergeai.api.fields import (
     Sampled,
     bad,
     field_specs,
+    grammar_spec,
     integer,
     sampled,
 )
@@ -145,13 +146,14 @@ async def completions(request: Request) -> Response:
     check_assistant(caller, req.model, service.state)
     passage = gate(request, caller)
     worker = generation.local_worker(service, req.model, "/v1/completions")
-    await generation.check_request(worker, req)
+    grammar = await generation.check_request(worker, req, grammar_spec(req))
     prompts = prompt_tokens(worker, req)
     max_tokens = req.max_tokens or DEFAULT_MAX_TOKENS
     logprobs = req.top_logprobs is not None
     gen = generation.launch(
-        worker, req, prompts, max_tokens, lambda: Answer(True, False, logprobs, None), passage
-    )
+        worker, req, prompts, max_tokens, lambda: Answer(True, False, logprobs, None), passage,
+        grammar,
+    )  # fmt: skip
     assert worker.model is not None
     echoes = [worker.model.detokenize(p) if req.echo else "" for p in prompts]
     reply = CompletionReply(worker.assistant.name, [e for e in echoes for _ in range(req.n)])

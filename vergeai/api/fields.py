@@ -12,8 +12,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from vergeai.api.structured import response_format_schema, schema_grammar
+from vergeai.api.structured import check_schema, response_format_schema
 from vergeai.errors import InvalidRequest, Unsupported
+from vergeai.runtime.constraint import GrammarSpec
 
 MAX_STOPS = 16
 MAX_STOP_LENGTH = 1024
@@ -84,8 +85,9 @@ class Sampled:
     repeat_penalty: float = 1.0
     repeat_last_n: int = DEFAULT_REPEAT_LAST_N  # -1: the whole context
     logit_bias: dict[int, float] = field(default_factory=dict)
-    grammar: str | None = None
-    schema: dict[str, Any] | None = None  # response_format's (or json_schema's); then grammar's
+    grammar: str | None = None  # GBNF
+    schema: dict[str, Any] | None = None  # response_format's (or json_schema's)
+    schema_param: str = "response_format"  # the field that gave the schema
     top_logprobs: int | None = None  # None: no logprobs
     n: int = 1  # choices
 
@@ -124,7 +126,7 @@ def sampled(body: dict[str, Any], table: dict[str, FieldSpec]) -> dict[str, Any]
     if schema is not None:
         if grammar is not None:
             raise bad(param, f"give grammar or {param}, not both")
-        grammar = schema_grammar(schema, param)
+        check_schema(schema, param)
     # the first one given wins; n_predict is llama-server's name, where -1 means no limit
     n_predict = integer(body, "n_predict", -1, MAX_TOKENS)
     limits = (
@@ -150,8 +152,18 @@ def sampled(body: dict[str, Any], table: dict[str, FieldSpec]) -> dict[str, Any]
         logit_bias=logit_bias_field(body.get("logit_bias")),
         grammar=grammar,
         schema=schema,
+        schema_param=param,
         n=integer(body, "n", 1, MAX_CHOICES) or 1,
     )
+
+
+def grammar_spec(req: Sampled) -> GrammarSpec | None:
+    """What the request's own output must follow: its schema, else its grammar."""
+    if req.schema is not None:
+        return GrammarSpec.schema(req.schema, req.schema_param)
+    if req.grammar is not None:
+        return GrammarSpec("gbnf", req.grammar, "grammar")
+    return None
 
 
 def bad(param: str, message: str) -> InvalidRequest:

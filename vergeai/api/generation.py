@@ -17,13 +17,14 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from vergeai.api.conversation import Fitted, Lease, Sessions, prepare
-from vergeai.api.fields import Sampled
+from vergeai.api.fields import Sampled, grammar_spec
 from vergeai.api.schemas import ChatRequest
 from vergeai.api.tools import ToolUse
 from vergeai.errors import InvalidRequest, Unavailable, VergeError
 from vergeai.limits import Gate, Ticket
+from vergeai.runtime.constraint import Grammar, GrammarSpec, compile_grammar
 from vergeai.runtime.job import Delta, Event, Failed, Finished, FinishReason, Job, Timings
-from vergeai.runtime.llama import GrammarError, Sampling, check_grammar
+from vergeai.runtime.llama import Sampling
 from vergeai.runtime.reasoning import ReasoningSplitter
 from vergeai.runtime.toolcalls import CallDelta, ToolCall, ToolCallParser
 from vergeai.runtime.toolformats import ToolFormat
@@ -394,16 +395,9 @@ def online_worker(service: Service, name: str, embedding: bool = False) -> Worke
 
 
 def sampling_for(
-    req: Sampled,
-    assistant: Assistant,
-    choice: int = 0,
-    grammar: str | None = None,
-    triggers: tuple[str, ...] = (),
+    req: Sampled, assistant: Assistant, choice: int = 0, grammar: Grammar | None = None
 ) -> Sampling:
-    """The request's sampling over the assistant's defaults; choice i of n seeds with seed+i.
-
-    ``grammar`` (and its lazy ``triggers``) replace the request's own, for tool calls.
-    """
+    """The request's sampling over the assistant's defaults; choice i of n seeds with seed+i."""
 
     def pick(value: float | None, default: float | None, fallback: float) -> float:
         return value if value is not None else default if default is not None else fallback
@@ -419,27 +413,29 @@ def sampling_for(
         repeat_penalty=req.repeat_penalty,
         repeat_last_n=req.repeat_last_n,
         logit_bias=req.logit_bias,
-        grammar=grammar or req.grammar,
-        triggers=triggers,
+        grammar=grammar,
     )
 
 
-def tool_grammar(
-    tools: ToolUse, fmt: ToolFormat, answer: dict[str, Any] | None
-) -> tuple[str, tuple[str, ...]]:
-    """The calls' grammar, and for tool_choice auto the patterns that start it.
+def grammar_of(req: Sampled, tools: ToolUse | None, fmt: ToolFormat | None) -> GrammarSpec | None:
+    """What the output must follow: the tools' calls (or the answer), else the request's own.
 
-    With a response_format, calls or the answer are constrained from the first token.
-
-    (A trigger inside a thinking model's reasoning would start the grammar
-    there too; llama.cpp's server shares that limit.)
+    Under tool_choice auto without a response_format, the calls' grammar
+    applies from where the model starts one. (A trigger inside a thinking
+    model's reasoning would start it there too; llama.cpp's server shares
+    that limit.)
     """
-    lazy = not tools.forced and answer is None
-    return tools.grammar(fmt, answer), (fmt.trigger(),) if lazy else ()
+    if tools is None or fmt is None:
+        return grammar_spec(req)
+    return tools.grammar(fmt, req.schema, lazy=not tools.forced and req.schema is None)
 
 
-async def check_request(worker: Worker, req: Sampled, tools_grammar: str | None = None) -> None:
-    """What only the loaded model can tell: token ids in range, a grammar it can parse."""
+async def check_request(worker: Worker, req: Sampled, spec: GrammarSpec | None) -> Grammar | None:
+    """What only the loaded model can tell: token ids in range; the grammar compiled.
+
+    Called once the caller has passed its limits' first check: compiling
+    takes time and memory (bounded), off the event loop.
+    """
     assert worker.model is not None
     model = worker.model
     if any(t >= model.n_vocab for t in req.logit_bias):
@@ -447,12 +443,14 @@ async def check_request(worker: Worker, req: Sampled, tools_grammar: str | None 
             f"'logit_bias': token ids must be below the vocabulary size {model.n_vocab}",
             param="logit_bias",
         )
-    for grammar, param in ((req.grammar, "grammar"), (tools_grammar, "tools")):
-        if grammar:
-            try:
-                await asyncio.to_thread(check_grammar, model, grammar)
-            except GrammarError as exc:
-                raise InvalidRequest(f"'{param}': {exc.message}", param=param) from None
+    if spec is None:
+        return None
+
+    def compiled() -> Grammar:
+        specials = model.special_tokens(spec.markers)
+        return compile_grammar(model.grammar_tokenizer(), spec, specials)
+
+    return await asyncio.to_thread(compiled)
 
 
 def thinking_for(req: ChatRequest, assistant: Assistant) -> bool | None:
@@ -485,8 +483,7 @@ async def start(
     assert worker.template is not None
     fmt = worker.template.tool_format
     tools = req.tools
-    grammar, triggers = tool_grammar(tools, fmt, req.schema) if tools else (None, ())
-    await check_request(worker, req, grammar)
+    grammar = await check_request(worker, req, grammar_of(req, tools, fmt))
     max_tokens = req.max_tokens or assistant.max_tokens or DEFAULT_MAX_TOKENS
     thinking = thinking_for(req, assistant)
     lease, turns = await sessions.open(assistant, user, session_id)
@@ -512,8 +509,8 @@ async def start(
 
         legacy = bool(tools and tools.legacy)
         return launch(
-            worker, req, [prepared.rendered.tokens], max_tokens, answer, gate, grammar, triggers,
-            memory, legacy,
+            worker, req, [prepared.rendered.tokens], max_tokens, answer, gate, grammar, memory,
+            legacy,
         )  # fmt: skip
     except BaseException:
         if lease is not None:
@@ -528,8 +525,7 @@ def launch(
     max_tokens: int,
     answer: Callable[[], Answer],
     gate: Gate,
-    grammar: str | None = None,
-    triggers: tuple[str, ...] = (),
+    grammar: Grammar | None = None,
     memory: Memory | None = None,
     legacy_calls: bool = False,
 ) -> Generation:
@@ -549,7 +545,7 @@ def launch(
         jobs = [
             Job(
                 tokens=tokens,
-                sampling=sampling_for(req, worker.assistant, p * req.n + j, grammar, triggers),
+                sampling=sampling_for(req, worker.assistant, p * req.n + j, grammar),
                 max_tokens=max_tokens,
                 stop=req.stop,
                 loop=loop,

@@ -1,42 +1,20 @@
-"""Structured output: ``response_format`` (and llama-server's ``json_schema``) to a GBNF grammar.
+"""Structured output: ``response_format`` (and llama-server's ``json_schema``) read and bounded.
 
-The conversion is llama.cpp's JSON-schema-to-grammar, as llama-cpp-python
-ships it. Keywords it would silently ignore, so that the output could break
-the schema, are refused with a 400 naming them; ``format`` is an
-annotation in JSON Schema and is kept where the converter knows it
-(date, time, date-time, uuid) and otherwise not enforced.
+The schema is enforced by llguidance (:mod:`vergeai.runtime.constraint`),
+which refuses, with a 400 naming it, a keyword it cannot hold the output to;
+``format`` is an annotation in JSON Schema and is enforced where llguidance
+knows it. Here a schema is only bounded in size before anything compiles it.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from vergeai.errors import InvalidRequest
-from vergeai.runtime.llama import json_schema_to_gbnf
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
-# keywords that constrain values but that the converter does not implement
-UNSUPPORTED = (
-    "not",
-    "if",
-    "then",
-    "else",
-    "patternProperties",
-    "dependentRequired",
-    "dependentSchemas",
-    "unevaluatedProperties",
-    "unevaluatedItems",
-    "contains",
-    "uniqueItems",
-    "multipleOf",
-    "propertyNames",
-    "minimum",  # llama-cpp-python's port of the converter has no number ranges
-    "maximum",
-    "exclusiveMinimum",
-    "exclusiveMaximum",
-    "minProperties",
-    "maxProperties",
-)
+MAX_SCHEMA = 256 * 1024  # characters of a schema's JSON (tools' schemas all together)
 
 
 def _bad(param: str, message: str) -> InvalidRequest:
@@ -65,49 +43,7 @@ def response_format_schema(value: Any) -> dict[str, Any] | None:
     return schema
 
 
-def schema_grammar(schema: dict[str, Any], param: str) -> str:
-    """GBNF for a JSON schema, or a 400 naming what cannot be enforced."""
-    _check_keywords(schema, param)
-    try:
-        return json_schema_to_gbnf({"root": schema})
-    except (ValueError, AssertionError, KeyError, TypeError, RecursionError) as exc:
-        reason = str(exc).split("\n", 1)[0][:200] or type(exc).__name__
-        raise _bad(param, f"this JSON schema cannot be enforced: {reason}") from None
-
-
-def relaxed(schema: Any) -> Any:
-    """The schema without the keywords the grammar cannot hold (tools' schemas are relaxed)."""
-    if isinstance(schema, list):
-        return [relaxed(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    return {
-        key: (
-            {name: relaxed(child) for name, child in value.items()}
-            if key in NAMED and isinstance(value, dict)
-            else relaxed(value)
-        )
-        for key, value in schema.items()
-        if key not in UNSUPPORTED
-    }
-
-
-NAMED = ("properties", "$defs", "definitions")  # maps of names to schemas
-
-
-def _check_keywords(schema: Any, param: str) -> None:
-    stack: list[tuple[Any, str]] = [(schema, "")]
-    while stack:
-        node, path = stack.pop()
-        if isinstance(node, dict):
-            for key, child in node.items():
-                if key in UNSUPPORTED and not path.endswith(NAMED):
-                    where = f"{path}/{key}" if path else key
-                    raise _bad(
-                        param,
-                        f"the JSON schema keyword '{where}' is not supported: the output "
-                        "could not be held to it",
-                    )
-                stack.append((child, f"{path}/{key}" if path else key))
-        elif isinstance(node, list):
-            stack.extend((child, f"{path}/{i}") for i, child in enumerate(node))
+def check_schema(schema: Any, param: str, limit: int = MAX_SCHEMA) -> None:
+    """A 400 if a schema is too long to compile (its depth is bounded with the body's)."""
+    if len(json.dumps(schema, ensure_ascii=False)) > limit:
+        raise _bad(param, f"the JSON schema is longer than {limit} characters")

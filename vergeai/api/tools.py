@@ -2,11 +2,11 @@
 
 ``tool_choice`` ``"required"`` or a named function constrains the whole
 answer to calls whose arguments match the tools' JSON schemas; ``"auto"``
-constrains a call from the moment the model starts one (llama.cpp's lazy
-grammar); ``"none"`` renders no tools. Schema keywords the grammar cannot
-hold (``minimum``, ``pattern``-free formats, ...) are left out of a tool's
-grammar rather than refused: the call still has the right names, types and
-required properties, and agents' tool schemas are rarely ours to change.
+constrains a call from the moment the model starts one (a lazy grammar);
+``"none"`` renders no tools. Schema keywords the grammar engine cannot hold
+(``uniqueItems``, ``not``, ...) are left out of a tool's grammar rather than
+refused: the call still has the right names, types and required properties,
+and agents' tool schemas are rarely ours to change.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from vergeai.api.structured import relaxed
+from vergeai.api.structured import check_schema
 from vergeai.errors import InvalidRequest, Unsupported
-from vergeai.runtime.llama import json_schema_to_gbnf
+from vergeai.runtime.constraint import GrammarSpec, json_schema_text
 from vergeai.runtime.toolformats import ToolFormat
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
@@ -39,11 +39,14 @@ class ToolUse:
     def forced(self) -> bool:
         return self.choice != "auto"
 
-    def grammar(self, fmt: ToolFormat, answer: dict[str, Any] | None = None) -> str:
-        """GBNF for the calls this request allows, written in the template's format.
+    def grammar(
+        self, fmt: ToolFormat, answer: dict[str, Any] | None = None, lazy: bool = False
+    ) -> GrammarSpec:
+        """The calls this request allows, written in the template's format.
 
         With an ``answer`` schema (response_format) and a choice of answering,
-        the output is either calls or an answer held to that schema.
+        the output is either calls or an answer held to that schema. ``lazy``:
+        the grammar applies from where the model starts a call.
         """
         functions = [t["function"] for t in self.tools]
         if self.forced and self.choice != "required":
@@ -59,22 +62,20 @@ class ToolUse:
             }
             for f in functions
         ]
-        schemas = {"call": relaxed(calls[0] if len(calls) == 1 else {"anyOf": calls})}
-        either = answer is not None and not self.forced
-        if either:
-            schemas["answer"] = answer
-        try:
-            rules = json_schema_to_gbnf(schemas)
-        except (ValueError, AssertionError, KeyError, TypeError, RecursionError) as exc:
-            reason = str(exc).split("\n", 1)[0][:200] or type(exc).__name__
-            raise InvalidRequest(
-                f"'tools': a tool's parameters cannot be turned into a grammar: {reason}",
-                param="tools",
-            ) from None
-        parallel = self.parallel and fmt.parallel
-        if either:
-            return f"root ::= calls | answer\n{fmt.wrap('call', parallel, 'calls')}\n{rules}"
-        return fmt.wrap("call", parallel) + "\n" + rules
+        call = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        check_schema(call, "tools")
+        # agents' tool schemas are rarely theirs to change: keywords the engine
+        # cannot enforce are left out of the grammar (lenient), not refused
+        rules = f"call: %json {json_schema_text(call, lenient=True)}"
+        named = self.forced and self.choice != "required"  # one call, as OpenAI and vLLM decode it
+        parallel = self.parallel and fmt.parallel and not named
+        if answer is not None and not self.forced:
+            answer_rule = f"answer: %json {json_schema_text(answer)}"
+            lark = f"start: calls | answer\n{fmt.lark('call', parallel, 'calls')}\n{answer_rule}"
+        else:
+            lark = fmt.lark("call", parallel)
+        triggers = (fmt.trigger(),) if lazy else ()
+        return GrammarSpec("lark", f"{lark}\n{rules}", "tools", triggers, fmt.markers)
 
 
 def _bad(param: str, message: str) -> InvalidRequest:

@@ -10,14 +10,20 @@ import ctypes
 import logging
 import os
 import threading
+import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llama_cpp
 import numpy as np
 import numpy.typing as npt
 
 from vergeai.errors import VergeError
+
+if TYPE_CHECKING:
+    import llguidance
+
+    from vergeai.runtime.constraint import Grammar
 
 DEFAULT_SEED = 0xFFFFFFFF
 # One llama_decode at a time per process: each context runs its own CPU
@@ -92,6 +98,8 @@ class Model:
         self.n_params: int = llama_cpp.llama_model_n_params(ptr)
         self.n_swa: int = llama_cpp.llama_model_n_swa(ptr)  # 0: no sliding window
         self._piece_buf = ctypes.create_string_buffer(256)
+        self._grammar_tokenizer: llguidance.LLTokenizer | None = None
+        self._grammar_lock = threading.Lock()
 
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(512)
@@ -173,6 +181,30 @@ class Model:
             n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
         return buf.raw[:n]
 
+    def grammar_tokenizer(self) -> llguidance.LLTokenizer:
+        """The vocabulary as llguidance reads it, made on first use (about a second for
+        262k tokens) and kept; every end-of-generation token ends a grammar."""
+        with self._grammar_lock:
+            if self._grammar_tokenizer is None:
+                from llguidance.llamacpp import lltokenizer_from_vocab
+
+                eog = [t for t in range(self.n_vocab) if self.is_eog(t)]
+                with warnings.catch_warnings():  # it calls a binding renamed since, per token
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    tokenizer = lltokenizer_from_vocab(self.vocab, eos_token=eog or None)
+                self._grammar_tokenizer = tokenizer
+            return self._grammar_tokenizer
+
+    def special_tokens(self, texts: tuple[str, ...]) -> dict[str, int]:
+        """Which of these strings the vocabulary has as one special token, and its id."""
+        tokenizer = self.grammar_tokenizer()
+        out = {}
+        for text in texts:
+            tokens = self.tokenize(text, bos=False)
+            if len(tokens) == 1 and tokenizer.is_special_token(tokens[0]):
+                out[text] = tokens[0]
+        return out
+
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
@@ -241,54 +273,16 @@ class Sampling:
     repeat_penalty: float
     repeat_last_n: int  # -1: the whole context
     logit_bias: dict[int, float]
-    grammar: str | None = None
-    triggers: tuple[str, ...] = ()  # lazy grammar: it applies from where one of these matches
-
-
-class GrammarError(VergeError):
-    pass
-
-
-def grammar_sampler(model: Model, grammar: str, triggers: tuple[str, ...] = ()) -> Any:
-    if triggers:
-        patterns = (ctypes.c_char_p * len(triggers))(*(t.encode() for t in triggers))
-        sampler = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
-            model.vocab, grammar.encode(), b"root", patterns, len(triggers), None, 0
-        )
-    else:
-        sampler = llama_cpp.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
-    if not sampler:
-        raise GrammarError("llama.cpp could not parse the grammar (GBNF with a 'root' rule)")
-    return sampler
-
-
-def json_schema_to_gbnf(schemas: dict[str, dict[str, Any]]) -> str:
-    """llama.cpp's JSON-schema-to-grammar conversion (llama-cpp-python's port of it).
-
-    One rule per name (``root`` for a grammar of its own; other names for
-    grammars that use them inside their own root), sharing their helper rules.
-    Strings are held to JSON's: the port lets raw control characters into them.
-    """
-    from llama_cpp import llama_grammar
-
-    converter: Any = llama_grammar.SchemaConverter(  # type: ignore[no-untyped-call]
-        prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False
-    )
-    for name, schema in schemas.items():
-        converter.visit(converter.resolve_refs(schema, name), "" if name == "root" else name)
-    grammar = str(converter.format_grammar())
-    return grammar.replace('char ::= [^"\\\\]', 'char ::= [^"\\\\\\x7F\\x00-\\x1F]')
-
-
-def check_grammar(model: Model, grammar: str) -> None:
-    llama_cpp.llama_sampler_free(grammar_sampler(model, grammar))
+    grammar: Grammar | None = None  # compiled for this model; each sequence starts its own
 
 
 @dataclass
 class Sampler:
     """A request's native sampler chain.
 
-    A plain greedy chain (no grammar, no penalties; a logit bias or not) is
+    A grammar is not in the chain: its mask is applied to the logits first
+    (:mod:`vergeai.runtime.constraint`). A plain greedy chain (no penalties;
+    a logit bias or not) is
     applied here as the first argmax of the biased logits, the token it would
     pick, without the chain first copying all n_vocab logits into candidates
     (0.28 ms a token with a 262k vocabulary, against 0.02-0.05 ms).
@@ -299,7 +293,7 @@ class Sampler:
 
 
 def build_sampler(model: Model, s: Sampling, n_ctx: int) -> Sampler:
-    """A native sampler chain in llama-server's order (a grammar, if any, first).
+    """A native sampler chain in llama-server's order (after the grammar's mask).
 
     On any failure the partly built chain is freed and the error raised.
     """
@@ -309,7 +303,7 @@ def build_sampler(model: Model, s: Sampling, n_ctx: int) -> Sampler:
     except BaseException:
         llama_cpp.llama_sampler_free(chain)
         raise
-    plain = s.temperature <= 0.0 and not s.grammar and not _penalised(s, n_ctx)
+    plain = s.temperature <= 0.0 and not _penalised(s, n_ctx)
     if not plain or any(not 0 <= t < model.n_vocab for t in s.logit_bias):
         return Sampler(chain)
     ids = np.array(list(s.logit_bias), dtype=np.intp)
@@ -325,8 +319,6 @@ def _penalised(s: Sampling, n_ctx: int) -> bool:
 
 def _fill_chain(chain: Any, model: Model, s: Sampling, n_ctx: int) -> None:
     add = llama_cpp.llama_sampler_chain_add
-    if s.grammar:
-        add(chain, grammar_sampler(model, s.grammar, s.triggers))
     if s.logit_bias:
         arr = (llama_cpp.llama_logit_bias * len(s.logit_bias))()
         for i, (token, bias) in enumerate(s.logit_bias.items()):

@@ -16,7 +16,6 @@ The format is read off the template, as llama.cpp's server does:
 from __future__ import annotations
 
 import json
-import re
 import secrets
 import string
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from vergeai.runtime.toolcalls import Syntax
 
 Message = dict[str, Any]
 ALPHANUMERIC = string.ascii_letters + string.digits
-WS = "vergeai-ws"  # not a name the schema converter gives its rules
+WS = "TOOL_WS"  # the whitespace terminal between markers and calls
 
 
 @dataclass(frozen=True)
@@ -43,18 +42,27 @@ class ToolFormat:
             return "".join(secrets.choice(ALPHANUMERIC) for _ in range(self.id_length))
         return "call_" + "".join(secrets.choice(ALPHANUMERIC) for _ in range(24))
 
-    def wrap(self, call_rule: str, parallel: bool, name: str = "root") -> str:
-        """The rule for the calls: one, or several where the format and request allow."""
+    @property
+    def markers(self) -> tuple[str, ...]:
+        """The markup around calls, as a grammar's ``marker_i`` rules name it (a model may
+        have each as one special token)."""
         if self.name == "llama3":
-            return f"{name} ::= {call_rule}"
+            return ()
         if self.name == "mistral":
-            more = f' (ws "," ws {call_rule})*' if parallel else ""
-            root = f'"[TOOL_CALLS]" ws "[" ws {call_rule}{more} ws "]"'
+            return ("[TOOL_CALLS]",)
+        return (self.syntax.opener, self.syntax.closer or "")
+
+    def lark(self, call_rule: str, parallel: bool, name: str = "start") -> str:
+        """The Lark rule for the calls: one, or several where the format and request allow."""
+        if self.name == "llama3":
+            return f"{name}: {call_rule}"
+        if self.name == "mistral":
+            more = f' ({WS}? "," {WS}? {call_rule})*' if parallel else ""
+            rule = f'marker_0 {WS}? "[" {WS}? {call_rule}{more} {WS}? "]"'
         else:
-            one = f'"<tool_call>" ws {call_rule} ws "</tool_call>"'
-            root = one + (f" (ws {one})*" if parallel else "")
-        root = re.sub(r"\bws\b", WS, root)
-        return f"{name} ::= {root}\n{WS} ::= [ \\t\\n]{{0,4}}"
+            one = f"marker_0 {WS}? {call_rule} {WS}? marker_1"
+            rule = one + (f" ({WS}? {one})*" if parallel else "")
+        return f"{name}: {rule}\n{WS}: /[ \\t\\n]{{1,4}}/"
 
     def trigger(self) -> str:
         """llama.cpp's lazy-grammar pattern: the grammar starts where a call starts.

@@ -27,6 +27,7 @@ from typing import Any
 
 from vergeai.errors import ContextOverflow, InvalidRequest, QueueFull, Unavailable
 from vergeai.gguf import GgufError, check_gguf
+from vergeai.runtime.constraint import Constraint, NoTokenAllowed
 from vergeai.runtime.job import (
     Delta,
     Embedded,
@@ -71,6 +72,7 @@ class Slot:
     drafted: int = 0  # the last pending tokens are a draft, this many
     keep_at: int = 0  # once this many prompt tokens are decoded, the keeper gets them
     awaiting: Awaiting | None = None  # the job starts once another slot has decoded its prefix
+    constraint: Constraint | None = None  # the request's grammar, where this sequence is in it
 
     @property
     def prompting(self) -> bool:
@@ -114,6 +116,11 @@ MAX_DRAFTING = 4  # generating sequences beyond which a step carries no drafts
 PROMPTING_DRAFT = 16  # draft tokens, all slots together, in a step that decodes a long prompt
 SLACK = 4  # cached tokens a prompt may differ in at the end and still take the slot
 KEEP_MIN = 64  # tokens two prompts must share for the keeper to hold them for later ones
+
+
+def _constraint(job: Job) -> Constraint | None:
+    grammar = job.sampling.grammar
+    return grammar.start() if grammar is not None else None
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -508,6 +515,7 @@ class Worker:
         del slot.tokens[keep:]
         if not job.embed:
             slot.sampler = build_sampler(self.model, job.sampling, self.ctx.n_ctx_seq)
+            slot.constraint = _constraint(job)
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         slot.stops = StopMatcher(job.stop)
         slot.pending = job.tokens[keep:]
@@ -524,6 +532,7 @@ class Worker:
         """Another choice of the leader's request: it waits for the leader's prompt."""
         assert self.ctx is not None and self.model is not None
         slot.sampler = build_sampler(self.model, job.sampling, self.ctx.n_ctx_seq)
+        slot.constraint = _constraint(job)
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         slot.stops = StopMatcher(job.stop)
         slot.pending = []
@@ -542,10 +551,7 @@ class Worker:
             self.ctx.copy_seq(leader.seq, slot.seq)
             slot.tokens = list(leader.tokens)
             slot.job.cache_n = leader.job.cache_n
-            try:
-                self._sample(slot, index)
-            except Exception as exc:
-                self._fail(slot, f"sampling failed: {exc}", exc)
+            self._sample_or_fail(slot, index)
 
     def _decode_step(self) -> None:
         """Decode one batch: each generating slot's next token, then prompt chunks.
@@ -643,10 +649,20 @@ class Worker:
                 except Exception as exc:
                     self._fail(slot, f"embedding failed: {exc}", exc)
             elif done:
-                try:
-                    self._sample(slot, index, drafted)
-                except Exception as exc:
-                    self._fail(slot, f"sampling failed: {exc}", exc)
+                self._sample_or_fail(slot, index, drafted)
+
+    def _sample_or_fail(self, slot: Slot, index: int, drafted: int = 0) -> None:
+        """:meth:`_sample`, failing the slot's request alone if it cannot be sampled."""
+        try:
+            self._sample(slot, index, drafted)
+        except NoTokenAllowed as exc:
+            assert slot.constraint is not None and slot.job is not None
+            log.info("assistant %s: a request ended: %s", self.name, exc)
+            error = InvalidRequest(f"'{slot.constraint.param}': {exc}", param=slot.constraint.param)
+            slot.job.emit(Failed(str(exc), error=error))
+            self._finish(slot, None)
+        except Exception as exc:
+            self._fail(slot, f"sampling failed: {exc}", exc)
 
     def _embed(self, slot: Slot) -> None:
         """Report the pooled embedding and end the job; the sequence is not kept."""
@@ -673,6 +689,8 @@ class Worker:
         job.draft_n += drafted  # counted before a token is reported: it may end the job
         for i in range(drafted + 1):
             assert slot.sampler is not None
+            if slot.constraint is not None:
+                slot.constraint.mask(self.ctx.logits(index - drafted + i))
             token = self.ctx.sample(slot.sampler, index - drafted + i)
             matched = i < drafted and token == draft[i]
             accepted += matched
@@ -722,13 +740,16 @@ class Worker:
         if self.model.is_eog(token):
             self._finish(slot, "stop")
             return
-        text = slot.stops.feed(slot.decoder.decode(self.model.piece(token)))
+        piece = self.model.piece(token)
+        if slot.constraint is not None:
+            slot.constraint.accept(token, piece.decode("utf-8", "replace"))
+        text = slot.stops.feed(slot.decoder.decode(piece))
         if distribution is not None:
             assert job.top_logprobs is not None
             job.emit(Delta(text, [entry(self.model, distribution, token, job.top_logprobs)]))
         elif text:
             job.emit(Delta(text))
-        if slot.stops.stopped:
+        if slot.stops.stopped or (slot.constraint is not None and slot.constraint.finished):
             self._finish(slot, "stop")
         elif job.n_generated >= job.max_tokens or len(slot.tokens) + 1 >= self.ctx.n_ctx_seq:
             self._finish(slot, "length")
@@ -778,6 +799,7 @@ class Worker:
         if slot.sampler is not None:
             free_sampler(slot.sampler)
         slot.sampler = None
+        slot.constraint = None
         slot.job = None
         slot.pending = []
         slot.drafted = 0
