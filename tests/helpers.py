@@ -314,6 +314,7 @@ class BackgroundStream:
 
     def __init__(self, root_url: str, token: str, model: str, max_tokens: int = 24) -> None:
         self.events: list[Any] = []
+        self.times: list[float] = []  # time.monotonic() of each event
         self.status = 0
         self.error: BaseException | None = None
         self.max_tokens = max_tokens
@@ -355,11 +356,16 @@ class BackgroundStream:
                     if line.startswith("data: "):
                         payload = line[len("data: ") :]
                         self.events.append(payload if payload == "[DONE]" else json.loads(payload))
+                        self.times.append(time.monotonic())
                         self.started.set()
         except BaseException as exc:  # reported by completed()
             self.error = exc
         finally:
             self.started.set()
+
+    def longest_gap(self) -> float:
+        """The longest wait in seconds between two of its events."""
+        return max((b - a for a, b in zip(self.times, self.times[1:], strict=False)), default=0.0)
 
     def completed(self) -> bool:
         """Ended with [DONE] after every token it asked for, and no error event."""
