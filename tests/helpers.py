@@ -152,7 +152,7 @@ def make_state(state_dir: Path, model_path: str, online: bool = True) -> tuple[s
     cli_ok(state_dir, "user", "create", "root", "--role", "admin")
     cli_ok(state_dir, "user", "create", "bob", "--assistants", "gemma")
     common = ["--model", model_path, "--chat-format", "gemma", "--threads", "2"]
-    gemma = ["--ctx", "1024", "--parallel", "2", *([] if online else ["--offline"])]
+    gemma = ["--ctx", "1024", "--parallel", "3", *([] if online else ["--offline"])]
     cli_ok(state_dir, "assistant", "create", "gemma", *common, *gemma)
     cli_ok(state_dir, "assistant", "create", "other", *common, "--ctx", "512", "--offline")
     admin = cli_ok(state_dir, "key", "create", "--user", "root", "--name", "admin").strip()

@@ -63,6 +63,23 @@ def test_requests_per_minute_is_a_sliding_window(limits: Limits, clock: Clock) -
     assert limits.refused["requests"] == 2
 
 
+def test_n_answers_count_as_n_requests_in_flight(limits: Limits) -> None:
+    who = caller(key={"max_concurrent": 3})
+    two = limits.admit(who, 1, places=2)
+    with pytest.raises(RateLimited) as info:
+        limits.admit(who, 1, places=2)
+    assert "counts as 2" in info.value.message and info.value.headers["Retry-After"] == "1"
+    one = limits.admit(who, 1)
+    two.release()
+    two.release()  # twice is once: both places, not four
+    assert limits.usage[("key", "u", "k")].in_flight == 1
+    one.release()
+    with pytest.raises(RateLimited) as never:  # more than the limit at once: waiting won't help
+        limits.admit(who, 1, places=4)
+    assert "ask for fewer" in never.value.message
+    assert never.value.headers["x-should-retry"] == "false"
+
+
 def test_the_user_limit_binds_every_key_of_the_user(limits: Limits) -> None:
     first = caller(user={"rpm": 2})
     second = Caller(user=first.user, key=ApiKey(name="k2", user="u", hash="1" * 64, prefix="x"))

@@ -12,6 +12,8 @@ of the accepted ones, is tested in test_api_fast.py.
 from __future__ import annotations
 
 import math
+import threading
+import time
 from typing import Any
 
 import httpx
@@ -23,7 +25,6 @@ from helpers import (
     REFUSED,
     BackgroundStream,
     Deployment,
-    error_of,
     readme_fields,
     sse_events,
 )
@@ -376,8 +377,21 @@ def test_a_choice_that_ends_first_says_so_first(deployment: Deployment) -> None:
     assert ends[0] < last_long, "the short choice's end is sent as it happens"
 
 
-def test_more_choices_than_slots_is_400(deployment: Deployment) -> None:
-    response = post(deployment, {"model": "gemma", "messages": HELLO, "n": 3})
-    assert response.status_code == 400
-    err = error_of(response)
-    assert err["param"] == "n" and "2" in err["message"]
+def test_choices_beyond_a_requests_share_of_slots_run_in_turns(deployment: Deployment) -> None:
+    """3 slots: one request holds 2 at most (5 choices run 2, 2, then 1), so another
+    caller's stream, sent after it, starts while it is still answering."""
+    body = {"model": "gemma", "messages": HELLO, "max_tokens": 24, "logit_bias": NO_EOS,
+            "n": 5, "temperature": 1.0, "seed": 3}  # fmt: skip
+    replies: list[httpx.Response] = []
+    many = threading.Thread(target=lambda: replies.append(post(deployment, body)))
+    many.start()
+    time.sleep(0.3)
+    with BackgroundStream(deployment.server.root_url, deployment.user_token, "gemma", 4) as other:
+        assert many.is_alive(), "the other stream waited for every choice"
+    many.join()
+    assert other.completed()
+    reply = replies[0].json()
+    assert [c["index"] for c in reply["choices"]] == [0, 1, 2, 3, 4]
+    assert reply["usage"]["completion_tokens"] == 5 * 24
+    alone = post(deployment, {**body, "n": 1}).json()
+    assert reply["usage"]["prompt_tokens"] == alone["usage"]["prompt_tokens"]

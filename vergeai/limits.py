@@ -138,27 +138,28 @@ class Limits:
             out.append((who, limited, usage))
         return out
 
-    def check(self, caller: Caller, prompt_tokens: int = 0) -> list[Usage]:
+    def check(self, caller: Caller, prompt_tokens: int = 0, places: int = 1) -> list[Usage]:
         """Raise the 429 to answer if the caller may not start a request of that prompt now;
-        else the key's and the user's usage."""
+        else the key's and the user's usage. ``places``: what the request counts as against
+        max_concurrent (n choices count as n requests)."""
         subjects = self._subjects(caller)
         for who, limited, usage in subjects:
-            refusal = self._refusal(who, limited, usage, prompt_tokens)
+            refusal = self._refusal(who, limited, usage, prompt_tokens, places)
             if refusal is not None:
                 reason, error = refusal
                 self.refused[reason] += 1
                 raise error
         return [usage for _, _, usage in subjects]
 
-    def admit(self, caller: Caller, prompt_tokens: int) -> Ticket:
+    def admit(self, caller: Caller, prompt_tokens: int, places: int = 1) -> Ticket:
         """Check, then count the request and its prompt: one step, nothing awaited."""
-        usages = self.check(caller, prompt_tokens)
+        usages = self.check(caller, prompt_tokens, places)
         t, today = self.clock(), self.calendar().date().isoformat()
         for usage in usages:
-            usage.in_flight += 1
+            usage.in_flight += places
             usage.requests.append(t)
             usage.add(prompt_tokens, t, today)
-        return Ticket(self, usages, prompt_tokens)
+        return Ticket(self, usages, prompt_tokens, places)
 
     def charge(self, usages: list[Usage], tokens: int) -> None:
         t, today = self.clock(), self.calendar().date().isoformat()
@@ -166,7 +167,7 @@ class Limits:
             usage.add(tokens, t, today)
 
     def _refusal(
-        self, who: str, limited: Limited, usage: Usage, prompt: int
+        self, who: str, limited: Limited, usage: Usage, prompt: int, places: int
     ) -> tuple[str, VergeError] | None:
         t = self.clock()
         now = self.calendar()
@@ -183,10 +184,17 @@ class Limits:
                     + f"; it renews at {renews:%Y-%m-%d %H:%M} UTC",
                     retry_after=math.ceil(wait),
                 )
-        if limited.max_concurrent is not None and usage.in_flight >= limited.max_concurrent:
+        if limited.max_concurrent is not None and places > limited.max_concurrent:
             return "concurrency", RateLimited(
-                f"{who} has {usage.in_flight} requests in flight, its limit; "
-                "try again when one has finished",
+                f"{who} may have {limited.max_concurrent} requests in flight, and this one "
+                f"asks for {places} answers at once, which count as {places}; ask for fewer",
+                retry_after=None,
+            )
+        if limited.max_concurrent is not None and usage.in_flight + places > limited.max_concurrent:
+            return "concurrency", RateLimited(
+                f"{who} has {usage.in_flight} requests in flight, its limit"
+                + (f" for this one, which counts as {places}" if places > 1 else "")
+                + "; try again when one has finished",
                 retry_after=1.0,
             )
         if limited.rpm is not None and len(usage.requests) >= limited.rpm:
@@ -259,10 +267,13 @@ def _next_month(now: datetime) -> datetime:
 class Ticket:
     """An admitted request's place: its completion tokens are counted as they come."""
 
-    def __init__(self, limits: Limits, usages: list[Usage], prompt_tokens: int) -> None:
+    def __init__(
+        self, limits: Limits, usages: list[Usage], prompt_tokens: int, places: int = 1
+    ) -> None:
         self.limits = limits
         self.usages = usages
         self.prompt_tokens = prompt_tokens
+        self.places = places
         self.completion_tokens = 0
         self.released = False
 
@@ -285,7 +296,7 @@ class Ticket:
         if not self.released:
             self.released = True
             for usage in self.usages:
-                usage.in_flight -= 1
+                usage.in_flight -= self.places
 
 
 @dataclass
@@ -296,9 +307,9 @@ class Gate:
     caller: Caller
     ticket: Ticket | None = None
 
-    def check(self, prompt_tokens: int = 0) -> None:
-        self.limits.check(self.caller, prompt_tokens)
+    def check(self, prompt_tokens: int = 0, places: int = 1) -> None:
+        self.limits.check(self.caller, prompt_tokens, places)
 
-    def admit(self, prompt_tokens: int) -> Ticket:
-        self.ticket = self.limits.admit(self.caller, prompt_tokens)
+    def admit(self, prompt_tokens: int, places: int = 1) -> Ticket:
+        self.ticket = self.limits.admit(self.caller, prompt_tokens, places)
         return self.ticket

@@ -24,7 +24,13 @@ from vergeai.api.chat import account, read_whole
 from vergeai.api.conversation import prepare
 from vergeai.api.fields import bad
 from vergeai.api.generation import Choice, Done, Generation, Piece
-from vergeai.api.http import EventStream, authenticated, gate, read_json
+from vergeai.api.http import (
+    EventStream,
+    authenticated,
+    gate,
+    read_json,
+    unless_disconnected,
+)
 from vergeai.api.schemas import ChatRequest, parse_chat_request
 from vergeai.auth import check_assistant
 from vergeai.errors import InvalidRequest, VergeError
@@ -310,7 +316,9 @@ class Blocks:
 
 async def stream_reply(request: Request, gen: Generation, reply: MessageReply) -> Response:
     """Anthropic's event sequence; an error after the start is an ``error`` event."""
-    events = await gen.started()
+    events = await unless_disconnected(request, gen.started())
+    if events is None:  # it left before the first token: its place is free at once
+        return Response(status_code=499)
 
     async def body() -> AsyncIterator[bytes]:
         async with gen:

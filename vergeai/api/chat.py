@@ -88,7 +88,9 @@ async def stream_reply(
     The event stream's own disconnect watcher cancels the body, and leaving
     ``async with gen`` (or the stream's close) stops the job.
     """
-    events = await gen.started()
+    events = await unless_disconnected(request, gen.started())
+    if events is None:  # it left before the first token: its place is free at once
+        return Response(status_code=499)
 
     async def body() -> AsyncIterator[bytes]:
         async with gen:

@@ -34,7 +34,14 @@ from vergeai.api.fields import (
     sampled,
 )
 from vergeai.api.generation import Answer, Done, Generation, Piece
-from vergeai.api.http import EventStream, authenticated, gate, read_json, sse
+from vergeai.api.http import (
+    EventStream,
+    authenticated,
+    gate,
+    read_json,
+    sse,
+    unless_disconnected,
+)
 from vergeai.auth import check_assistant
 from vergeai.errors import InvalidRequest, VergeError, error_body
 from vergeai.runtime.worker import Worker
@@ -227,7 +234,9 @@ async def stream_reply(
     request: Request, gen: Generation, reply: CompletionReply, include_usage: bool
 ) -> Response:
     """As chat streams: errors before the first token are plain HTTP errors."""
-    events = await gen.started()
+    events = await unless_disconnected(request, gen.started())
+    if events is None:  # it left before the first token: its place is free at once
+        return Response(status_code=499)
 
     async def body() -> AsyncIterator[bytes]:
         async with gen:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -212,6 +213,32 @@ class Memory:
         }
 
 
+@dataclass
+class Rollout:
+    """A request's choices, in groups that hold at most ``room`` slots together.
+
+    A group is a leader and the followers that share its prompt. So that one
+    request (n choices, or many prompts) never holds every slot while other
+    requests wait, its further groups are submitted as its own choices end.
+    """
+
+    worker: Worker
+    groups: deque[Job]  # leaders not submitted yet, in order
+    room: int  # slots this request may still take
+
+    def submit(self) -> None:
+        """Submit the groups that fit now (the first one always does)."""
+        while self.groups and self.groups[0].slots_needed <= self.room:
+            leader = self.groups.popleft()
+            self.worker.submit(leader)
+            self.room -= leader.slots_needed
+
+    def ended(self) -> None:
+        """A choice ended: its slot is this request's to give to its next group."""
+        self.room += 1
+        self.submit()
+
+
 class Generation:
     def __init__(
         self,
@@ -221,14 +248,18 @@ class Generation:
         memory: Memory | None,
         ticket: Ticket,
         legacy_calls: bool = False,
+        rollout: Rollout | None = None,
+        heads: tuple[int, ...] = (0,),
     ) -> None:
         self.assistant = assistant
         self.legacy_calls = legacy_calls  # calls are reported as function_call
         self.answers = answers  # one per choice: n per prompt
-        self.jobs = jobs  # one per prompt, each leading its prompt's other choices
+        self.jobs = jobs  # the leaders, each with the followers that share its prompt
+        self.heads = heads  # each prompt's first choice: its prompt tokens are the request's
         self.queue = jobs[0].queue  # every choice's events
         self.memory = memory
         self.ticket = ticket  # the caller's place under its limits
+        self.rollout = rollout  # the groups still to submit, if any
         self._every_job = [job for leader in jobs for job in (leader, *leader.followers)]
         self._closed = False
 
@@ -271,6 +302,8 @@ class Generation:
                 piece = answer.flush(index)
                 finished[index] = event
                 self.ticket.settle_prompt(event.prompt_tokens)
+                if self.rollout is not None:
+                    self.rollout.ended()
                 if len(finished) < len(self.answers):  # the last one's comes with Done
                     reason = self._finish_reason(event.finish_reason, answer)
                     piece = replace(piece, finish_reason=reason)
@@ -291,7 +324,6 @@ class Generation:
             for i, answer in enumerate(self.answers)
         ]
         first = finished[0]
-        leaders = [job.choice for job in self.jobs]
         session = None
         if self.memory is not None:
             session = await self.memory.remember(
@@ -299,7 +331,7 @@ class Generation:
             )
         yield Done(
             choices=choices,
-            prompt_tokens=sum(finished[i].prompt_tokens for i in leaders),
+            prompt_tokens=sum(finished[i].prompt_tokens for i in self.heads),
             completion_tokens=sum(f.completion_tokens for f in finished.values()),
             timings=first.timings,
             ttft=self.jobs[0].t_first - self.jobs[0].t_created,
@@ -531,15 +563,20 @@ def launch(
 ) -> Generation:
     """Submit n choices of each prompt (choice p*n + j is prompt p's j-th); its Generation.
 
-    The caller's limits are checked with the prompts' tokens first and the
+    Choices are submitted in groups of at most the worker's share of slots,
+    each group's choices sharing one evaluation of its prompt (see
+    :class:`Rollout`); every choice counts against max_concurrent. The
+    caller's limits are checked with the prompts' tokens first and the
     request admitted once submitted, with nothing awaited in between. On any
     failure to submit, what was submitted is cancelled (the lease, if any, is
     the caller's to release).
     """
     prompt_tokens = sum(len(tokens) for tokens in prompts)
-    gate.check(prompt_tokens)
+    places = len(prompts) * req.n  # every answer counts against max_concurrent
+    gate.check(prompt_tokens, places)
     queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
     loop = asyncio.get_running_loop()
+    share = worker.share
     leaders = []
     for p, tokens in enumerate(prompts):
         jobs = [
@@ -555,15 +592,19 @@ def launch(
             )
             for j in range(req.n)
         ]
-        jobs[0].followers = jobs[1:]
-        leaders.append(jobs[0])
-    answers = [answer() for _ in range(len(prompts) * req.n)]
+        for g in range(0, req.n, share):
+            jobs[g].followers = jobs[g + 1 : g + share]
+            leaders.append(jobs[g])
+    answers = [answer() for _ in range(places)]
+    rollout = Rollout(worker, deque(leaders), share)
     try:
-        for leader in leaders:
-            worker.submit(leader)
-        ticket = gate.admit(prompt_tokens)
+        rollout.submit()
+        ticket = gate.admit(prompt_tokens, places)
     except BaseException:
         for leader in leaders:
             leader.cancel()
         raise
-    return Generation(worker.assistant, answers, leaders, memory, ticket, legacy_calls)
+    heads = tuple(p * req.n for p in range(len(prompts)))
+    return Generation(
+        worker.assistant, answers, leaders, memory, ticket, legacy_calls, rollout, heads
+    )

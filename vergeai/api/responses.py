@@ -24,7 +24,13 @@ from vergeai.api import generation
 from vergeai.api.chat import account, read_whole
 from vergeai.api.fields import bad
 from vergeai.api.generation import Choice, Done, Generation, Piece
-from vergeai.api.http import EventStream, authenticated, gate, read_json
+from vergeai.api.http import (
+    EventStream,
+    authenticated,
+    gate,
+    read_json,
+    unless_disconnected,
+)
 from vergeai.api.schemas import parse_chat_request
 from vergeai.auth import Caller, check_assistant
 from vergeai.errors import InvalidRequest, NotFound, Unsupported, VergeError, error_body
@@ -392,7 +398,9 @@ async def stream_reply(
     keep: Callable[[Done], Awaitable[None]],
 ) -> Response:
     """The Responses event sequence; an error after the start is an ``error`` event."""
-    events = await gen.started()
+    events = await unless_disconnected(request, gen.started())
+    if events is None:  # it left before the first token: its place is free at once
+        return Response(status_code=499)
 
     async def body() -> AsyncIterator[bytes]:
         async with gen:

@@ -192,6 +192,12 @@ class Worker:
         return sum(1 for s in self.slots if s.job is not None)
 
     @property
+    def share(self) -> int:
+        """The most slots one request may hold at once: all but one, so that it never
+        holds every slot while another request waits (all of them with one slot)."""
+        return max(1, len(self.slots) - 1)
+
+    @property
     def queued(self) -> int:
         return len(self.waiting)
 
@@ -260,13 +266,9 @@ class Worker:
         with self.cond:
             if self.stopping or self.status != WorkerState.ONLINE:
                 raise Unavailable(f"assistant {self.name!r} is going offline", retry_after=5)
-            if job.slots_needed > len(self.slots):
-                raise InvalidRequest(
-                    f"'n': {job.slots_needed} choices need as many slots; assistant "
-                    f"{self.name!r} has {len(self.slots)}",
-                    param="n",
-                )
             free = sum(1 for s in self.slots if s.job is None)
+            if any(j.cancelled.is_set() for j in self.waiting):  # their clients left
+                self.waiting = deque(j for j in self.waiting if not j.cancelled.is_set())
             if len(self.waiting) >= self.assistant.max_queue + free:
                 raise QueueFull(
                     f"assistant {self.name!r} has {len(self.waiting)} requests waiting; "
