@@ -14,7 +14,17 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from helpers import HELLO, NO_EOS, Server, cli_ok, error_of, eventually, free_port, run_cli
+from helpers import (
+    HELLO,
+    NO_EOS,
+    BackgroundStream,
+    Server,
+    cli_ok,
+    error_of,
+    eventually,
+    free_port,
+    run_cli,
+)
 
 RATE_HEADERS = {
     "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
@@ -61,6 +71,8 @@ def env(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator[E
         "a": ("team", []),
         "b": ("team", []),
         "free": ("other", []),
+        "counting": ("other", ["--rpm", "2"]),
+        "single": ("other", ["--max-concurrent", "1"]),
     }
     tokens = {
         name: cli_ok(state, "key", "create", "--user", user, "--name", name, *opts).strip()
@@ -253,6 +265,41 @@ def test_tokens_per_minute(env: Env) -> None:
     assert "tokens per minute" in error["message"] and "key 'tok'" in error["message"]
     assert 1 <= int(after.headers["retry-after"]) <= 61
     assert after.headers["x-ratelimit-remaining-tokens"] == "0"
+
+
+def test_counting_tokens_counts_against_requests_per_minute(env: Env) -> None:
+    count = {"model": "gemma", "messages": [{"role": "user", "content": "word " * 2000}]}
+    first, second, third = (env.post("counting", "/v1/messages/count_tokens", count)
+                            for _ in range(3))  # fmt: skip
+    assert first.status_code == second.status_code == 200, first.text
+    assert first.json()["input_tokens"] > 2000
+    assert third.status_code == 429 and third.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_a_queued_stream_whose_client_left_frees_its_place_at_once(env: Env) -> None:
+    """Every slot busy: a max_concurrent 1 key's stream waits; its client gives up; the
+    key's next request is admitted at once, not when a slot would have freed."""
+    busy = [BackgroundStream(env.server.root_url, env.tokens["free"], "gemma", 150)
+            for _ in range(4)]  # fmt: skip
+    for stream in busy:
+        stream.start()
+    body = {**CHAT, "stream": True}
+    waiting = httpx.Timeout(60, read=0.5)  # no first token comes while the slots are busy
+    with env.server.http(env.tokens["single"]) as http, pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/chat/completions", json=body, timeout=waiting)
+
+    def admitted() -> bool:
+        with env.server.http(env.tokens["single"]) as http:
+            try:
+                response = http.post("/v1/chat/completions", json=body, timeout=waiting)
+            except httpx.ReadTimeout:
+                return True  # admitted, waiting for a slot in its turn
+            return response.status_code != 429
+
+    eventually(admitted, timeout=3, what="the key's place freed")
+    assert any(s.thread.is_alive() for s in busy), "the slots freed first: this proved nothing"
+    for stream in busy:
+        assert stream.completed()
 
 
 def test_a_users_limit_binds_all_its_keys(env: Env) -> None:

@@ -208,13 +208,19 @@ async def count_tokens(request: Request) -> Response:
         caller = authenticated(request, _api_key(request))
         req = to_chat(await read_json(request), count_only=True)
         check_assistant(caller, req.model, service.state)
+        passage = gate(request, caller)
         worker = generation.local_worker(service, req.model, "counting tokens")
         thinking = generation.thinking_for(req, worker.assistant)
         tools = req.tools.tools if req.tools else None
-        prepared = await asyncio.to_thread(
-            prepare, worker, worker.assistant.system_prompt, [], req.messages, thinking, 1,
-            False, tools,
-        )  # fmt: skip
+        # counting is work: it counts against requests per minute and in flight, not tokens
+        ticket = passage.admit(0)
+        try:
+            prepared = await asyncio.to_thread(
+                prepare, worker, worker.assistant.system_prompt, [], req.messages, thinking, 1,
+                False, tools,
+            )  # fmt: skip
+        finally:
+            ticket.release()
         return JSONResponse({"input_tokens": len(prepared.rendered.tokens)})
     except VergeError as err:
         return anthropic_error(err)
