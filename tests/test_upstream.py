@@ -35,6 +35,7 @@ from helpers import (
     eventually,
     free_port,
     run_cli,
+    sse_events,
 )
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
@@ -42,6 +43,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
+
+from vergeai.upstream.stream import CHARS_PER_TOKEN
 
 UPSTREAM_KEY = "sk-upstream-3f9a1c77e0b24d5e"  # what the upstreams accept; never in vergeai's files
 LLAMA_KEY = "sk-llama-8d02b6f1c9a34e70"
@@ -176,6 +179,25 @@ class LlamaServer:
             self.proc.wait()
 
 
+class Flood(Recorder):
+    """An upstream that ignores max_tokens: 1,000,000 characters in 100 pieces, healthy."""
+
+    async def _chat(self, request: Request) -> Response:
+        self.bodies.append(await request.json())
+
+        async def pieces() -> AsyncIterator[bytes]:
+            for _ in range(100):
+                chunk = {"choices": [{"index": 0, "delta": {"content": "x" * 10_000}}]}
+                yield f"data: {json.dumps(chunk)}\n\n".encode()
+            end = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+            yield f"data: {json.dumps(end)}\n\ndata: [DONE]\n\n".encode()
+
+        return StreamingResponse(pieces(), media_type="text/event-stream")
+
+    async def _health(self, request: Request) -> Response:
+        return Response('{"status": "ok"}', media_type="application/json")
+
+
 @dataclass
 class Env:
     front: Server
@@ -187,6 +209,7 @@ class Env:
     pirate: Recorder  # in front of the upstream, for the pirate assistant
     pair: tuple[Recorder, Recorder]  # both in front of the upstream, for affinity
     llama: LlamaServer | None
+    flood: Flood
 
     def client(self, **kwargs: Any) -> openai.OpenAI:
         return self.front.client(self.token, **kwargs)
@@ -225,6 +248,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator[E
         llama = LlamaServer(model_path, free_port(), root / "llama-server.log").start()
     pirate = Recorder(upstream.root_url).start()
     pair = (Recorder(upstream.root_url).start(), Recorder(upstream.root_url).start())
+    flood = Flood(upstream.root_url).start()
     state = root / "front"
     remote = ["--upstream-model", "gemma", "--upstream-key-env", "UPSTREAM_KEY"]
     cli_ok(state, "assistant", "create", "pirate", "--upstream", pirate.url, *remote,
@@ -232,6 +256,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator[E
     cli_ok(state, "assistant", "create", "pair", "--upstream", pair[0].url,
            "--upstream", pair[1].url, *remote, "--chat-history")  # fmt: skip
     cli_ok(state, "assistant", "create", "direct", "--upstream", upstream.base_url, *remote)
+    cli_ok(state, "assistant", "create", "flood", "--upstream", flood.url, *remote)
     cli_ok(state, "assistant", "create", "failover", "--upstream", victim.base_url,
            "--upstream", upstream.root_url, *remote, "--health-interval", "0.5")  # fmt: skip
     cli_ok(state, "assistant", "create", "badkey", "--upstream", upstream.base_url,
@@ -256,7 +281,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator[E
         env={"UPSTREAM_KEY": UPSTREAM_KEY, "LLAMA_KEY": LLAMA_KEY, "WRONG_KEY": "sk-wrong"},
     )
     front.start(timeout=60)
-    env = Env(front, state, token, metered, upstream, victim, pirate, pair, llama)
+    env = Env(front, state, token, metered, upstream, victim, pirate, pair, llama, flood)
     try:
         eventually(
             lambda: all(w["state"] == "online" for w in env.workers().values() if w["assistant"]),
@@ -266,7 +291,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator[E
         yield env
     finally:
         front.stop()
-        for recorder in (pirate, *pair):
+        for recorder in (pirate, *pair, flood):
             recorder.stop()
         for server in (upstream, victim):
             server.stop()
@@ -462,6 +487,20 @@ def test_limits_and_the_usage_record_apply_to_a_remote_assistant(env: Env) -> No
     rows = [usage()]
     assert rows[0]["requests"] == 3 and rows[0]["completion_tokens"] == 16
     assert rows[0]["prompt_tokens"] == sum(a.parse().usage.prompt_tokens for a in answers)  # type: ignore[union-attr]
+
+
+def test_an_upstream_ignoring_max_tokens_is_held_to_it(env: Env) -> None:
+    with env.http() as http:
+        whole = http.post("/v1/chat/completions", json={**CHAT, "model": "flood"}).json()
+        streamed = sse_events(
+            http.post("/v1/chat/completions", json={**CHAT, "model": "flood", "stream": True})
+        )
+    choice = whole["choices"][0]
+    assert choice["finish_reason"] == "length", choice["finish_reason"]
+    assert 0 < len(choice["message"]["content"]) <= 8 * CHARS_PER_TOKEN
+    text = "".join(c["delta"].get("content") or "" for e in streamed[:-1] for c in e["choices"])
+    assert 0 < len(text) <= 8 * CHARS_PER_TOKEN
+    assert [c["finish_reason"] for e in streamed[:-1] for c in e["choices"]][-1] == "length"
 
 
 @needs_llama_server

@@ -23,7 +23,14 @@ from vergeai.runtime.llama import Sampling
 from vergeai.state.records import Assistant
 from vergeai.upstream.replicas import MAX_BACKOFF, Remote, ReplicaState, base_of
 from vergeai.upstream.secrets import upstream_key
-from vergeai.upstream.stream import Failure, Progress, RemoteJob, _message, _read
+from vergeai.upstream.stream import (
+    CHARS_PER_TOKEN,
+    Failure,
+    Progress,
+    RemoteJob,
+    _message,
+    _read,
+)
 
 
 def remote(*urls: str) -> Remote:
@@ -85,9 +92,14 @@ def test_states_for_the_pool_and_health() -> None:
     assert r.status == "loading"  # b not checked yet
     r.replicas[1].down("refused")
     assert r.status == "error" and r.error == "none of its 2 upstream servers is healthy"
+    with pytest.raises(Unavailable):  # routing agrees: none may be tried
+        r.pick(None, [])
     r.replicas[1].healthy()
     assert r.status == "online"
-    assert r.replicas[0].state == ReplicaState.EJECTED
+    assert r.replicas[0].state == ReplicaState.DOWN
+    assert r.pick(None, []) is r.replicas[1]
+    with pytest.raises(Unavailable):  # the one that is down is no retry either
+        r.pick(None, [r.replicas[1]])
 
 
 def job(n: int = 1, hold: bool = False) -> RemoteJob:
@@ -148,6 +160,21 @@ def test_a_whole_answer_is_held_back_until_complete_so_it_can_be_retried() -> No
     _read(j, chunk(content="lo"), progress)
     assert events(j) == [] and not progress.passed  # nothing reached the client
     assert [d.text for _, d in progress.held] == ["Hel", "lo"]
+
+
+def test_an_upstream_is_held_to_max_tokens_however_it_sends() -> None:
+    """max_tokens 8: at most 8 pieces, and 8 x CHARS_PER_TOKEN characters, per choice."""
+    j = job(n=2)
+    progress = Progress(2)
+    _read(j, chunk(index=0, content="x" * 1_000_000), progress)  # one huge piece
+    for _ in range(9):  # a piece past max_tokens
+        _read(j, chunk(index=1, content="y"), progress)
+    _read(j, chunk(index=0, content="more"), progress)  # after its end: dropped
+    texts = {0: "", 1: ""}
+    for index, event in events(j):
+        texts[index] += event.text
+    assert texts == {0: "x" * 8 * CHARS_PER_TOKEN, 1: "y" * 8}
+    assert progress.finish == {0: "length", 1: "length"} and progress.cut and progress.complete
 
 
 def test_a_choice_not_asked_for_is_a_failure() -> None:

@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from vergeai.errors import ContextOverflow, InvalidRequest, QueueFull, Unavailable
 from vergeai.gguf import GgufError, check_gguf
 from vergeai.runtime.constraint import Constraint, NoTokenAllowed
@@ -691,13 +694,18 @@ class Worker:
         job.draft_n += drafted  # counted before a token is reported: it may end the job
         for i in range(drafted + 1):
             assert slot.sampler is not None
+            at = index - drafted + i
+            # logprobs are the model's own, from the logits before the grammar's mask
+            distribution = (
+                log_softmax(self.ctx.logits(at)) if job.top_logprobs is not None else None
+            )
             if slot.constraint is not None:
-                slot.constraint.mask(self.ctx.logits(index - drafted + i))
-            token = self.ctx.sample(slot.sampler, index - drafted + i)
+                slot.constraint.mask(self.ctx.logits(at))
+            token = self.ctx.sample(slot.sampler, at)
             matched = i < drafted and token == draft[i]
             accepted += matched
             job.draft_accepted += matched
-            self._report(slot, index - drafted + i, token)
+            self._report(slot, token, distribution)
             if not matched or slot.job is not job:
                 break
         if accepted < drafted:  # the rest of the draft was decoded for nothing
@@ -727,15 +735,12 @@ class Worker:
             s is not slot and s.job is not None and s.job.n_generated > 0 for s in self.slots
         )
 
-    def _report(self, slot: Slot, index: int, token: int) -> None:
-        """Report a token sampled at batch output ``index`` (the slot's job is over if it
-        ended it)."""
+    def _report(self, slot: Slot, token: int, distribution: npt.NDArray[np.float64] | None) -> None:
+        """Report a sampled token, with the log-probabilities it was drawn from if asked
+        (the slot's job is over if it ended it)."""
         assert self.ctx is not None and self.model is not None
         job = slot.job
         assert job is not None and slot.stops is not None
-        distribution = None
-        if job.top_logprobs is not None:
-            distribution = log_softmax(self.ctx.logits(index))
         if job.n_generated == 0:
             job.t_first = time.perf_counter()
         job.n_generated += 1

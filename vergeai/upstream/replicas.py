@@ -38,7 +38,8 @@ MAX_SESSIONS = 10_000  # remembered session → replica pairs
 
 class ReplicaState(StrEnum):
     HEALTHY = "healthy"
-    EJECTED = "ejected"  # failed; not used until its backoff has passed
+    EJECTED = "ejected"  # failed a request; not used until its backoff has passed
+    DOWN = "down"  # failed its health check; not used until one passes
     PROBING = "probing"  # not known to be healthy yet: checked at the next chance
 
 
@@ -89,13 +90,15 @@ class Replica:
         return backoff
 
     def down(self, error: str) -> None:
-        """Failed a health check: out until one passes."""
+        """Failed a health check: out until one passes (as /health says)."""
         self.failures += 1
         self.last_error = error
         self.checked = True
-        self.state = ReplicaState.EJECTED
+        self.state = ReplicaState.DOWN
 
     def usable(self, now: float) -> bool:
+        if self.state == ReplicaState.DOWN:
+            return False
         return self.state != ReplicaState.EJECTED or now >= self.ejected_until
 
     def stats(self) -> dict[str, Any]:
@@ -277,7 +280,7 @@ class Remote:
                 raise ProbeFailed(f"health check answered HTTP {response.status_code}")
         except (httpx.HTTPError, ProbeFailed) as exc:
             error = describe(exc)
-            if replica.state != ReplicaState.EJECTED or replica.last_error != error:
+            if replica.state != ReplicaState.DOWN or replica.last_error != error:
                 log.warning("assistant %s: upstream %s fails its health check: %s",
                             self.name, replica.url, error)  # fmt: skip
             replica.down(error)

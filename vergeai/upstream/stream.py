@@ -13,7 +13,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,10 @@ log = logging.getLogger("vergeai.upstream")
 
 MAX_ERROR_BODY = 64 * 1024
 MAX_EVENT = 16 * 1024 * 1024
+# An answer is held to the request's max_tokens whatever the upstream sends: at most
+# that many pieces (an upstream streams about a token a piece), and that many times
+# this many characters, for an upstream that sends its text in a few large pieces.
+CHARS_PER_TOKEN = 32
 ATTEMPTS = 2  # the first replica, then one other
 
 
@@ -111,11 +116,19 @@ class Progress:
     usage: dict[str, Any] | None = None
     timings: dict[str, Any] | None = None
     chunks: int = 0  # pieces read: the completion tokens if the upstream gives no usage
+    pieces: dict[int, int] = field(default_factory=dict)  # per choice
+    chars: dict[int, int] = field(default_factory=dict)  # per choice
+    cut: bool = False  # a choice ran past max_tokens and was ended here
 
     @property
     def passed(self) -> bool:
         """Something went to the client: no retry any more."""
         return self.chunks > len(self.held)
+
+    @property
+    def complete(self) -> bool:
+        """Every choice has ended: nothing more is read."""
+        return len(self.finish) >= self.n
 
 
 async def _attempts(job: RemoteJob, remote: Remote) -> None:
@@ -151,10 +164,16 @@ async def _attempts(job: RemoteJob, remote: Remote) -> None:
 
 async def _attempt(job: RemoteJob, remote: Remote, replica: Replica, progress: Progress) -> None:
     job.t_start = time.perf_counter()
-    async for chunk in _chunks(remote, replica, job.body):
-        if not progress.chunks:
-            replica.last_latency = time.perf_counter() - job.t_start
-        _read(job, chunk, progress)
+    async with aclosing(_chunks(remote, replica, job.body)) as chunks:
+        async for chunk in chunks:
+            if not progress.chunks:
+                replica.last_latency = time.perf_counter() - job.t_start
+            _read(job, chunk, progress)
+            if progress.cut and progress.complete:
+                break  # an upstream past max_tokens: its request is closed
+    if progress.cut:
+        log.warning("assistant %s: upstream %s sent more than max_tokens %d; the answer was cut",
+                    remote.name, replica.url, job.max_tokens)  # fmt: skip
     if len(progress.finish) < progress.n:
         raise Failure("the answer ended without a finish reason")
     replica.healthy()
@@ -190,10 +209,13 @@ def _read(job: RemoteJob, chunk: dict[str, Any], progress: Progress) -> None:
         index = choice.get("index", 0)
         if not isinstance(index, int) or not 0 <= index < progress.n:
             raise Failure(f"an answer for choice {index!r}, not asked for", eject=False)
+        if index in progress.finish:
+            continue  # ended: by its finish reason, or here at max_tokens
         delta = choice.get("delta") or {}
         text = _text(delta.get("content"))
         reasoning = _text(delta.get("reasoning_content")) or _text(delta.get("reasoning"))
         calls = _calls(delta.get("tool_calls"))
+        text, reasoning, calls = _within(job, progress, index, text, reasoning, calls)
         logprobs = (choice.get("logprobs") or {}).get("content") or None
         if text or reasoning or calls or logprobs:
             if not progress.chunks:
@@ -208,6 +230,34 @@ def _read(job: RemoteJob, chunk: dict[str, Any], progress: Progress) -> None:
         reason = choice.get("finish_reason")
         if reason:
             progress.finish[index] = "length" if reason == "length" else "stop"
+
+
+def _within(
+    job: Job,
+    progress: Progress,
+    index: int,
+    text: str,
+    reasoning: str,
+    calls: tuple[CallDelta, ...],
+) -> tuple[str, str, tuple[CallDelta, ...]]:
+    """A choice's new output, cut where it passes max_tokens (the choice then ends)."""
+    if not (text or reasoning or calls):
+        return text, reasoning, calls
+    pieces = progress.pieces[index] = progress.pieces.get(index, 0) + 1
+    room = job.max_tokens * CHARS_PER_TOKEN - progress.chars.get(index, 0)
+    size = len(text) + len(reasoning) + sum(len(c.arguments) for c in calls)
+    progress.chars[index] = progress.chars.get(index, 0) + size
+    if pieces > job.max_tokens:
+        text, reasoning, calls = "", "", ()
+    elif size > room:
+        reasoning = reasoning[:room]
+        text = text[: room - len(reasoning)]
+        calls = ()
+    else:
+        return text, reasoning, calls
+    progress.finish[index] = "length"
+    progress.cut = True
+    return text, reasoning, calls
 
 
 def _text(value: Any) -> str:
@@ -261,7 +311,9 @@ def _float(value: Any, fallback: float) -> float:
     return fallback
 
 
-async def _chunks(remote: Remote, replica: Replica, body: dict[str, Any]) -> AsyncIterator[Any]:
+async def _chunks(
+    remote: Remote, replica: Replica, body: dict[str, Any]
+) -> AsyncGenerator[Any, None]:
     """The upstream's SSE events, parsed; a :class:`Failure` for whatever goes wrong."""
     url = replica.base + "/v1/chat/completions"
     answered = False
