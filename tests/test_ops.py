@@ -19,6 +19,8 @@ import pytest
 import trustme
 from helpers import NO_EOS, BackgroundStream, Server, cli_ok, eventually, free_port, run_cli
 
+from vergeai.server import EXIT_MARGIN
+
 STORY = [{"role": "user", "content": "Tell me a story."}]
 
 
@@ -316,6 +318,23 @@ def test_sigterm_drains_an_in_flight_stream(tmp_path: Path, model_path: str) -> 
             httpx.get(f"http://127.0.0.1:{server.port}/health", timeout=2)
     finally:
         server.stop()
+
+
+def test_a_stop_stuck_past_the_grace_is_forced_to_end() -> None:
+    """A worker stuck in one step (or a thread in native code) cannot keep the server up:
+    the grace's watchdog ends the process. A thread that never ends stands in for it."""
+    code = (
+        "import threading, time\n"
+        "from vergeai.server import Deadline\n"
+        "threading.Thread(target=time.sleep, args=(120,)).start()\n"
+        "Deadline(0.5).start()\n"
+    )
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert time.monotonic() - started < 0.5 + EXIT_MARGIN + 20  # not the thread's 120 s
+    assert "still stopping past the grace" in result.stderr
 
 
 def test_health_is_503_while_loading(tmp_path: Path, model_path: str) -> None:

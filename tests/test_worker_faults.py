@@ -8,6 +8,7 @@ real llama.cpp context and the real worker thread.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -204,3 +205,38 @@ def test_a_failing_prompt_of_n_choices_frees_every_slot(
     assert worker.busy == 0 and worker.status == WorkerState.ONLINE
     ended = [e for _, e in asyncio.run(two_choices(good)) if isinstance(e, Finished)]
     assert len(ended) == 2 and all(e.completion_tokens == 6 for e in ended)
+
+
+def test_a_step_past_its_bound_shows_the_worker_degraded(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = wait_online(pool)
+    assert worker.ctx is not None
+    ctx = worker.ctx
+    real = ctx.decode
+    wedged = threading.Event()
+
+    def decode(entries: list[tuple[int, int, int, bool]]) -> int:
+        if any(token == MARKER for token, *_ in entries) and not wedged.is_set():
+            wedged.set()
+            time.sleep(1.5)  # a step that takes far longer than its bound
+        return real(entries)
+
+    monkeypatch.setattr(ctx, "decode", decode)
+    monkeypatch.setattr(worker, "step_bound", 0.3)
+    seen: list[tuple[WorkerState, str | None]] = []
+
+    def watch() -> None:
+        assert wedged.wait(30)
+        time.sleep(0.8)
+        seen.append((worker.state, worker.problem))
+        seen.append((pool.status(worker.assistant), pool.error("gemma")))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    good, bad = asyncio.run(side_by_side(worker))
+    watcher.join()
+    assert seen[0][0] == WorkerState.DEGRADED and "past its bound of 0.3 s" in str(seen[0][1])
+    assert seen[1][0] == WorkerState.DEGRADED and "one step has run for" in seen[1][1]
+    assert outcome(good) is Finished and outcome(bad) is Finished  # slow, not broken
+    assert worker.state == WorkerState.ONLINE and worker.problem is None

@@ -6,7 +6,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
+import threading
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -134,6 +137,42 @@ def shorten_tls_shutdown(loop: asyncio.AbstractEventLoop) -> None:
     loop.create_server = create_tls_server  # type: ignore[method-assign]
 
 
+EXIT_MARGIN = 5.0  # seconds past the grace for the last flushes, before the exit is forced
+
+
+class Deadline:
+    """The grace a stop signal gives: requests drain and workers stop within it.
+
+    A worker stuck in one step (or a thread stuck in native code) would keep
+    the process alive past it, so a watchdog ends the process a few seconds
+    after the grace, whatever is still running.
+    """
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self.at: float | None = None
+
+    def start(self) -> None:
+        if self.at is not None:
+            return
+        self.at = time.monotonic() + self.grace
+        watchdog = threading.Timer(self.grace + EXIT_MARGIN, _forced_exit)
+        watchdog.daemon = True
+        watchdog.start()
+
+    def left(self) -> float:
+        """Seconds of the grace that are left (all of it before a signal)."""
+        if self.at is None:
+            return self.grace
+        return max(0.5, self.at - time.monotonic())
+
+
+def _forced_exit() -> None:
+    log.error("still stopping past the grace: a model step or a request is stuck; exiting now")
+    logging.shutdown()
+    os._exit(1)
+
+
 def listen_url(opts: ServerConfig) -> str:
     scheme = "https" if opts.certfile else "http"
     host = f"[{opts.host}]" if ":" in opts.host else opts.host
@@ -154,9 +193,15 @@ async def run(service: Service, opts: ServerConfig) -> None:
     app = create_app(service, metrics_public=opts.metrics_public, read_timeout=opts.read_timeout)
     limit_connections(opts.max_connections)
     stop = asyncio.Event()
+    deadline = Deadline(opts.grace_seconds)
     loop = asyncio.get_running_loop()
+
+    def stopping() -> None:
+        deadline.start()
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stopping)
     loop.add_signal_handler(signal.SIGHUP, lambda: service.refresh(force=True))
     shorten_tls_shutdown(loop)
     watcher = asyncio.ensure_future(service.watch())
@@ -171,7 +216,7 @@ async def run(service: Service, opts: ServerConfig) -> None:
         if admin is not None:
             admin.close()
         remove_socket(state_dir)
-        await asyncio.to_thread(service.pool.close, opts.grace_seconds)
+        await asyncio.to_thread(service.pool.close, deadline.left())
         service.flush_usage()
         service.flush_records()
         log.info("vergeai stopped")

@@ -421,6 +421,8 @@ def online_worker(service: Service, name: str, embedding: bool = False) -> Worke
         )
     if state == WorkerState.RESTARTING:
         raise Unavailable(f"assistant {name!r} is restarting; try again shortly", retry_after=2)
+    if state == WorkerState.DEGRADED:
+        raise Unavailable(f"assistant {name!r} is not answering: {worker.problem}", retry_after=5)
     if state != WorkerState.ONLINE:
         raise Unavailable(f"assistant {name!r} failed to load its model: {worker.error}")
     return worker

@@ -36,7 +36,7 @@ class Pool:
         worker = self.workers.get(name)
         if worker is None:
             return "not loaded"
-        return worker.error or str(self.status(worker.assistant))
+        return worker.problem or str(self.status(worker.assistant))
 
     def heal(self) -> None:
         """Replace workers whose thread died, with a growing delay if they keep dying."""
@@ -102,5 +102,6 @@ class Pool:
             self._retiring = []
         for worker in workers:
             worker.stop()
+        deadline = time.monotonic() + timeout  # for them all, not each
         for worker in workers:
-            worker.join(timeout)
+            worker.join(max(0.0, deadline - time.monotonic()))

@@ -109,10 +109,14 @@ class WorkerState(StrEnum):
     ONLINE = "online"
     ERROR = "error"  # the model could not be loaded; an admin has to act
     RESTARTING = "restarting"  # the thread died; the pool replaces the worker
+    DEGRADED = "degraded"  # one step has run past its bound: wedged, or far too slow
     OFFLINE = "offline"
 
 
 RESTART_RETRY_AFTER = 2
+STEP_BOUND = (
+    60.0  # seconds one step (decode, masks, sampling) may take before the worker is degraded
+)
 MIN_SHARED = 16  # tokens another slot's cache must add to a slot's own to be copied in
 PREFILL_CHUNK = 128  # prompt tokens per step while other sequences generate
 MAX_DRAFTING = 4  # generating sequences beyond which a step carries no drafts
@@ -160,6 +164,8 @@ class Worker:
         self.load_seconds = 0.0
         self.last_prompt_per_second = 0.0
         self.last_predicted_per_second = 0.0
+        self.step_bound = STEP_BOUND
+        self.step_since = 0.0  # time.monotonic() when the running step began; 0: none runs
         self.thread = threading.Thread(target=self._run, name=f"worker-{self.name}", daemon=True)
 
     # lifecycle
@@ -188,7 +194,27 @@ class Worker:
     @property
     def state(self) -> WorkerState:
         """What the worker can do now, a dead thread counted as restarting."""
-        return WorkerState.RESTARTING if self.crashed else self.status
+        if self.crashed:
+            return WorkerState.RESTARTING
+        if self.status == WorkerState.ONLINE and self.stuck_for > self.step_bound:
+            return WorkerState.DEGRADED
+        return self.status
+
+    @property
+    def stuck_for(self) -> float:
+        """Seconds the running step has taken so far (0 between steps)."""
+        since = self.step_since
+        return time.monotonic() - since if since else 0.0
+
+    @property
+    def problem(self) -> str | None:
+        """What keeps it from serving, for /health and the workers view."""
+        if self.state == WorkerState.DEGRADED:
+            return (
+                f"one step has run for {self.stuck_for:.0f} s, past its bound of "
+                f"{self.step_bound:g} s"
+            )
+        return self.error
 
     @property
     def busy(self) -> int:
@@ -215,7 +241,7 @@ class Worker:
             "model": a.display_model,
             "model_path": a.model,
             "state": self.state,
-            "error": self.error,
+            "error": self.problem,
             "restarts": self.restarts,
             "ctx": self.n_ctx,
             "parallel": a.parallel,
@@ -366,7 +392,11 @@ class Worker:
                     return False
                 hand_over()
                 self.cond.wait()
-        self._decode_step()
+        self.step_since = time.monotonic()
+        try:
+            self._decode_step()
+        finally:
+            self.step_since = 0.0
         return True
 
     def _admit(self) -> None:

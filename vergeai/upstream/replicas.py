@@ -173,6 +173,10 @@ class Remote:
         )
 
     @property
+    def problem(self) -> str | None:
+        return self.error or None
+
+    @property
     def n_ctx(self) -> int:
         return self.assistant.ctx
 
