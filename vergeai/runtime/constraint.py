@@ -53,7 +53,7 @@ Kind = Literal["gbnf", "json_schema", "lark"]
 class GrammarSpec:
     """What a request asks its output to follow; compiled once the model is known.
 
-    ``markers`` are literal strings the ``lark`` text names as ``MARKER_i``
+    ``markers`` are literal strings the ``lark`` text names as ``marker_i``
     rules: a marker the vocabulary has as one special token (Qwen's
     ``<tool_call>``) may be that token or its spelling.
     """
@@ -78,19 +78,29 @@ def json_schema_text(schema: dict[str, Any], lenient: bool = False) -> str:
 
 MAX_INTEGER = 10**16 - 1  # llama.cpp's converter's bound too: 16 digits
 DATA_KEYWORDS = ("const", "enum", "default", "examples")  # values, not schemas
+NAMED = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 
-def _tightened(schema: Any) -> Any:
+def _tightened(schema: Any, closed: bool = True) -> Any:
     """The schema as llama.cpp's converter reads it, where it leaves a choice open:
     an object with ``properties`` has no others unless ``additionalProperties``
-    says so, and an integer without a bound has at most 16 digits. A small
-    model otherwise often writes keys or digits until max_tokens."""
+    says so (``closed``; not each part of an ``allOf``, whose parts add up), and
+    an integer without a bound has at most 16 digits. A small model otherwise
+    often writes keys or digits until max_tokens."""
     if isinstance(schema, list):
-        return [_tightened(item) for item in schema]
+        return [_tightened(item, closed) for item in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: v if k in DATA_KEYWORDS else _tightened(v) for k, v in schema.items()}
-    if "properties" in schema and not {"additionalProperties", "patternProperties"} & set(schema):
+    out = {}
+    for key, value in schema.items():
+        if key in DATA_KEYWORDS:
+            out[key] = value
+        elif key in NAMED and isinstance(value, dict):  # names to schemas, not a schema
+            out[key] = {name: _tightened(child) for name, child in value.items()}
+        else:
+            out[key] = _tightened(value, key != "allOf")
+    open_keys = {"additionalProperties", "patternProperties"}
+    if closed and "properties" in schema and not open_keys & set(schema):
         out["additionalProperties"] = False
     kind = schema.get("type")
     if kind == "integer" or (isinstance(kind, list) and "integer" in kind):
@@ -185,11 +195,13 @@ class Constraint:
         m.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
         if m.is_error():
             raise NoTokenAllowed(_reason(m.get_error()))
-        allowed = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: len(logits)]
+        bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")
+        allowed = np.zeros(len(logits), dtype=bool)  # (the two vocabularies are one, as a rule)
+        n = min(len(bits), len(logits))
+        allowed[:n] = bits[:n]
         if not allowed.any():
             raise NoTokenAllowed("the grammar allows no token here")
-        logits[len(allowed) :] = -np.inf  # (no logits beyond llguidance's vocabulary, as a rule)
-        logits[: len(allowed)][allowed == 0] = -np.inf
+        logits[~allowed] = -np.inf
 
     @property
     def finished(self) -> bool:
