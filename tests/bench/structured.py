@@ -117,10 +117,11 @@ def main() -> int:
     parser.add_argument("--ctx", type=int, default=1024)
     parser.add_argument("--build-script", type=Path, default=DEFAULT_BUILD_SCRIPT)
     parser.add_argument("--skip-llama-server", action="store_true")
+    parser.add_argument("--vergeai-args", default="", help='e.g. "--speculate off"')
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="vergeai-structured-"))
     s = Settings(args.model or demo_model(), args.ctx, args.slots, args.threads, work)
-    servers = [vergeai(s)]
+    servers = [vergeai(s, extra=args.vergeai_args.split())]
     if not args.skip_llama_server:
         servers.append(llama_server(build_llama_server(args.build_script), s, []))
     levels = [int(x) for x in args.levels.split(",")]
