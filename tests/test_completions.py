@@ -179,6 +179,7 @@ CASES: dict[str, Any] = {
     "n": 2,
     "response_format": {"type": "json_object"},
     "json_schema": {"type": "object", "properties": {"a": {"type": "integer"}}},
+    "cache_salt": "tenant-7",
     # ignored
     "user": "alice",
     "cache_prompt": False,

@@ -78,6 +78,7 @@ CASES: dict[str, Any] = {
     "reasoning_format": "none",
     "session_id": "matrix-session",
     "grammar": 'root ::= "yes" | "no"',
+    "cache_salt": "tenant-7",
     "response_format": {
         "type": "json_schema",
         "json_schema": {

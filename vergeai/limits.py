@@ -306,6 +306,7 @@ class Gate:
     limits: Limits
     caller: Caller
     ticket: Ticket | None = None
+    scope: str = ""  # whose prompts these are, for the prefix cache: the user, or the key
 
     def check(self, prompt_tokens: int = 0, places: int = 1) -> None:
         self.limits.check(self.caller, prompt_tokens, places)

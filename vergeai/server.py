@@ -190,7 +190,12 @@ async def run(service: Service, opts: ServerConfig) -> None:
         if pruned:
             log.info("pruned %d usage records older than %d days", pruned, opts.usage_days)
     await seed_quotas(service)
-    app = create_app(service, metrics_public=opts.metrics_public, read_timeout=opts.read_timeout)
+    app = create_app(
+        service,
+        metrics_public=opts.metrics_public,
+        read_timeout=opts.read_timeout,
+        cache_scope=opts.cache_scope,
+    )
     limit_connections(opts.max_connections)
     stop = asyncio.Event()
     deadline = Deadline(opts.grace_seconds)

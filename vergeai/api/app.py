@@ -173,7 +173,10 @@ class AccessLog:
 
 
 def create_app(
-    service: Service, metrics_public: bool = False, read_timeout: float = 30.0
+    service: Service,
+    metrics_public: bool = False,
+    read_timeout: float = 30.0,
+    cache_scope: str = "user",
 ) -> Starlette:
     disable_created_metrics()  # type: ignore[no-untyped-call]
     stats = Metrics(service)
@@ -202,4 +205,5 @@ def create_app(
     app.state.metrics = stats
     app.state.metrics_public = metrics_public
     app.state.read_timeout = read_timeout
+    app.state.cache_scope = cache_scope
     return app

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from vergeai.runtime.prompt import Message, with_system_prompt
-from vergeai.runtime.worker import Rendered, Worker
+from vergeai.runtime.worker import Rendered, Worker, common_prefix
 from vergeai.state.history import History, SessionKey, Turn
 from vergeai.state.records import Assistant
 
@@ -34,6 +34,7 @@ class Fitted:
 @dataclass
 class Prepared(Fitted):
     rendered: Rendered
+    public: int = 0  # its first tokens any caller's prompt has too: the system prompt's
 
 
 def _with_history(
@@ -88,7 +89,18 @@ def prepare(
 
     rendered, _, dropped = _fit(system_prompt, turns, messages, worker.n_ctx, max_tokens, render)
     counts = [len(worker.tokenize(m["content"])) for m in messages] if remember else []
-    return Prepared(len(turns) - dropped, dropped, counts, rendered)
+    public = public_prefix(worker, rendered, system_prompt)
+    return Prepared(len(turns) - dropped, dropped, counts, rendered, public)
+
+
+def public_prefix(worker: Worker, rendered: Rendered, system_prompt: str) -> int:
+    """The prompt's tokens up to the end of the assistant's system prompt: what every
+    caller of the assistant sends alike, and so may share in the prefix cache."""
+    at = rendered.text.find(system_prompt) if system_prompt else -1
+    if at < 0:
+        return 0
+    head = worker.tokenize(rendered.text[: at + len(system_prompt)])
+    return common_prefix(head, rendered.tokens)
 
 
 def estimated_tokens(message: Message) -> int:

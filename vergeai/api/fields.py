@@ -24,13 +24,15 @@ MAX_GRAMMAR_DEPTH = 256
 MAX_TOKENS = 1_000_000
 DEFAULT_REPEAT_LAST_N = 64  # llama-server's
 MAX_CHOICES = 8
+MAX_SALT = 256
 
 log = logging.getLogger("vergeai.api")
 
 # every generating endpoint's sampling fields (llama-server's names too)
 SAMPLING_FIELDS = (
     "model stream stream_options max_tokens n_predict temperature top_p top_k min_p stop seed "
-    "presence_penalty frequency_penalty repeat_penalty repeat_last_n logit_bias grammar n"
+    "presence_penalty frequency_penalty repeat_penalty repeat_last_n logit_bias grammar n "
+    "cache_salt"
 )
 # accepted for compatibility; they change nothing here
 IGNORED_FIELDS = (
@@ -90,6 +92,7 @@ class Sampled:
     schema_param: str = "response_format"  # the field that gave the schema
     top_logprobs: int | None = None  # None: no logprobs
     n: int = 1  # choices
+    cache_salt: str | None = None  # vLLM's: cached prefixes are shared only under the same salt
 
 
 def sampled(body: dict[str, Any], table: dict[str, FieldSpec]) -> dict[str, Any]:
@@ -154,6 +157,7 @@ def sampled(body: dict[str, Any], table: dict[str, FieldSpec]) -> dict[str, Any]
         schema=schema,
         schema_param=param,
         n=integer(body, "n", 1, MAX_CHOICES) or 1,
+        cache_salt=cache_salt_field(body.get("cache_salt")),
     )
 
 
@@ -243,6 +247,14 @@ def logit_bias_field(value: Any) -> dict[int, float]:
             raise bad("logit_bias", f"bias for {shown(key)} must be a number from -100 to 100")
         out[token] = float(bias)
     return out
+
+
+def cache_salt_field(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_SALT:
+        raise bad("cache_salt", f"must be a string of 1-{MAX_SALT} characters")
+    return value
 
 
 def grammar_field(value: Any) -> str | None:

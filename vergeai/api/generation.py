@@ -544,7 +544,7 @@ async def start(
         legacy = bool(tools and tools.legacy)
         return launch(
             worker, req, [prepared.rendered.tokens], max_tokens, answer, gate, grammar, memory,
-            legacy,
+            legacy, prepared.public,
         )  # fmt: skip
     except BaseException:
         if lease is not None:
@@ -562,6 +562,7 @@ def launch(
     grammar: Grammar | None = None,
     memory: Memory | None = None,
     legacy_calls: bool = False,
+    public: int = 0,
 ) -> Generation:
     """Submit n choices of each prompt (choice p*n + j is prompt p's j-th); its Generation.
 
@@ -575,6 +576,8 @@ def launch(
     """
     prompt_tokens = sum(len(tokens) for tokens in prompts)
     places = len(prompts) * req.n  # every answer counts against max_concurrent
+    salt = "" if req.cache_salt is None else f"\x00salt\x00{req.cache_salt}"
+    scope = gate.scope + salt
     gate.check(prompt_tokens, places)
     queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
     loop = asyncio.get_running_loop()
@@ -591,6 +594,8 @@ def launch(
                 top_logprobs=req.top_logprobs,
                 choice=p * req.n + j,
                 queue=queue,
+                scope=scope,
+                public=public,
             )
             for j in range(req.n)
         ]

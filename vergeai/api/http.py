@@ -204,7 +204,10 @@ def gate(request: Request, caller: Caller) -> Gate:
     built; the endpoint admits the request once it knows the prompt's tokens.
     """
     service: Service = request.app.state.service
-    passage = Gate(service.limits, caller)
+    scope = caller.user.name
+    if request.app.state.cache_scope == "key":
+        scope += "\x00" + caller.key.name
+    passage = Gate(service.limits, caller, scope=scope)
     passage.check()
     request.state.gate = passage  # the access log records what its ticket counted
     return passage

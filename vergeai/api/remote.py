@@ -56,6 +56,7 @@ def upstream_body(
         "frequency_penalty": req.frequency_penalty or None,
         "logit_bias": {str(t): b for t, b in req.logit_bias.items()} or None,
         "n": req.n if req.n != 1 else None,
+        "cache_salt": req.cache_salt,  # vLLM's; others ignore it
     }
     body.update((k, v) for k, v in optional.items() if v is not None)
     if req.repeat_penalty != 1.0:  # llama-server's name, and vLLM's

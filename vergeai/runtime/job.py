@@ -107,6 +107,11 @@ class Job:
     loop: asyncio.AbstractEventLoop
     top_logprobs: int | None = None  # None: no logprobs; else how many alternatives
     embed: bool = False  # an embedding of the tokens, not a generation
+    # Whose prompt it is, for the prefix cache: past its first ``public`` tokens (the
+    # assistant's system prompt, which every caller shares) a cached prefix is reused
+    # only within one scope, so that no caller learns what another asked.
+    scope: str = ""
+    public: int = 0
     choice: int = 0
     followers: list[Job] = field(default_factory=list)
     queue: asyncio.Queue[tuple[int, Event]] = field(default_factory=asyncio.Queue)

@@ -75,7 +75,13 @@ class Slot:
     drafted: int = 0  # the last pending tokens are a draft, this many
     keep_at: int = 0  # once this many prompt tokens are decoded, the keeper gets them
     awaiting: Awaiting | None = None  # the job starts once another slot has decoded its prefix
+    scope: str = ""  # whose prompt its cached tokens are (see Job.scope)
+    public: int = 0  # how many of them any scope may reuse
     constraint: Constraint | None = None  # the request's grammar, where this sequence is in it
+
+    def shared_with(self, job: Job) -> int:
+        """How many of its cached tokens the job's prompt may reuse."""
+        return reusable(self.tokens, self.scope, self.public, job)
 
     @property
     def prompting(self) -> bool:
@@ -136,6 +142,16 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+def reusable(tokens: list[int], scope: str, public: int, job: Job) -> int:
+    """How much of cached ``tokens`` (a prompt of ``scope`` whose first ``public`` tokens
+    any caller may share) the job's prompt may reuse: all it starts alike within one
+    scope; across scopes only what both share publicly (the assistant's system prompt),
+    so that neither the cache counters nor the time to the first token tell one caller
+    what another asked."""
+    n = common_prefix(tokens, job.tokens)
+    return n if scope == job.scope else min(n, public, job.public)
 
 
 class Worker:
@@ -436,8 +452,8 @@ class Worker:
         or else the least recently used, takes the job and gets the shared
         prefix copied in (see _share_prefix).
         """
-        best = max(free, key=lambda s: (common_prefix(s.tokens, job.tokens), -s.last_used))
-        kept = common_prefix(best.tokens, job.tokens)
+        best = max(free, key=lambda s: (s.shared_with(job), -s.last_used))
+        kept = best.shared_with(job)
         if kept >= len(job.tokens) - 1 or len(best.tokens) - kept <= SLACK or len(free) == 1:
             return best  # a repeat, a follow-up turn, or no choice
         return min((s for s in free if s is not best), key=lambda s: (bool(s.tokens), s.last_used))
@@ -460,14 +476,15 @@ class Worker:
         evaluate it once, not once each side by side.
         """
         caches = [*self.slots, *([self.keeper] if self.keeper is not None else [])]
-        held = max(common_prefix(s.tokens, job.tokens) for s in caches)
+        held = max(s.shared_with(job) for s in caches)
         best: Awaiting | None = None
         for s in self.slots:
             if s is slot or s.job is None or s.leader is not None or s.job.embed:
                 continue
             if s.awaiting is not None or not s.prompting:
                 continue
-            until = min(common_prefix(s.tokens + s.pending, job.tokens), len(job.tokens) - 1)
+            coming = reusable(s.tokens + s.pending, s.job.scope, s.job.public, job)
+            until = min(coming, len(job.tokens) - 1)
             if until >= held + MIN_SHARED and (best is None or until > best.until):
                 best = Awaiting(s, s.job, until)
         return best
@@ -493,11 +510,11 @@ class Worker:
         """
         assert self.ctx is not None
         last = len(job.tokens) - 1  # the last prompt token is always evaluated again
-        held = min(common_prefix(slot.tokens, job.tokens), last)
+        held = min(slot.shared_with(job), last)
         # what it holds past its window is evaluated again by _start
         own = held if self.ctx.reusable(slot.seq, held) else 0
         donors = [
-            (common_prefix(s.tokens, job.tokens), s)
+            (s.shared_with(job), s)
             for s in self.slots
             if s is not slot and s.leader is None and s.tokens
         ]
@@ -505,7 +522,7 @@ class Worker:
         seen = max([held - own, *(n for n, _ in donors)])
         self._plan_keep(slot, job, min(seen, last))
         if self.keeper is not None and self.keeper.tokens:
-            donors.append((common_prefix(self.keeper.tokens, job.tokens), self.keeper))
+            donors.append((self.keeper.shared_with(job), self.keeper))
         for n, donor in sorted(donors, key=lambda d: -d[0]):
             shared = min(n, last)
             if shared < own + MIN_SHARED:
@@ -513,6 +530,7 @@ class Worker:
             if self.ctx.reusable(donor.seq, shared):
                 self.ctx.copy_seq(donor.seq, slot.seq)
                 slot.tokens = list(donor.tokens)
+                slot.scope, slot.public = donor.scope, donor.public  # _start keeps what it may
                 return
 
     def _plan_keep(self, slot: Slot, job: Job, shared: int) -> None:
@@ -521,7 +539,7 @@ class Worker:
         slot.keep_at = 0
         if self.keeper is None or shared < KEEP_MIN:
             return
-        if common_prefix(self.keeper.tokens, job.tokens) < shared:
+        if self.keeper.shared_with(job) < shared:
             slot.keep_at = shared
 
     def _keep(self, slot: Slot) -> None:
@@ -533,6 +551,7 @@ class Worker:
         self.ctx.copy_seq(slot.seq, self.keeper.seq)
         self.ctx.clear_from(self.keeper.seq, slot.keep_at)
         self.keeper.tokens = slot.tokens[: slot.keep_at]
+        self.keeper.scope, self.keeper.public = slot.scope, slot.public
         slot.keep_at = 0
 
     def _start(self, slot: Slot, job: Job) -> None:
@@ -540,7 +559,7 @@ class Worker:
         # Keep the longest cached prefix, but always re-evaluate the last
         # prompt token: its logits are what the first sampled token needs.
         # An embedding pools all its tokens, so it keeps nothing.
-        keep = 0 if job.embed else min(common_prefix(slot.tokens, job.tokens), len(job.tokens) - 1)
+        keep = 0 if job.embed else min(slot.shared_with(job), len(job.tokens) - 1)
         if keep < len(slot.tokens) and not self.ctx.clear_from(slot.seq, keep):
             self.ctx.clear_from(slot.seq, 0)
             keep = 0
@@ -548,6 +567,7 @@ class Worker:
             self.ctx.clear_from(slot.seq, 0)
             keep = 0
         del slot.tokens[keep:]
+        slot.scope, slot.public = job.scope, job.public
         if not job.embed:
             slot.sampler = build_sampler(self.model, job.sampling, self.ctx.n_ctx_seq)
             slot.constraint = _constraint(job)
@@ -585,6 +605,7 @@ class Worker:
             self.ctx.clear_from(slot.seq, 0)
             self.ctx.copy_seq(leader.seq, slot.seq)
             slot.tokens = list(leader.tokens)
+            slot.scope, slot.public = leader.scope, leader.public
             slot.job.cache_n = leader.job.cache_n
             self._sample_or_fail(slot, index)
 

@@ -12,6 +12,7 @@ from vergeai.errors import StateError
 FILE = "config.toml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+CACHE_SCOPES = ("user", "key")  # whose prompts may share cached prefixes past the system prompt
 
 
 @dataclass
@@ -27,6 +28,7 @@ class ServerConfig:
     read_timeout: float = 30.0  # for a request's headers and body; also keep-alive idle
     max_connections: int = 512
     usage_days: int = 400  # how long the usage record keeps a request
+    cache_scope: str = "user"
 
     def check(self, where: str) -> ServerConfig:
         def bad(name: str, why: str) -> StateError:
@@ -44,6 +46,8 @@ class ServerConfig:
             raise bad("read_timeout", "must be between 1 and 3600")
         if not 1 <= self.max_connections <= 1_000_000:
             raise bad("max_connections", "must be between 1 and 1000000")
+        if self.cache_scope not in CACHE_SCOPES:
+            raise bad("cache_scope", f"must be one of {', '.join(CACHE_SCOPES)}")
         if not 1 <= self.usage_days <= 36_500:
             raise bad("usage_days", "must be between 1 and 36500")
         if (self.certfile is None) != (self.keyfile is None):
