@@ -264,8 +264,8 @@ def test_the_grammars_that_killed_or_stalled_the_server(arena: Arena) -> None:
         {"type": "string", "pattern": "^a{100000000}$"},
         {"enum": [f"value-{i:05d}-{'x' * 8}" for i in range(10000)]},
     ]
-    for schema in schemas:
-        for path in SCHEMA_PATHS:
+    for i, schema in enumerate(schemas):  # each schema on 3 paths, every path on some
+        for path in SCHEMA_PATHS[i % 3 :: 3]:
             arena.send(*path(schema))
 
 
