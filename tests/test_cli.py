@@ -25,7 +25,10 @@ from helpers import cli_ok, run_cli
 from typer.testing import CliRunner
 
 from vergeai.cli import app
+from vergeai.state.history import History, SessionKey
+from vergeai.state.ledger import Filter, Ledger, Record
 from vergeai.state.records import Assistant
+from vergeai.state.responses import Responses
 from vergeai.state.usage import KeyUsage
 
 TOKEN_RE = re.compile(r"vai-[A-Za-z0-9_-]{43}")
@@ -325,6 +328,41 @@ def test_user_delete_revokes_its_keys(state: Path) -> None:
     assert stored[2]["revoked"] == old_revoked  # an earlier revocation keeps its time
     assert all("revoked" in k for k in stored if k["user"] == "alice")
     assert all("revoked" not in k for k in stored if k["user"] == "bob")
+
+
+def carol_with_data(state: Path) -> None:
+    """carol, with a chat-history session, a stored response and usage; bob with his."""
+    for name in ("carol", "bob"):
+        cli_ok(state, "user", "create", name)
+        turn = [({"role": "user", "content": f"{name}'s secret"}, 3)]
+        History(state).append(SessionKey(name, "gemma", "default"), turn, 10)
+        Responses(state).put(name, "gemma", {"id": f"resp_{name}"}, [])
+        now = datetime.now(UTC).isoformat()
+        Ledger(state).write([Record(now, name, "k", "gemma", "/v1/x", 200, 5, 0, 2, 1.0, "r")])
+
+
+@pytest.mark.parametrize("usage", ["anonymise", "delete", "keep"])
+def test_a_user_deleted_leaves_nothing_a_new_user_of_its_name_gets(state: Path, usage: str) -> None:
+    carol_with_data(state)
+    rc, _, err = run_cli(state, "user", "delete", "carol", "--yes", "--usage", usage)
+    assert rc == 0, err
+    assert "removed 1 chat-history session(s) and 1 stored response(s)" in err
+    cli_ok(state, "user", "create", "carol")  # a new carol
+    assert History(state).turns(SessionKey("carol", "gemma", "default"), 30) == []
+    assert Responses(state).get("carol", "resp_carol", {"gemma": 30}) is None
+    by_user = {r["user"]: r["requests"] for r in Ledger(state).totals(Filter(), by="user")}
+    if usage == "anonymise":
+        assert "anonymised 1 usage record(s)" in err
+        gone = next(u for u in by_user if u.startswith("(deleted "))
+        assert by_user == {"bob": 1, gone: 1}  # still in the totals, under no user's name
+    elif usage == "delete":
+        assert "deleted 1 usage record(s)" in err and by_user == {"bob": 1}
+    else:
+        assert "usage record" not in err and by_user == {"bob": 1, "carol": 1}
+    # bob's are untouched
+    assert History(state).turns(SessionKey("bob", "gemma", "default"), 30) != []
+    assert Responses(state).get("bob", "resp_bob", {"gemma": 30}) is not None
+    assert fails(state, "user", "delete", "bob", "--yes", "--usage", "shred", code=2) != ""
 
 
 def test_user_delete_with_confirmation_on_stdin(state: Path) -> None:

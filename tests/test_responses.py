@@ -40,6 +40,7 @@ class Env:
     server: Server
     token: str
     other: str
+    narrow: str  # user u's key narrowed to r1
 
     def client(self, token: str | None = None) -> openai.OpenAI:
         return self.server.client(token or self.token)
@@ -71,10 +72,12 @@ def env(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator[E
     cli_ok(state, "assistant", "create", "r1", "--model", r1, *common)
     token = cli_ok(state, "key", "create", "--user", "u", "--name", "k").strip()
     other = cli_ok(state, "key", "create", "--user", "v", "--name", "k").strip()
+    narrow = cli_ok(state, "key", "create", "--user", "u", "--name", "r1-only",
+                    "--assistants", "r1").strip()  # fmt: skip
     server = Server(state_dir=state, port=free_port(), log_path=root / "serve.log")
     server.start(timeout=120)
     try:
-        yield Env(server, token, other)
+        yield Env(server, token, other, narrow)
     finally:
         server.stop()
 
@@ -155,6 +158,15 @@ def test_store_false_and_other_users(env: Env) -> None:
             "/v1/responses", json={"model": "gemma", "input": "x", "previous_response_id": kept.id}
         )
     assert theirs.status_code == 404 and error_of(theirs)["param"] == "previous_response_id"
+    # the same user's key narrowed to another assistant sees none of it either
+    narrow = env.client(env.narrow)
+    with pytest.raises(openai.NotFoundError):
+        narrow.responses.retrieve(kept.id)
+    with pytest.raises(openai.NotFoundError):
+        narrow.responses.delete(kept.id)
+    with env.server.http(env.narrow) as http:
+        body = {"model": "r1", "input": "x", "previous_response_id": kept.id}
+        assert http.post("/v1/responses", json=body).status_code == 404
     client.responses.delete(kept.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(kept.id)

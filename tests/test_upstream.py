@@ -198,6 +198,19 @@ class Flood(Recorder):
         return Response('{"status": "ok"}', media_type="application/json")
 
 
+class Echo(Flood):
+    """An upstream whose 400 quotes the request's Authorization header (and, asked for
+    model "moved", that answers a redirect)."""
+
+    async def _chat(self, request: Request) -> Response:
+        body = await request.json()
+        if body.get("model") == "moved":
+            return Response(status_code=302)
+        quoted = f"bad request from {request.headers.get('authorization')}"
+        return Response(json.dumps({"error": {"message": quoted}}), 400,
+                        media_type="application/json")  # fmt: skip
+
+
 @dataclass
 class Env:
     front: Server
@@ -210,6 +223,7 @@ class Env:
     pair: tuple[Recorder, Recorder]  # both in front of the upstream, for affinity
     llama: LlamaServer | None
     flood: Flood
+    echo: Echo
 
     def client(self, **kwargs: Any) -> openai.OpenAI:
         return self.front.client(self.token, **kwargs)
@@ -249,6 +263,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator[E
     pirate = Recorder(upstream.root_url).start()
     pair = (Recorder(upstream.root_url).start(), Recorder(upstream.root_url).start())
     flood = Flood(upstream.root_url).start()
+    echo = Echo(upstream.root_url).start()
     state = root / "front"
     remote = ["--upstream-model", "gemma", "--upstream-key-env", "UPSTREAM_KEY"]
     cli_ok(state, "assistant", "create", "pirate", "--upstream", pirate.url, *remote,
@@ -257,6 +272,9 @@ def env(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator[E
            "--upstream", pair[1].url, *remote, "--chat-history")  # fmt: skip
     cli_ok(state, "assistant", "create", "direct", "--upstream", upstream.base_url, *remote)
     cli_ok(state, "assistant", "create", "flood", "--upstream", flood.url, *remote)
+    cli_ok(state, "assistant", "create", "echo", "--upstream", echo.url, *remote)
+    cli_ok(state, "assistant", "create", "moved", "--upstream", echo.url, "--upstream-model",
+           "moved", "--upstream-key-env", "UPSTREAM_KEY")  # fmt: skip
     cli_ok(state, "assistant", "create", "failover", "--upstream", victim.base_url,
            "--upstream", upstream.root_url, *remote, "--health-interval", "0.5")  # fmt: skip
     cli_ok(state, "assistant", "create", "badkey", "--upstream", upstream.base_url,
@@ -281,7 +299,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator[E
         env={"UPSTREAM_KEY": UPSTREAM_KEY, "LLAMA_KEY": LLAMA_KEY, "WRONG_KEY": "sk-wrong"},
     )
     front.start(timeout=60)
-    env = Env(front, state, token, metered, upstream, victim, pirate, pair, llama, flood)
+    env = Env(front, state, token, metered, upstream, victim, pirate, pair, llama, flood, echo)
     try:
         eventually(
             lambda: all(w["state"] == "online" for w in env.workers().values() if w["assistant"]),
@@ -291,7 +309,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator[E
         yield env
     finally:
         front.stop()
-        for recorder in (pirate, *pair, flood):
+        for recorder in (pirate, *pair, flood, echo):
             recorder.stop()
         for server in (upstream, victim):
             server.stop()
@@ -501,6 +519,19 @@ def test_an_upstream_ignoring_max_tokens_is_held_to_it(env: Env) -> None:
     text = "".join(c["delta"].get("content") or "" for e in streamed[:-1] for c in e["choices"])
     assert 0 < len(text) <= 8 * CHARS_PER_TOKEN
     assert [c["finish_reason"] for e in streamed[:-1] for c in e["choices"]][-1] == "length"
+
+
+def test_an_upstreams_error_text_never_carries_its_key_and_a_redirect_is_a_502(
+    env: Env,
+) -> None:
+    with env.http() as http:
+        echoed = http.post("/v1/chat/completions", json={**CHAT, "model": "echo"})
+        moved = http.post("/v1/chat/completions", json={**CHAT, "model": "moved"})
+    assert echoed.status_code == 400, echoed.text
+    assert "bad request from Bearer [redacted]" in error_of(echoed)["message"]
+    assert UPSTREAM_KEY not in echoed.text
+    assert moved.status_code == 502 and "redirect (HTTP 302)" in error_of(moved)["message"]
+    assert UPSTREAM_KEY not in env.front.log()
 
 
 @needs_llama_server

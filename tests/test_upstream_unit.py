@@ -28,6 +28,7 @@ from vergeai.upstream.stream import (
     Failure,
     Progress,
     RemoteJob,
+    _count,
     _message,
     _read,
 )
@@ -175,6 +176,17 @@ def test_an_upstream_is_held_to_max_tokens_however_it_sends() -> None:
         texts[index] += event.text
     assert texts == {0: "x" * 8 * CHARS_PER_TOKEN, 1: "y" * 8}
     assert progress.finish == {0: "length", 1: "length"} and progress.cut and progress.complete
+
+
+def test_an_upstreams_wild_counts_are_held_to_what_the_request_could_use(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    remote = Remote(Assistant(name="r", upstream=["http://a"], upstream_model="m"))
+    assert _count(12, 0, 64, "completion_tokens", remote) == 12
+    assert _count(None, 7, 64, "completion_tokens", remote) == 7  # none reported: our count
+    assert _count(10**30, 0, 64, "completion_tokens", remote) == 64
+    assert _count(-5, 0, 64, "prompt_tokens", remote) == 0  # would credit quotas
+    assert "reported completion_tokens 1000000000000000000000000000000" in caplog.text
 
 
 def test_a_choice_not_asked_for_is_a_failure() -> None:

@@ -157,3 +157,18 @@ def test_old_records_are_pruned(tmp_path: Path) -> None:
     ledger.write([Record(at, "u", "k", "a", "/v1/x", 200, 5, 0, 1, 1.0, "r") for at in (old, new)])
     assert ledger.prune(400) == 1
     assert ledger.totals(Filter())[0]["requests"] == 1
+
+
+def test_a_wild_number_is_clamped_and_loses_no_other_record(tmp_path: Path) -> None:
+    """An upstream once reported usage of 10^30: SQLite refused the whole batch, and another
+    user's records in it were lost; a negative count would credit quotas."""
+    ledger = Ledger(tmp_path)
+    now = datetime.now(UTC).isoformat()
+    good = [Record(now, "bob", "k", "a", "/v1/x", 200, 5, 0, 1, 1.0, f"r{i}") for i in range(10)]
+    wild = Record(now, "eve", "k", "a", "/v1/x", 200, 10**30, -7, -(10**30), float("nan"), "w")
+    ledger.write([good[0], wild, *good[1:]])
+    assert ledger.totals(Filter(user="bob"))[0]["requests"] == 10
+    eve = ledger.totals(Filter(user="eve"))[0]
+    assert eve["prompt_tokens"] == 2**53 and eve["completion_tokens"] == 0
+    assert eve["cached_tokens"] == 0
+    assert ledger.tokens_since(datetime.now(UTC) - timedelta(days=1))[("eve", "k")] >= 0

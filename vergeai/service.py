@@ -21,6 +21,7 @@ from vergeai.state.records import now
 from vergeai.state.store import State, Store
 from vergeai.state.usage import KeyUsage
 
+MAX_PENDING_RECORDS = 100_000  # usage records kept in memory while the ledger cannot be written
 log = logging.getLogger("vergeai.service")
 
 
@@ -60,7 +61,9 @@ class Service:
         try:
             Ledger(self.store.root).write(records)
         except Exception as exc:  # bookkeeping must never take the server down
-            log.warning("could not write %d usage records: %s", len(records), exc)
+            # kept for the next flush (a locked or full disk may clear), within a bound
+            self._records = (records + self._records)[-MAX_PENDING_RECORDS:]
+            log.warning("could not write %d usage records yet: %s", len(records), exc)
 
     def flush_usage(self) -> None:
         used, self._used = self._used, {}

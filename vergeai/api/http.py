@@ -204,7 +204,8 @@ def gate(request: Request, caller: Caller) -> Gate:
     built; the endpoint admits the request once it knows the prompt's tokens.
     """
     service: Service = request.app.state.service
-    scope = caller.user.name
+    # the user as created: a user made later under a deleted one's name is another
+    scope = f"{caller.user.name}\x00{caller.user.created.isoformat()}"
     if request.app.state.cache_scope == "key":
         scope += "\x00" + caller.key.name
     passage = Gate(service.limits, caller, scope=scope)

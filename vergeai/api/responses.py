@@ -171,9 +171,7 @@ async def create_response(request: Request) -> Response:
     if previous is not None:
         if not isinstance(previous, str):
             raise bad("previous_response_id", "must be a response id")
-        found = await asyncio.to_thread(
-            _store(request).get, caller.user.name, previous, _retention(service)
-        )
+        found = await _found(request, service, caller, previous)
         if found is None:
             raise NotFound(f"no response {previous[:64]!r}", param="previous_response_id")
         history = found[1]
@@ -207,21 +205,35 @@ async def create_response(request: Request) -> Response:
     return JSONResponse(reply.whole(done))
 
 
-async def get_response(request: Request) -> Response:
-    service, caller = _caller(request)
-    response_id = request.path_params["id"]
+async def _found(
+    request: Request, service: Service, caller: Caller, response_id: str
+) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+    """The caller's stored response and its conversation, if it has one by that id made
+    on an assistant its key may use (a key narrowed to others sees none of it)."""
     found = await asyncio.to_thread(
         _store(request).get, caller.user.name, response_id, _retention(service)
     )
+    if found is None or not caller.may_use(str(found[0].get("model"))):
+        return None
+    return found
+
+
+async def get_response(request: Request) -> Response:
+    service, caller = _caller(request)
+    response_id = request.path_params["id"]
+    found = await _found(request, service, caller, response_id)
     if found is None:
         raise NotFound(f"no response {response_id[:64]!r}")
     return JSONResponse(found[0])
 
 
 async def delete_response(request: Request) -> Response:
-    _, caller = _caller(request)
+    service, caller = _caller(request)
     response_id = request.path_params["id"]
-    if not await asyncio.to_thread(_store(request).delete, caller.user.name, response_id):
+    found = await _found(request, service, caller, response_id)
+    if found is None or not await asyncio.to_thread(
+        _store(request).delete, caller.user.name, response_id
+    ):
         raise NotFound(f"no response {response_id[:64]!r}")
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 

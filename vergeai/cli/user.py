@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,7 +22,10 @@ from vergeai.cli.common import (
     store_for,
 )
 from vergeai.limits import limits_text
+from vergeai.state.history import History
+from vergeai.state.ledger import Ledger
 from vergeai.state.records import User, check_name, now
+from vergeai.state.responses import Responses
 
 app = typer.Typer(help="Manage users: who may call which assistants.", no_args_is_help=True)
 
@@ -117,14 +121,34 @@ def enable(name: str, state_dir: StateDirOption = None) -> None:
     _set_enabled(name, True, state_dir)
 
 
+class UsageOnDelete(StrEnum):
+    ANONYMISE = "anonymise"
+    DELETE = "delete"
+    KEEP = "keep"
+
+
 @app.command("delete")
-def delete(name: str, yes: YesOption = False, state_dir: StateDirOption = None) -> None:
-    """Delete a user and revoke its keys."""
+def delete(
+    name: str,
+    usage: Annotated[
+        UsageOnDelete,
+        typer.Option(
+            help="The user's usage records: anonymise (counted in totals under a name no "
+            "user can have), delete, or keep under its name.",
+        ),
+    ] = UsageOnDelete.ANONYMISE,
+    yes: YesOption = False,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Delete a user: revoke its keys, remove its chat history and stored responses.
+
+    A user created later with the same name starts with none of it.
+    """
     store = store_for(state_dir)
     with failures():
         if name not in store.load().users:
             fail(f"no user named {name!r}")
-    confirm(f"Delete user {name} and revoke its keys?", yes)
+    confirm(f"Delete user {name}, revoke its keys and remove its data?", yes)
     with failures(), store.transaction() as state:
         if name not in state.users:
             fail(f"no user named {name!r}")
@@ -134,4 +158,15 @@ def delete(name: str, yes: YesOption = False, state_dir: StateDirOption = None) 
             if key.revoked is None:
                 key.revoked = now()
                 revoked += 1
-    say(f"deleted user {name}; revoked {revoked} key(s)")
+    with failures():
+        sessions = History(store.root).forget_user(name)
+        responses = Responses(store.root).forget_user(name)
+        records = 0
+        if usage != UsageOnDelete.KEEP:
+            records = Ledger(store.root).forget_user(name, usage == UsageOnDelete.ANONYMISE)
+    done = {UsageOnDelete.ANONYMISE: "anonymised", UsageOnDelete.DELETE: "deleted"}
+    said = f"; {done[usage]} {records} usage record(s)" if usage in done else ""
+    say(
+        f"deleted user {name}; revoked {revoked} key(s); removed {sessions} chat-history "
+        f"session(s) and {responses} stored response(s){said}"
+    )

@@ -119,6 +119,13 @@ class History:
             for r in rows
         ]
 
+    def forget_user(self, user: str) -> int:
+        """Delete every session of a user (on every assistant); returns how many."""
+        if not self.path.exists():
+            return 0
+        with self._db() as db:
+            return _delete(db, "user=?", [user])
+
     def clear(self, assistant: str, user: str | None = None, session: str | None = None) -> int:
         """Delete matching sessions; returns how many there were."""
         if not self.path.exists():

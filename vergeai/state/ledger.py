@@ -10,8 +10,10 @@ retention (``usage_days``, default 400) are pruned by the server.
 from __future__ import annotations
 
 import contextlib
+import math
+import secrets
 import sqlite3
-from dataclasses import astuple, dataclass, fields
+from dataclasses import astuple, dataclass, fields, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,27 @@ class Record:
     request_id: str
 
 
+MAX_COUNT = 2**53  # tokens a record may hold: SQLite's integers and JSON's exact ones
+
+
+def _sane(record: Record) -> Record:
+    """Counts within 0..MAX_COUNT and a finite duration: an upstream's wild number
+    (10^30 does not fit SQLite; a negative one would credit quotas) is clamped."""
+
+    def count(n: int) -> int:
+        return min(max(int(n), 0), MAX_COUNT)
+
+    duration = record.duration_ms if math.isfinite(record.duration_ms) else 0.0
+    return replace(
+        record,
+        status=count(record.status),
+        prompt_tokens=count(record.prompt_tokens),
+        cached_tokens=count(record.cached_tokens),
+        completion_tokens=count(record.completion_tokens),
+        duration_ms=min(max(duration, 0.0), 1e12),
+    )
+
+
 @dataclass(frozen=True)
 class Filter:
     user: str | None = None
@@ -68,11 +91,27 @@ class Ledger:
         return transaction(self.path, SCHEMA)
 
     def write(self, records: list[Record]) -> None:
+        """Write the records; numbers out of range are clamped, so no record (and no
+        batch) is lost to another's bad value."""
         if not records:
             return
         marks = ", ".join("?" * len(fields(Record)))
         with self._db() as db:
-            db.executemany(f"INSERT INTO requests VALUES ({marks})", map(astuple, records))
+            db.executemany(
+                f"INSERT INTO requests VALUES ({marks})", (astuple(_sane(r)) for r in records)
+            )
+
+    def forget_user(self, user: str, anonymise: bool) -> int:
+        """A deleted user's records: renamed to a name no user can have (their counts
+        stay in the totals), or deleted; returns how many."""
+        if not self.path.exists():
+            return 0
+        with self._db() as db:
+            if not anonymise:
+                return int(db.execute("DELETE FROM requests WHERE user=?", (user,)).rowcount)
+            gone = f"(deleted {secrets.token_hex(4)})"
+            sql = "UPDATE requests SET user=?, key='-' WHERE user=?"
+            return int(db.execute(sql, (gone, user)).rowcount)
 
     def prune(self, days: int) -> int:
         cutoff = (datetime.now(UTC) - timedelta(days=days)).isoformat()

@@ -71,6 +71,13 @@ class Responses:
                 return None
         return json.loads(response), json.loads(conversation)
 
+    def forget_user(self, user: str) -> int:
+        """Delete every stored response of a user; returns how many."""
+        if not self.path.exists():
+            return 0
+        with self._db() as db:
+            return int(db.execute("DELETE FROM responses WHERE user=?", (user,)).rowcount)
+
     def delete(self, user: str, response_id: str) -> bool:
         with self._db() as db:
             cursor = db.execute("DELETE FROM responses WHERE id=? AND user=?", (response_id, user))

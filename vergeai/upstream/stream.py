@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
@@ -33,6 +34,7 @@ MAX_EVENT = 16 * 1024 * 1024
 # that many pieces (an upstream streams about a token a piece), and that many times
 # this many characters, for an upstream that sends its text in a few large pieces.
 CHARS_PER_TOKEN = 32
+MAX_PROMPT = 100_000_000  # prompt tokens an upstream may report for one request
 ATTEMPTS = 2  # the first replica, then one other
 
 
@@ -179,8 +181,12 @@ async def _attempt(job: RemoteJob, remote: Remote, replica: Replica, progress: P
     replica.healthy()
     job.t_first = job.t_first or time.perf_counter()  # an empty answer
     usage = progress.usage or {}
-    completion = _int(usage.get("completion_tokens"), progress.chunks)
-    prompt = _int(usage.get("prompt_tokens"), job.prompt_estimate)
+    # an upstream's counts go into limits, quotas and the usage record: held to what
+    # the request could have used (its answer is held to max_tokens too)
+    completion = _count(usage.get("completion_tokens"), progress.chunks,
+                        job.max_tokens * job.choices, "completion_tokens", remote)  # fmt: skip
+    prompt = _count(usage.get("prompt_tokens"), job.prompt_estimate, MAX_PROMPT, "prompt_tokens",
+                    remote)  # fmt: skip
     job.n_generated = completion
     timings = _timings(job, progress, prompt, completion)
     for index, delta in progress.held:
@@ -262,6 +268,16 @@ def _within(
 
 def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
+
+
+def _count(value: Any, fallback: int, most: int, name: str, remote: Remote) -> int:
+    """An upstream's token count, within 0..most (a number out of it is logged)."""
+    count = _int(value, fallback)
+    if 0 <= count <= most:
+        return count
+    log.warning("assistant %s: the upstream reported %s %s; counted as %d",
+                remote.name, name, str(count)[:40], min(max(count, 0), most))  # fmt: skip
+    return min(max(count, 0), most)
 
 
 def _int(value: Any, fallback: int) -> int:
@@ -359,8 +375,26 @@ async def _events(response: httpx.Response) -> AsyncIterator[bytes]:
                 yield line[5:].strip()
 
 
+# what looks like a credential in an upstream's error text (an upstream may echo the
+# request's Authorization header): never passed to the client or the log
+CREDENTIAL = re.compile(
+    r"(?i)(bearer\s+|authorization[\"']?\s*[:=]\s*[\"']?(bearer\s+)?|"
+    r"(api[_-]?key|token|secret|password)[\"']?\s*[:=]\s*[\"']?)[^\s\"',;}]+"
+    r"|\b(sk|vai|hf|ghp|xox[bap])[-_][A-Za-z0-9_\-]{8,}"
+)
+
+
+def scrub(text: str) -> str:
+    """The text with anything that looks like a key or token replaced."""
+    return CREDENTIAL.sub(lambda m: (m.group(1) or "") + "[redacted]", text)
+
+
 def _message(body: bytes) -> str:
-    """The error message of an upstream's error body, or the start of the body."""
+    """The error message of an upstream's error body (or the start of the body), scrubbed."""
+    return scrub(_raw_message(body))
+
+
+def _raw_message(body: bytes) -> str:
     try:
         data = json.loads(body)
     except ValueError:
@@ -383,6 +417,12 @@ async def _refusal(response: httpx.Response) -> Failure:
             break
     status = response.status_code
     message = _message(body)
+    if 300 <= status < 400:  # httpx follows no redirect: the URL is wrong for its API
+        moved = UpstreamFailed(
+            f"the upstream server answered with a redirect (HTTP {status}); an admin should "
+            "check the assistant's upstream URL"
+        )
+        return Failure(f"answered HTTP {status}", retry=False, eject=False, error=moved)
     if status >= 500:
         return Failure(f"answered HTTP {status}: {message}")
     if status == 429:
@@ -402,6 +442,6 @@ async def _refusal(response: httpx.Response) -> Failure:
 
 def _mid_stream_error(error: Any) -> Failure:
     message = error.get("message") if isinstance(error, dict) else error
-    text = str(message)[:2000]
+    text = scrub(str(message)[:2000])
     error = UpstreamFailed(f"the upstream server failed the answer: {text}")
     return Failure(f"an error in the answer: {text}", eject=False, error=error)
