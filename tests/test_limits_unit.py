@@ -80,6 +80,27 @@ def test_n_answers_count_as_n_requests_in_flight(limits: Limits) -> None:
     assert never.value.headers["x-should-retry"] == "false"
 
 
+def test_what_requests_in_flight_may_still_use_is_held_against_quotas(limits: Limits) -> None:
+    """8 concurrent n=4 requests once used 6x a daily quota: admission checked the prompt
+    only. Now each holds its max_tokens x n until it has used or released them."""
+    who = caller(key={"daily_tokens": 300, "tpm": 10_000})
+    a = limits.admit(who, 10, places=4, reserve=240)
+    b = limits.admit(who, 10, places=4, reserve=240)  # 10 + 240 + 10 fit in 300
+    with pytest.raises(QuotaExceeded) as held:
+        limits.admit(who, 10)
+    assert "requests in flight may use 480 more" in held.value.message
+    assert held.value.headers["Retry-After"] == "1"
+    a.charge(100)  # what it used is counted; that much less is held for it
+    assert limits.usage[("key", "u", "k")].reserved == 380
+    a.release()  # the rest of its reservation is freed
+    assert limits.usage[("key", "u", "k")].reserved == 240
+    refused(limits, who)  # 120 used + 240 held + 10 > 300
+    b.release()
+    limits.admit(who, 10).release()  # 130 used, nothing held
+    usage = limits.usage[("key", "u", "k")]
+    assert usage.reserved == 0 and usage.day_tokens == 130 and usage.in_flight == 0
+
+
 def test_the_user_limit_binds_every_key_of_the_user(limits: Limits) -> None:
     first = caller(user={"rpm": 2})
     second = Caller(user=first.user, key=ApiKey(name="k2", user="u", hash="1" * 64, prefix="x"))

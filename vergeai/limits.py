@@ -62,6 +62,7 @@ class Usage:
     """One user's or key's running usage."""
 
     in_flight: int = 0
+    reserved: int = 0  # completion tokens requests in flight may still use (max_tokens)
     requests: deque[float] = field(default_factory=deque)  # admission times in the window
     buckets: deque[list[int]] = field(default_factory=deque)  # [second, tokens], oldest first
     day: str = ""
@@ -151,15 +152,24 @@ class Limits:
                 raise error
         return [usage for _, _, usage in subjects]
 
-    def admit(self, caller: Caller, prompt_tokens: int, places: int = 1) -> Ticket:
-        """Check, then count the request and its prompt: one step, nothing awaited."""
+    def admit(
+        self, caller: Caller, prompt_tokens: int, places: int = 1, reserve: int = 0
+    ) -> Ticket:
+        """Check, then count the request and its prompt: one step, nothing awaited.
+
+        ``reserve``: the completion tokens it may generate (max_tokens for each answer),
+        held against quotas and tokens per minute until it has used or released them,
+        so that requests admitted together cannot overshoot a limit by more than one
+        request's reservation.
+        """
         usages = self.check(caller, prompt_tokens, places)
         t, today = self.clock(), self.calendar().date().isoformat()
         for usage in usages:
             usage.in_flight += places
+            usage.reserved += reserve
             usage.requests.append(t)
             usage.add(prompt_tokens, t, today)
-        return Ticket(self, usages, prompt_tokens, places)
+        return Ticket(self, usages, prompt_tokens, places, reserve)
 
     def charge(self, usages: list[Usage], tokens: int) -> None:
         t, today = self.clock(), self.calendar().date().isoformat()
@@ -175,9 +185,16 @@ class Limits:
             ("monthly_quota", limited.monthly_tokens, usage.month_tokens, _next_month(now)),
             ("daily_quota", limited.daily_tokens, usage.day_tokens, _next_day(now)),
         ):
-            if quota is not None and used + prompt > quota:
+            if quota is not None and used + usage.reserved + prompt > quota:
                 period = reason.split("_")[0]
                 wait = (renews - now).total_seconds()
+                if used + prompt <= quota:  # requests in flight may use the rest
+                    return reason, QuotaExceeded(
+                        f"{who} has used {used} of its {period} quota of {quota} tokens and "
+                        f"requests in flight may use {usage.reserved} more; try again when "
+                        "they have finished",
+                        retry_after=1,
+                    )
                 return reason, QuotaExceeded(
                     f"{who} has used {used} of its {period} quota of {quota} tokens"
                     + (f" and this prompt needs {prompt}" if used < quota else "")
@@ -213,12 +230,19 @@ class Limits:
                     f"limit {limited.tpm}, requested {prompt}. Shorten the prompt.",
                     retry_after=None,
                 )
-            if used + prompt > limited.tpm:
+            if used + usage.reserved + prompt > limited.tpm:
                 wait = _tokens_free_in(usage, used + prompt - limited.tpm, t)
+                if used + prompt <= limited.tpm:  # requests in flight may use the rest
+                    wait = 1.0
                 return "tokens", RateLimited(
                     f"Rate limit reached for {who} on tokens per minute (TPM): "
-                    f"limit {limited.tpm}, used {used}, requested {prompt}. "
-                    f"Please try again in {duration(wait)}.",
+                    f"limit {limited.tpm}, used {used}, requested {prompt}"
+                    + (
+                        f", reserved by requests in flight {usage.reserved}"
+                        if usage.reserved
+                        else ""
+                    )
+                    + f". Please try again in {duration(wait)}.",
                     retry_after=wait,
                 )
         return None
@@ -268,21 +292,35 @@ class Ticket:
     """An admitted request's place: its completion tokens are counted as they come."""
 
     def __init__(
-        self, limits: Limits, usages: list[Usage], prompt_tokens: int, places: int = 1
+        self,
+        limits: Limits,
+        usages: list[Usage],
+        prompt_tokens: int,
+        places: int = 1,
+        reserve: int = 0,
     ) -> None:
         self.limits = limits
         self.usages = usages
         self.prompt_tokens = prompt_tokens
         self.places = places
+        self.reserved = reserve  # what is still held for it
         self.completion_tokens = 0
         self.released = False
 
     def charge(self, completion_tokens: int) -> None:
-        """The request's completion tokens so far; those not yet counted are counted now."""
+        """The request's completion tokens so far; those not yet counted are counted now
+        (and no longer held in reserve)."""
         new = completion_tokens - self.completion_tokens
         if new > 0:
             self.completion_tokens = completion_tokens
             self.limits.charge(self.usages, new)
+            self._unreserve(new)
+
+    def _unreserve(self, tokens: int) -> None:
+        freed = min(tokens, self.reserved)
+        self.reserved -= freed
+        for usage in self.usages:
+            usage.reserved -= freed
 
     def settle_prompt(self, prompt_tokens: int) -> None:
         """A prompt counted when it was admitted by an estimate: what its server counted."""
@@ -297,6 +335,7 @@ class Ticket:
             self.released = True
             for usage in self.usages:
                 usage.in_flight -= self.places
+            self._unreserve(self.reserved)
 
 
 @dataclass
@@ -311,6 +350,6 @@ class Gate:
     def check(self, prompt_tokens: int = 0, places: int = 1) -> None:
         self.limits.check(self.caller, prompt_tokens, places)
 
-    def admit(self, prompt_tokens: int, places: int = 1) -> Ticket:
-        self.ticket = self.limits.admit(self.caller, prompt_tokens, places)
+    def admit(self, prompt_tokens: int, places: int = 1, reserve: int = 0) -> Ticket:
+        self.ticket = self.limits.admit(self.caller, prompt_tokens, places, reserve)
         return self.ticket

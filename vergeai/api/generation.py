@@ -606,7 +606,7 @@ def launch(
     rollout = Rollout(worker, deque(leaders), share)
     try:
         rollout.submit()
-        ticket = gate.admit(prompt_tokens, places)
+        ticket = gate.admit(prompt_tokens, places, reserve=max_tokens * places)
     except BaseException:
         for leader in leaders:
             leader.cancel()

@@ -110,7 +110,7 @@ async def start_remote(
             lease is not None,
         )
         thinking = thinking_for(req, assistant)
-        gate.check(estimate)
+        gate.check(estimate, req.n)
         job = RemoteJob(
             tokens=[],
             sampling=sampling_for(req, assistant),
@@ -123,7 +123,7 @@ async def start_remote(
             choices=req.n,
             hold=not req.stream,
         )
-        ticket = gate.admit(estimate)
+        ticket = gate.admit(estimate, req.n, reserve=max_tokens * req.n)
         job.run(remote)
         logprobs = req.top_logprobs is not None
         answers = [Answer(req.raw_reasoning, False, logprobs, None) for _ in range(req.n)]
