@@ -20,7 +20,7 @@ import pytest
 from helpers import BackgroundStream, Server, cli_ok, error_of, free_port, relabel
 from pydantic import BaseModel, Field
 
-from vergeai.state.responses import Responses
+from vergeai.state.responses import MAX_STORED, Responses
 
 DATA = Path(__file__).parent / "data"
 QUESTION = "What is the capital of France?"
@@ -396,3 +396,19 @@ def test_responses_expire_with_their_assistants_history(tmp_path: Path) -> None:
     assert store.get("u", "resp_1", {"a": 30}) is None  # and it is deleted
     store.put("u", "gone", {"id": "resp_2"}, [])
     assert store.get("u", "resp_2", {"a": 30}) is None  # its assistant is gone
+
+
+def test_stored_responses_are_capped_and_pruned(tmp_path: Path) -> None:
+    """Rows expired only when read, and rows of deleted users and assistants stayed."""
+    store = Responses(tmp_path)
+    assert store.put("u", "gemma", {"id": "r1"}, [])
+    assert not store.put("u", "gemma", {"id": "big", "tools": ["x" * MAX_STORED]}, [])
+    store.put("gone", "gemma", {"id": "r2"}, [])  # a user deleted since
+    store.put("u", "retired", {"id": "r3"}, [])  # an assistant deleted since
+    assert store.prune({"gemma": 30}, {"u"}) == 2
+    assert store.get("u", "r1", {"gemma": 30}) is not None
+    with sqlite3.connect(tmp_path / "responses.db") as db:  # r1 is 31 days old
+        old = (datetime.now(UTC) - timedelta(days=31)).isoformat()
+        db.execute("UPDATE responses SET created=? WHERE id='r1'", (old,))
+    assert store.prune({"gemma": 30}, {"u"}) == 1
+    assert store.prune({"gemma": 30}, {"u"}) == 0

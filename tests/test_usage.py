@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -15,7 +16,9 @@ import httpx
 import pytest
 from helpers import HELLO, NO_EOS, Server, cli_ok, eventually, free_port, run_cli
 
+from vergeai.service import Service
 from vergeai.state.ledger import Filter, Ledger, Record
+from vergeai.state.store import Store
 
 
 @dataclass
@@ -172,3 +175,46 @@ def test_a_wild_number_is_clamped_and_loses_no_other_record(tmp_path: Path) -> N
     assert eve["prompt_tokens"] == 2**53 and eve["completion_tokens"] == 0
     assert eve["cached_tokens"] == 0
     assert ledger.tokens_since(datetime.now(UTC) - timedelta(days=1))[("eve", "k")] >= 0
+
+
+def test_refused_requests_are_counted_in_a_row_a_flush(tmp_path: Path) -> None:
+    """A client hammering its limit wrote a usage row per 429: 15,268 rows in 75 s."""
+    service = Service(Store(tmp_path))
+    now = (datetime.now(UTC) + timedelta(minutes=2)).isoformat()  # a minute not over yet
+    for i in range(500):
+        service.record(Record(now, "bob", "k", "gemma", "/v1/chat/completions", 429, 0, 0, 0,
+                              0.1, f"r{i}"))  # fmt: skip
+    service.record(
+        Record(now, "bob", "k", "gemma", "/v1/chat/completions", 200, 9, 0, 3, 5.0, "ok")
+    )
+    service.flush_records()
+    totals = Ledger(tmp_path).totals(Filter())[0]
+    assert totals["requests"] == 501 and totals["errors"] == 500
+    refused = Record(now, "bob", "k", "gemma", "/v1/chat/completions", 429, 0, 0, 0, 0.1, "x")
+    for _ in range(100):  # the same minute, after a flush: the first is not written again
+        service.record(refused)
+    service.flush_records()
+    assert Ledger(tmp_path).totals(Filter())[0]["requests"] == 601
+    with sqlite3.connect(tmp_path / "usage.db") as db:  # the answered, the first refused, 2 counts
+        assert db.execute("SELECT COUNT(*) FROM requests").fetchone()[0] == 4
+
+
+def test_a_usage_record_from_before_counts_is_upgraded(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "usage.db") as db:
+        db.execute(
+            "CREATE TABLE requests (at TEXT NOT NULL, user TEXT NOT NULL, key TEXT NOT NULL, "
+            "assistant TEXT NOT NULL, endpoint TEXT NOT NULL, status INTEGER NOT NULL, "
+            "prompt_tokens INTEGER NOT NULL, cached_tokens INTEGER NOT NULL, "
+            "completion_tokens INTEGER NOT NULL, duration_ms REAL NOT NULL, "
+            "request_id TEXT NOT NULL)"
+        )
+        db.execute("INSERT INTO requests VALUES (?, 'u', 'k', 'a', '/v1/x', 200, 5, 0, 1, 1.0, "
+                   "'r')", (datetime.now(UTC).isoformat(),))  # fmt: skip
+    ledger = Ledger(tmp_path)
+    assert ledger.totals(Filter())[0]["requests"] == 1
+    ledger.write([Record(datetime.now(UTC).isoformat(), "u", "k", "a", "/v1/x", 429, 0, 0, 0,
+                         1.0, "s", requests=4)])  # fmt: skip
+    assert ledger.totals(Filter())[0] == {
+        "requests": 5, "errors": 4, "prompt_tokens": 5, "cached_tokens": 0,
+        "completion_tokens": 1, "total_tokens": 6,
+    }  # fmt: skip

@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -173,6 +174,22 @@ def _forced_exit() -> None:
     os._exit(1)
 
 
+HOUSEKEEPING_SECONDS = 3600.0
+
+
+async def housekeeping(service: Service, usage_days: int) -> None:
+    try:
+        await asyncio.to_thread(service.prune_stores, usage_days)
+    except Exception as exc:  # what cannot be pruned now is pruned next time
+        log.warning("could not prune the stores: %s", exc)
+
+
+async def every(seconds: float, job: Callable[..., Awaitable[None]], *args: Any) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        await job(*args)
+
+
 def listen_url(opts: ServerConfig) -> str:
     scheme = "https" if opts.certfile else "http"
     host = f"[{opts.host}]" if ":" in opts.host else opts.host
@@ -185,10 +202,7 @@ async def run(service: Service, opts: ServerConfig) -> None:
     service.store.ensure()
     admin = await start_admin_server(service, state_dir, [listen_url(opts)])
     service.refresh(force=True)
-    with contextlib.suppress(Exception):  # a record that cannot be pruned is no reason to stop
-        pruned = await asyncio.to_thread(Ledger(state_dir).prune, opts.usage_days)
-        if pruned:
-            log.info("pruned %d usage records older than %d days", pruned, opts.usage_days)
+    await housekeeping(service, opts.usage_days)
     await seed_quotas(service)
     app = create_app(
         service,
@@ -210,11 +224,15 @@ async def run(service: Service, opts: ServerConfig) -> None:
     loop.add_signal_handler(signal.SIGHUP, lambda: service.refresh(force=True))
     shorten_tls_shutdown(loop)
     watcher = asyncio.ensure_future(service.watch())
+    housekeeper = asyncio.ensure_future(
+        every(HOUSEKEEPING_SECONDS, housekeeping, service, opts.usage_days)
+    )
     log.info("vergeai listening on %s/v1", listen_url(opts))
     try:
         await serve(app, hypercorn_config(opts), shutdown_trigger=stop.wait)  # type: ignore[arg-type]
     finally:
         log.info("stopping: in-flight requests have finished or timed out")
+        housekeeper.cancel()
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 
 from vergeai.auth import Caller, KeyIndex
 from vergeai.errors import StateError
@@ -18,6 +18,7 @@ from vergeai.limits import Limits
 from vergeai.runtime.pool import Pool
 from vergeai.state.ledger import Ledger, Record
 from vergeai.state.records import now
+from vergeai.state.responses import Responses
 from vergeai.state.store import State, Store
 from vergeai.state.usage import KeyUsage
 
@@ -44,6 +45,9 @@ class Service:
     _fingerprint: object = None
     _used: dict[str, datetime] = field(default_factory=dict)
     _records: list[Record] = field(default_factory=list)  # finished requests, not yet written
+    # requests refused before any work, per caller, endpoint, status and minute: the
+    # first is written as it comes, the others counted into one row a flush
+    _refused: dict[tuple[str, ...], tuple[Record, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.pool.root = self.store.root
@@ -54,16 +58,51 @@ class Service:
         return caller
 
     def record(self, record: Record) -> None:
-        self._records.append(record)
+        """Note a finished request for the usage record. Requests refused before any
+        work are the first of each minute and kind, then one row a flush counting the
+        rest (a client hammering a limit wrote a row for each, 15,000 in 75 s)."""
+        if record.status < 400 or record.prompt_tokens or record.completion_tokens:
+            self._records.append(record)
+            return
+        minute = record.at[:16]  # YYYY-MM-DDTHH:MM
+        kind = (record.user, record.key, record.assistant, record.endpoint, str(record.status))
+        seen = self._refused.get((*kind, minute))
+        if seen is None:
+            self._records.append(record)
+            self._refused[(*kind, minute)] = (record, 0)
+        else:
+            self._refused[(*kind, minute)] = (seen[0], seen[1] + 1)
 
     def flush_records(self) -> None:
+        """Write the records, the refused ones counted since the last flush as one row."""
+        this_minute = datetime.now(UTC).isoformat()[:16]
+        for kind, (first, more) in list(self._refused.items()):
+            if more:
+                self._records.append(replace(first, requests=more))
+                self._refused[kind] = (first, 0)
+            if kind[-1] < this_minute:
+                del self._refused[kind]
         records, self._records = self._records, []
+        if not records:
+            return
         try:
             Ledger(self.store.root).write(records)
         except Exception as exc:  # bookkeeping must never take the server down
             # kept for the next flush (a locked or full disk may clear), within a bound
             self._records = (records + self._records)[-MAX_PENDING_RECORDS:]
             log.warning("could not write %d usage records yet: %s", len(records), exc)
+
+    def prune_stores(self, usage_days: int) -> None:
+        """Prune what the stores keep past its time: usage records past the retention, and
+        stored responses past their assistant's, or of an assistant or user no longer there."""
+        root = self.store.root
+        retention = {name: a.history_days for name, a in self.state.assistants.items()}
+        pruned = Ledger(root).prune(usage_days)
+        gone = Responses(root).prune(retention, set(self.state.users))
+        if pruned:
+            log.info("pruned %d usage records older than %d days", pruned, usage_days)
+        if gone:
+            log.info("pruned %d stored responses (expired, or their assistant or user gone)", gone)
 
     def flush_usage(self) -> None:
         used, self._used = self._used, {}
@@ -101,7 +140,7 @@ class Service:
                 self.pool.heal()
                 if ticks % usage_every == 0 and self._used:
                     await asyncio.to_thread(self.flush_usage)
-                if self._records:
+                if self._records or self._refused:
                     await asyncio.to_thread(self.flush_records)
             except Exception:
                 log.exception("reloading the state dir failed")

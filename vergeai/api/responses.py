@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,11 +36,13 @@ from vergeai.api.schemas import parse_chat_request
 from vergeai.auth import Caller, check_assistant
 from vergeai.errors import InvalidRequest, NotFound, Unsupported, VergeError, error_body
 from vergeai.service import Service
-from vergeai.state.responses import Responses
+from vergeai.state.responses import MAX_STORED, Responses
 
 TEXT_PARTS = ("input_text", "output_text", "text")
 REFUSED = ("background", "conversation", "prompt")  # asynchronous runs, stored prompts
 PASSED = ("temperature", "top_p", "top_k", "min_p", "seed", "parallel_tool_calls", "stream")
+
+log = logging.getLogger("vergeai.responses")
 
 
 def _content(value: Any, where: str) -> str:
@@ -192,9 +195,12 @@ async def create_response(request: Request) -> Response:
     async def keep(done: Done) -> None:
         if store:
             turn = [*conversation, done.choices[0].message()]
-            await asyncio.to_thread(
+            stored = await asyncio.to_thread(
                 _store(request).put, caller.user.name, req.model, reply.whole(done), turn
             )
+            if not stored:
+                log.warning("response %s not stored: it and its conversation are over %d "
+                            "characters", reply.id, MAX_STORED)  # fmt: skip
 
     if req.stream:
         return await stream_reply(request, gen, reply, keep)

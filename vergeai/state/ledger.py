@@ -26,13 +26,15 @@ CREATE TABLE IF NOT EXISTS requests (
     at TEXT NOT NULL, user TEXT NOT NULL, key TEXT NOT NULL, assistant TEXT NOT NULL,
     endpoint TEXT NOT NULL, status INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,
     cached_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
-    duration_ms REAL NOT NULL, request_id TEXT NOT NULL
+    duration_ms REAL NOT NULL, request_id TEXT NOT NULL,
+    requests INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS requests_by_time ON requests (at);
 """
 GROUPS = ("day", "user", "key", "assistant")
 TOTALS = (
-    "COUNT(*) AS requests, SUM(status >= 400) AS errors, SUM(prompt_tokens) AS prompt_tokens, "
+    "SUM(requests) AS requests, SUM(CASE WHEN status >= 400 THEN requests ELSE 0 END) AS errors, "
+    "SUM(prompt_tokens) AS prompt_tokens, "
     "SUM(cached_tokens) AS cached_tokens, SUM(completion_tokens) AS completion_tokens, "
     "SUM(prompt_tokens + completion_tokens) AS total_tokens"
 )
@@ -51,6 +53,13 @@ class Record:
     completion_tokens: int
     duration_ms: float
     request_id: str
+    requests: int = 1  # refused requests of one minute are one row: how many
+
+
+def _add_requests(conn: sqlite3.Connection) -> None:
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(requests)")}
+    if "requests" not in columns:  # a usage.db from before refusals were counted by the minute
+        conn.execute("ALTER TABLE requests ADD COLUMN requests INTEGER NOT NULL DEFAULT 1")
 
 
 MAX_COUNT = 2**53  # tokens a record may hold: SQLite's integers and JSON's exact ones
@@ -71,6 +80,7 @@ def _sane(record: Record) -> Record:
         cached_tokens=count(record.cached_tokens),
         completion_tokens=count(record.completion_tokens),
         duration_ms=min(max(duration, 0.0), 1e12),
+        requests=max(1, count(record.requests)),
     )
 
 
@@ -88,7 +98,7 @@ class Ledger:
         self.path = Path(root) / FILE
 
     def _db(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        return transaction(self.path, SCHEMA)
+        return transaction(self.path, SCHEMA, _add_requests)
 
     def write(self, records: list[Record]) -> None:
         """Write the records; numbers out of range are clamped, so no record (and no

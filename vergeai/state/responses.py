@@ -18,6 +18,8 @@ from typing import Any
 
 from vergeai.state.sqlite import transaction
 
+MAX_STORED = 1024 * 1024  # characters of one stored response and its conversation
+
 FILE = "responses.db"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -40,13 +42,17 @@ class Responses:
         assistant: str,
         response: dict[str, Any],
         conversation: list[dict[str, Any]],
-    ) -> None:
+    ) -> bool:
+        """Store a response; False (nothing stored) past :data:`MAX_STORED` characters."""
+        kept, turns = json.dumps(response), json.dumps(conversation)
+        if len(kept) + len(turns) > MAX_STORED:
+            return False
         with self._db() as db:
             db.execute(
                 "INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?)",
-                (response["id"], user, assistant, datetime.now(UTC).isoformat(),
-                 json.dumps(response), json.dumps(conversation)),
-            )  # fmt: skip
+                (response["id"], user, assistant, datetime.now(UTC).isoformat(), kept, turns),
+            )
+        return True
 
     def get(
         self, user: str, response_id: str, max_days: dict[str, int]
@@ -70,6 +76,23 @@ class Responses:
                 db.execute("DELETE FROM responses WHERE id=?", (response_id,))
                 return None
         return json.loads(response), json.loads(conversation)
+
+    def prune(self, max_days: dict[str, int], users: set[str]) -> int:
+        """Delete what has expired (``max_days``: each assistant's retention) and what
+        belongs to an assistant or a user no longer there; returns how many."""
+        if not self.path.exists():
+            return 0
+        gone = 0
+        with self._db() as db:
+            for column, names in (("assistant", set(max_days)), ("user", users)):
+                marks = ", ".join("?" * len(names))
+                sql = f"DELETE FROM responses WHERE {column} NOT IN ({marks})"
+                gone += int(db.execute(sql, sorted(names)).rowcount)
+            for assistant, days in max_days.items():
+                cutoff = (_now() - timedelta(days=days)).isoformat()
+                sql = "DELETE FROM responses WHERE assistant=? AND created < ?"
+                gone += int(db.execute(sql, (assistant, cutoff)).rowcount)
+        return gone
 
     def forget_user(self, user: str) -> int:
         """Delete every stored response of a user; returns how many."""
