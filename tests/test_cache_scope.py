@@ -71,7 +71,7 @@ def test_a_guess_at_another_users_prompt_reads_the_same_whatever_it_guesses(bank
     one left (and the keeper holds what two prompts shared), as on a loaded server.
     (Speculation is off so that the streams last as long as their tokens say.)"""
     opening = bank.cached("victim", "Good morning.")  # the system prompt, cached for all
-    crowd = [BackgroundStream(bank.server.root_url, bank.tokens["crowd"], "gemma", 500)
+    crowd = [BackgroundStream(bank.server.root_url, bank.tokens["crowd"], "gemma", 300)
              for _ in range(2)]  # fmt: skip
     for stream in crowd:
         stream.start()

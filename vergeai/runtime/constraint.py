@@ -77,6 +77,10 @@ def json_schema_text(schema: dict[str, Any], lenient: bool = False) -> str:
 
 
 MAX_INTEGER = 10**16 - 1  # llama.cpp's converter's bound too: 16 digits
+# number keywords are held within this (a minimum and maximum both near -2^63 segfaulted
+# llguidance 1.9.1; a bound past it is outside what a 16-digit integer can reach anyway)
+MAX_BOUND = 10**18
+NUMBER_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
 DATA_KEYWORDS = ("const", "enum", "default", "examples")  # values, not schemas
 NAMED = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
@@ -86,7 +90,8 @@ def _tightened(schema: Any, closed: bool = True) -> Any:
     an object with ``properties`` has no others unless ``additionalProperties``
     says so (``closed``; not each part of an ``allOf``, whose parts add up), and
     an integer without a bound has at most 16 digits. A small model otherwise
-    often writes keys or digits until max_tokens."""
+    often writes keys or digits until max_tokens. Number bounds are held within
+    ±:data:`MAX_BOUND`."""
     if isinstance(schema, list):
         return [_tightened(item, closed) for item in schema]
     if not isinstance(schema, dict):
@@ -102,6 +107,10 @@ def _tightened(schema: Any, closed: bool = True) -> Any:
     open_keys = {"additionalProperties", "patternProperties"}
     if closed and "properties" in schema and not open_keys & set(schema):
         out["additionalProperties"] = False
+    for bound in NUMBER_BOUNDS:  # llguidance crashes on integer bounds near 64-bit limits
+        value = schema.get(bound)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[bound] = min(max(value, -MAX_BOUND), MAX_BOUND)
     kind = schema.get("type")
     if kind == "integer" or (isinstance(kind, list) and "integer" in kind):
         if "maximum" not in schema and "exclusiveMaximum" not in schema:
