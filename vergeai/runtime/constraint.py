@@ -65,8 +65,9 @@ class GrammarSpec:
     markers: tuple[str, ...] = ()
 
     @classmethod
-    def schema(cls, schema: dict[str, Any], param: str, lenient: bool = False) -> GrammarSpec:
-        return cls("json_schema", json_schema_text(schema, lenient), param)
+    def schema(cls, schema: dict[str, Any], param: str) -> GrammarSpec:
+        """A request's own schema: a keyword llguidance cannot enforce is refused."""
+        return cls("json_schema", json_schema_text(schema), param)
 
 
 def json_schema_text(schema: dict[str, Any], lenient: bool = False) -> str:
@@ -190,7 +191,6 @@ class Constraint:
     def __init__(self, matcher: llguidance.LLMatcher, grammar: Grammar) -> None:
         self._matcher = matcher
         self._grammar = grammar
-        self.param = grammar.param
         self.active = not grammar.triggers
         self._recent: list[tuple[int, str]] = []  # before a trigger: tokens and their text
         words = (grammar.tokenizer.vocab_size + 31) // 32
@@ -211,6 +211,11 @@ class Constraint:
         if not allowed.any():
             raise NoTokenAllowed("the grammar allows no token here")
         logits[~allowed] = -np.inf
+
+    @property
+    def param(self) -> str:
+        """The request field its grammar came from, for an error."""
+        return self._grammar.param
 
     @property
     def finished(self) -> bool:
