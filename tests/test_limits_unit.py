@@ -242,3 +242,40 @@ def test_limits_read_in_a_table() -> None:
     assert limits_text({"rpm": 1, "max_concurrent": 2, "daily_tokens": 3}) == (
         "rpm 1, concurrent 2, daily 3"
     )
+
+
+def test_a_user_or_key_made_again_under_a_deleted_ones_name_starts_afresh(
+    limits: Limits,
+) -> None:
+    """The counters were keyed by name: a new carol inherited the old one's quota use
+    (and requests in flight) until the server restarted."""
+    old = caller(user={"daily_tokens": 100})
+    limits.admit(old, 90)  # still in flight when its user is deleted
+    made_again = Caller(
+        user=User(name="u", daily_tokens=100, created=old.user.created + timedelta(seconds=1)),
+        key=ApiKey(name="k", user="u", hash="1" * 64, prefix="vai-…"),
+    )
+    limits.admit(made_again, 100).release()
+    with pytest.raises(QuotaExceeded):
+        limits.admit(made_again, 1)
+    assert limits.usage[("user", "u")].in_flight == 0
+    assert limits.usage[("key", "u", "k")].day_tokens == 100
+
+
+def test_seeded_usage_belongs_to_whoever_has_the_name(limits: Limits) -> None:
+    limits.seed(day={("u", "k"): 80}, month={("u", "k"): 80})
+    assert "used 80" in refused(limits, caller(key={"daily_tokens": 90}), 20).message
+
+
+def test_a_request_running_past_midnight_counts_each_token_to_its_day(
+    limits: Limits, clock: Clock
+) -> None:
+    who = caller(key={"daily_tokens": 100})
+    ticket = limits.admit(who, 30)  # 23:59:00
+    ticket.charge(40)
+    clock.advance(61)  # 00:00:01, February 1st
+    ticket.charge(50)
+    ticket.release()
+    assert ticket.days == {"2026-01-31": [30, 40], "2026-02-01": [0, 10]}
+    limits.admit(who, 90).release()  # the new day's quota has 10 used
+    assert "used 100" in refused(limits, who, 1).message

@@ -17,7 +17,7 @@ import pytest
 from helpers import HELLO, NO_EOS, Server, cli_ok, eventually, free_port, run_cli
 
 from vergeai.service import Service
-from vergeai.state.ledger import Filter, Ledger, Record
+from vergeai.state.ledger import Filter, Ledger, Record, by_day
 from vergeai.state.store import Store
 
 
@@ -218,3 +218,22 @@ def test_a_usage_record_from_before_counts_is_upgraded(tmp_path: Path) -> None:
         "requests": 5, "errors": 4, "prompt_tokens": 5, "cached_tokens": 0,
         "completion_tokens": 1, "total_tokens": 6,
     }  # fmt: skip
+
+
+def test_a_request_past_midnight_is_recorded_on_both_days(tmp_path: Path) -> None:
+    """Tokens generated before 00:00 UTC by a request that finished after it counted all
+    to the new day, which a restart then seeded into the new day's quota."""
+    at = "2026-02-01T00:00:05+00:00"
+    record = Record(at, "u", "k", "a", "/v1/x", 200, 30, 20, 50, 9000.0, "r")
+    rows = by_day(record, {"2026-01-31": [30, 40], "2026-02-01": [0, 10]})
+    split = [(r.at[:10], r.prompt_tokens, r.cached_tokens, r.completion_tokens, r.requests)
+             for r in rows]  # fmt: skip
+    assert split == [("2026-01-31", 30, 20, 40, 0), ("2026-02-01", 0, 0, 10, 1)]
+    assert by_day(record, {"2026-02-01": [30, 50]}) == [record]
+    ledger = Ledger(tmp_path)
+    ledger.write(rows)
+    days = {row["day"]: row for row in ledger.totals(Filter(), by="day")}
+    assert days["2026-01-31"]["total_tokens"] == 70 and days["2026-01-31"]["requests"] == 0
+    assert days["2026-02-01"]["total_tokens"] == 10 and days["2026-02-01"]["requests"] == 1
+    since = datetime(2026, 2, 1, tzinfo=UTC)
+    assert ledger.tokens_since(since) == {("u", "k"): 10}

@@ -69,6 +69,7 @@ class Usage:
     day_tokens: int = 0
     month: str = ""
     month_tokens: int = 0
+    owner: str = ""  # the user or key as created; "" for usage seeded by name
 
     def expire(self, t: float) -> None:
         while self.requests and self.requests[0] <= t - WINDOW:
@@ -118,10 +119,14 @@ class Limits:
                 usage.month_tokens += tokens
                 usage.day_tokens += day.get((user, key), 0)
 
-    def _usage(self, subject: Subject, today: str) -> Usage:
+    def _usage(self, subject: Subject, today: str, owner: str = "") -> Usage:
+        """The subject's usage; a user or key deleted and created again under the same
+        name starts afresh (its predecessor's requests in flight keep the old one)."""
         usage = self.usage.get(subject)
-        if usage is None:
+        if usage is None or (owner and usage.owner and usage.owner != owner):
             usage = self.usage[subject] = Usage()
+        if owner and not usage.owner:
+            usage.owner = owner
         usage.roll(today)
         return usage
 
@@ -130,11 +135,11 @@ class Limits:
         t, today = self.clock(), self.calendar().date().isoformat()
         key, user = caller.key, caller.user
         out: list[tuple[str, Limited, Usage]] = []
-        for who, limited, subject in (
-            (f"key {key.name!r}", key, ("key", user.name, key.name)),
-            (f"user {user.name!r}", user, ("user", user.name)),
+        for who, limited, subject, owner in (
+            (f"key {key.name!r}", key, ("key", user.name, key.name), key.hash),
+            (f"user {user.name!r}", user, ("user", user.name), user.created.isoformat()),
         ):
-            usage = self._usage(subject, today)
+            usage = self._usage(subject, today, owner)
             usage.expire(t)
             out.append((who, limited, usage))
         return out
@@ -163,18 +168,21 @@ class Limits:
         request's reservation.
         """
         usages = self.check(caller, prompt_tokens, places)
-        t, today = self.clock(), self.calendar().date().isoformat()
+        t = self.clock()
         for usage in usages:
             usage.in_flight += places
             usage.reserved += reserve
             usage.requests.append(t)
-            usage.add(prompt_tokens, t, today)
-        return Ticket(self, usages, prompt_tokens, places, reserve)
+        ticket = Ticket(self, usages, 0, places, reserve)
+        ticket.settle_prompt(prompt_tokens)
+        return ticket
 
-    def charge(self, usages: list[Usage], tokens: int) -> None:
+    def charge(self, usages: list[Usage], tokens: int) -> str:
+        """Count tokens now; returns the UTC day they counted to."""
         t, today = self.clock(), self.calendar().date().isoformat()
         for usage in usages:
             usage.add(tokens, t, today)
+        return today
 
     def _refusal(
         self, who: str, limited: Limited, usage: Usage, prompt: int, places: int
@@ -306,6 +314,9 @@ class Ticket:
         self.reserved = reserve  # what is still held for it
         self.completion_tokens = 0
         self.released = False
+        # prompt and completion tokens counted to each UTC day: one running past
+        # midnight counts what it generated before it to the day before
+        self.days: dict[str, list[int]] = {}
 
     def charge(self, completion_tokens: int) -> None:
         """The request's completion tokens so far; those not yet counted are counted now
@@ -313,7 +324,8 @@ class Ticket:
         new = completion_tokens - self.completion_tokens
         if new > 0:
             self.completion_tokens = completion_tokens
-            self.limits.charge(self.usages, new)
+            day = self.limits.charge(self.usages, new)
+            self.days.setdefault(day, [0, 0])[1] += new
             self._unreserve(new)
 
     def _unreserve(self, tokens: int) -> None:
@@ -323,11 +335,13 @@ class Ticket:
             usage.reserved -= freed
 
     def settle_prompt(self, prompt_tokens: int) -> None:
-        """A prompt counted when it was admitted by an estimate: what its server counted."""
+        """Count the prompt (at admission; again when an estimate is settled to what its
+        server counted: only the difference)."""
         more = prompt_tokens - self.prompt_tokens
         if more > 0:
             self.prompt_tokens = prompt_tokens
-            self.limits.charge(self.usages, more)
+            day = self.limits.charge(self.usages, more)
+            self.days.setdefault(day, [0, 0])[0] += more
 
     def release(self) -> None:
         """The request has ended: its place is free (once, however often called)."""

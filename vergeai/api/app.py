@@ -31,7 +31,7 @@ from vergeai.api.ops import health
 from vergeai.errors import InvalidRequest, NotFound, VergeError
 from vergeai.logs import log_token
 from vergeai.service import Service
-from vergeai.state.ledger import Record
+from vergeai.state.ledger import Record, by_day
 from vergeai.state.responses import Responses
 
 access_log = logging.getLogger("vergeai.access")
@@ -144,22 +144,22 @@ class AccessLog:
             "request_id": info["request_id"],
         }
         if assistant != "-" and "user" in info:
-            service.record(
-                Record(
-                    at=datetime.now(UTC).isoformat(),
-                    user=info["user"],
-                    key=info.get("key", "-"),
-                    assistant=assistant,
-                    endpoint=scope["path"][:64],
-                    status=status,
-                    prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                    cached_tokens=int((usage.get("prompt_tokens_details") or {}).get(
-                        "cached_tokens") or 0),
-                    completion_tokens=int(usage.get("completion_tokens") or 0),
-                    duration_ms=round(seconds * 1000.0, 1),
-                    request_id=info["request_id"],
-                )
+            record = Record(
+                at=datetime.now(UTC).isoformat(),
+                user=info["user"],
+                key=info.get("key", "-"),
+                assistant=assistant,
+                endpoint=scope["path"][:64],
+                status=status,
+                prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                cached_tokens=int((usage.get("prompt_tokens_details") or {}).get(
+                    "cached_tokens") or 0),
+                completion_tokens=int(usage.get("completion_tokens") or 0),
+                duration_ms=round(seconds * 1000.0, 1),
+                request_id=info["request_id"],
             )  # fmt: skip
+            for row in by_day(record, ticket.days if ticket is not None else {}):
+                service.record(row)
         text = {k: log_token(str(v)) for k, v in fields.items()}
         access_log.info(
             "%(method)s %(path)s %(status)s assistant=%(assistant)s user=%(user)s key=%(key)s "

@@ -207,7 +207,7 @@ def gate(request: Request, caller: Caller) -> Gate:
     # the user as created: a user made later under a deleted one's name is another
     scope = f"{caller.user.name}\x00{caller.user.created.isoformat()}"
     if request.app.state.cache_scope == "key":
-        scope += "\x00" + caller.key.name
+        scope += "\x00" + caller.key.hash
     passage = Gate(service.limits, caller, scope=scope)
     passage.check()
     request.state.gate = passage  # the access log records what its ticket counted

@@ -80,8 +80,30 @@ def _sane(record: Record) -> Record:
         cached_tokens=count(record.cached_tokens),
         completion_tokens=count(record.completion_tokens),
         duration_ms=min(max(duration, 0.0), 1e12),
-        requests=max(1, count(record.requests)),
+        requests=count(record.requests),
     )
+
+
+def by_day(record: Record, days: dict[str, list[int]]) -> list[Record]:
+    """A request's record, split where it ran past midnight UTC: ``days`` holds the
+    prompt and completion tokens its limits counted to each day, and what it used
+    before a midnight is a row of that day (its last instant, counting no request),
+    so the record and the daily quotas seeded from it agree."""
+    out = []
+    rest = record
+    for day in sorted(days)[:-1]:
+        p, c = min(days[day][0], rest.prompt_tokens), min(days[day][1], rest.completion_tokens)
+        cached = min(rest.cached_tokens, p)
+        at = f"{day}T23:59:59.999999+00:00"
+        out.append(replace(rest, at=at, prompt_tokens=p, cached_tokens=cached,
+                           completion_tokens=c, duration_ms=0.0, requests=0))  # fmt: skip
+        rest = replace(
+            rest,
+            prompt_tokens=rest.prompt_tokens - p,
+            cached_tokens=rest.cached_tokens - cached,
+            completion_tokens=rest.completion_tokens - c,
+        )
+    return [*out, rest]
 
 
 @dataclass(frozen=True)
