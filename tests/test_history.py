@@ -24,7 +24,9 @@ import openai
 import pytest
 from helpers import NO_EOS, Server, cli_ok, error_of, free_port, run_cli
 
+from vergeai.service import Service
 from vergeai.state.history import History, SessionKey
+from vergeai.state.store import Store
 
 SYSTEM = "You are a helpful assistant."
 FILLER = "The quick brown fox jumps over the lazy dog near the quiet river bank. "
@@ -652,3 +654,49 @@ def test_a_history_db_from_before_tool_calls_is_upgraded_in_place(tmp_path: Path
             ({"role": "tool", "content": "42", "tool_call_id": "c1", "name": "f"}, 3)]  # fmt: skip
     history.append(key, turn, 10)
     assert history.turns(key, 30)[1] == [message for message, _ in turn]
+    with sqlite3.connect(tmp_path / "history.db") as db:  # sizes kept from before, and since
+        size = len("hi") + sum(len(m["content"]) + len(json.dumps(
+            {k: m[k] for k in ("tool_calls", "tool_call_id", "name") if k in m}))
+            for m, _ in turn)  # fmt: skip
+        assert db.execute("SELECT size FROM sessions").fetchone()[0] == size
+
+
+def test_one_users_sessions_are_held_to_their_share_oldest_first(tmp_path: Path) -> None:
+    """Sessions expired only when read, and a user could keep any number of them."""
+    history = History(tmp_path, per_user=2400)
+    turn = [({"role": "user", "content": "x" * 500}, 1), ({"role": "assistant", "content": "y"}, 1)]
+    for session in ("s1", "s2", "s3"):
+        history.append(SessionKey("u", "a", session), turn, 10)
+    history.append(SessionKey("v", "a", "s1"), turn, 10)  # another user's share is its own
+    history.append(SessionKey("u", "a", "s1"), turn, 10)  # s1 is used again
+    history.append(SessionKey("u", "a", "s4"), turn, 10)  # 5 turns of 501: s2 goes
+    assert [s["id"] for s in history.sessions("a", "u")] == ["s4", "s1", "s3"]
+    big = SessionKey("u", "a", "big")
+    for _ in range(7):  # one session over the share alone keeps its newest turns
+        history.append(big, turn, 10)
+    assert [s["id"] for s in history.sessions("a", "u")] == ["big"]
+    assert len(history.turns(big, 30)) == 4
+    assert [s["id"] for s in history.sessions("a", "v")] == ["s1"]
+
+
+def test_idle_sessions_and_those_of_gone_users_and_assistants_are_pruned(
+    tmp_path: Path,
+) -> None:
+    history = History(tmp_path)
+    turn = [({"role": "user", "content": "hi"}, 1)]
+    for user, assistant, session in (("u", "a", "s"), ("u", "a", "idle"), ("gone", "a", "s"),
+                                     ("u", "retired", "s")):  # fmt: skip
+        history.append(SessionKey(user, assistant, session), turn, 10)
+    with sqlite3.connect(tmp_path / "history.db") as db:
+        old = (datetime.now(UTC) - timedelta(days=31)).isoformat()
+        db.execute("UPDATE sessions SET last_used=? WHERE session='idle'", (old,))
+    assert history.prune({"a": 30}, {"u"}) == 3
+    assert [s["id"] for s in history.sessions("a")] == ["s"]
+    with sqlite3.connect(tmp_path / "history.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 1
+
+
+def test_the_server_prunes_sessions_with_the_other_stores(tmp_path: Path) -> None:
+    History(tmp_path).append(SessionKey("u", "a", "s"), [({"role": "user", "content": "hi"}, 1)], 9)
+    Service(Store(tmp_path)).prune_stores(400)  # no user u, no assistant a
+    assert History(tmp_path).sessions("a") == []

@@ -403,6 +403,9 @@ def test_bad_config_file_is_a_clear_error(tmp_path: Path) -> None:
     (state / "config.toml").write_text("cache_scope = 'team'\n")
     result = vergeai(state, "serve")
     assert result.returncode == 1 and "cache_scope: must be one of user, key" in result.stderr
+    (state / "config.toml").write_text("store_mb_per_user = 0\n")
+    result = vergeai(state, "serve")
+    assert result.returncode == 1 and "store_mb_per_user: must be between" in result.stderr
     assert vergeai(state, "serve", "--log-format", "xml").returncode == 2
     assert vergeai(state, "serve", "--certfile", "x.pem").returncode == 2
 

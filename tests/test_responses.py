@@ -20,7 +20,11 @@ import pytest
 from helpers import BackgroundStream, Server, cli_ok, error_of, free_port, relabel
 from pydantic import BaseModel, Field
 
+from vergeai.api.app import create_app
+from vergeai.service import Service
+from vergeai.state.config import load_config
 from vergeai.state.responses import MAX_STORED, Responses
+from vergeai.state.store import Store
 
 DATA = Path(__file__).parent / "data"
 QUESTION = "What is the capital of France?"
@@ -412,3 +416,23 @@ def test_stored_responses_are_capped_and_pruned(tmp_path: Path) -> None:
         db.execute("UPDATE responses SET created=? WHERE id='r1'", (old,))
     assert store.prune({"gemma": 30}, {"u"}) == 1
     assert store.prune({"gemma": 30}, {"u"}) == 0
+
+
+def test_one_users_stored_responses_are_held_to_their_share(tmp_path: Path) -> None:
+    store = Responses(tmp_path, per_user=5000)
+    for i in range(6):
+        assert store.put("u", "gemma", {"id": f"r{i}", "text": "x" * 1000}, [])
+    store.put("v", "gemma", {"id": "v0", "text": "x" * 1000}, [])
+    kept = [f"r{i}" for i in range(6) if store.get("u", f"r{i}", {"gemma": 30})]
+    assert kept == ["r2", "r3", "r4", "r5"]  # the oldest went first
+    assert store.get("v", "v0", {"gemma": 30}) is not None
+    assert not store.put("u", "gemma", {"id": "huge", "text": "x" * 6000}, [])
+    assert store.get("u", "r5", {"gemma": 30}) is not None  # nothing went for what was refused
+
+
+def test_the_share_is_set_in_config_toml(tmp_path: Path) -> None:
+    app = create_app(Service(Store(tmp_path)), store_mb_per_user=3)
+    assert app.state.responses.per_user == app.state.sessions.history.per_user == 3 * 1024**2
+    config = tmp_path / "config.toml"
+    config.write_text("store_mb_per_user = 3\n")
+    assert load_config(tmp_path, {}).store_mb_per_user == 3

@@ -209,6 +209,7 @@ async def run(service: Service, opts: ServerConfig) -> None:
         metrics_public=opts.metrics_public,
         read_timeout=opts.read_timeout,
         cache_scope=opts.cache_scope,
+        store_mb_per_user=opts.store_mb_per_user,
     )
     limit_connections(opts.max_connections)
     stop = asyncio.Event()

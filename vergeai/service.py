@@ -16,6 +16,7 @@ from vergeai.auth import Caller, KeyIndex
 from vergeai.errors import StateError
 from vergeai.limits import Limits
 from vergeai.runtime.pool import Pool
+from vergeai.state.history import History
 from vergeai.state.ledger import Ledger, Record
 from vergeai.state.records import now
 from vergeai.state.responses import Responses
@@ -94,15 +95,20 @@ class Service:
 
     def prune_stores(self, usage_days: int) -> None:
         """Prune what the stores keep past its time: usage records past the retention, and
-        stored responses past their assistant's, or of an assistant or user no longer there."""
+        stored responses and chat-history sessions past their assistant's (``history_days``),
+        or of an assistant or user no longer there."""
         root = self.store.root
         retention = {name: a.history_days for name, a in self.state.assistants.items()}
+        users = set(self.state.users)
         pruned = Ledger(root).prune(usage_days)
-        gone = Responses(root).prune(retention, set(self.state.users))
+        gone = Responses(root).prune(retention, users)
+        idle = History(root).prune(retention, users)
         if pruned:
             log.info("pruned %d usage records older than %d days", pruned, usage_days)
         if gone:
             log.info("pruned %d stored responses (expired, or their assistant or user gone)", gone)
+        if idle:
+            log.info("pruned %d chat sessions (idle, or their assistant or user gone)", idle)
 
     def flush_usage(self) -> None:
         used, self._used = self._used, {}

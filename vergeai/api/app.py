@@ -177,6 +177,7 @@ def create_app(
     metrics_public: bool = False,
     read_timeout: float = 30.0,
     cache_scope: str = "user",
+    store_mb_per_user: int = 256,
 ) -> Starlette:
     disable_created_metrics()  # type: ignore[no-untyped-call]
     stats = Metrics(service)
@@ -200,8 +201,9 @@ def create_app(
         exception_handlers={VergeError: on_verge_error, HTTPException: on_http_error},
     )
     app.state.service = service
-    app.state.sessions = Sessions(service.store.root)
-    app.state.responses = Responses(service.store.root)
+    per_user = store_mb_per_user * 1024 * 1024
+    app.state.sessions = Sessions(service.store.root, per_user)
+    app.state.responses = Responses(service.store.root, per_user)
     app.state.metrics = stats
     app.state.metrics_public = metrics_public
     app.state.read_timeout = read_timeout

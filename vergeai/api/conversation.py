@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from vergeai.runtime.prompt import Message, with_system_prompt
 from vergeai.runtime.worker import Rendered, Worker, common_prefix
-from vergeai.state.history import History, SessionKey, Turn
+from vergeai.state.history import PER_USER, History, SessionKey, Turn
 from vergeai.state.records import Assistant
 
 T = TypeVar("T")
@@ -141,8 +141,8 @@ class Lease:
 
 
 class Sessions:
-    def __init__(self, root: Path) -> None:
-        self.history = History(root)
+    def __init__(self, root: Path, per_user: int = PER_USER) -> None:
+        self.history = History(root, per_user)
         self._locks: dict[SessionKey, tuple[asyncio.Lock, int]] = {}
 
     async def open(

@@ -18,12 +18,14 @@ from typing import Any
 from vergeai.state.sqlite import transaction
 
 FILE = "history.db"
+PER_USER = 256 * 1024 * 1024  # characters one user's sessions may hold
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,128}\Z")  # \Z: no trailing newline
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     user TEXT NOT NULL, assistant TEXT NOT NULL, session TEXT NOT NULL,
     last_used TEXT NOT NULL, next_turn INTEGER NOT NULL DEFAULT 0,
+    size INTEGER NOT NULL DEFAULT 0,  -- characters of its messages' content and extra
     PRIMARY KEY (user, assistant, session)
 );
 CREATE TABLE IF NOT EXISTS messages (
@@ -48,11 +50,12 @@ class SessionKey:
 
 
 class History:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, per_user: int = PER_USER) -> None:
         self.path = Path(root) / FILE
+        self.per_user = per_user  # characters; a user's least recently used sessions go past it
 
     def _db(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        return transaction(self.path, SCHEMA, _add_extra)
+        return transaction(self.path, SCHEMA, _upgrade)
 
     def turns(self, key: SessionKey, max_idle_days: int) -> list[Turn]:
         """The session's stored turns, oldest first; an idle-expired session is emptied."""
@@ -78,7 +81,11 @@ class History:
         return list(turns.values())
 
     def append(self, key: SessionKey, turn: list[tuple[Message, int]], max_turns: int) -> None:
-        """Store one turn (messages with their token counts); keep the newest max_turns."""
+        """Store one turn (messages with their token counts); keep the newest max_turns.
+        While the user's sessions hold more than ``per_user``, the least recently used
+        go, then this session's oldest turns (its newest stays)."""
+        rows = [(*_k(key), m["role"], m["content"], n, _extra(m)) for m, n in turn]
+        added = sum(len(content) + len(extra or "") for *_, content, _, extra in rows)
         with self._db() as db:
             db.execute(
                 "INSERT INTO sessions (user, assistant, session, last_used, next_turn) "
@@ -86,20 +93,65 @@ class History:
                 (*_k(key), _now().isoformat()),
             )
             (number,) = db.execute(
-                "UPDATE sessions SET next_turn = next_turn + 1 "
+                "UPDATE sessions SET next_turn = next_turn + 1, size = size + ? "
                 "WHERE user=? AND assistant=? AND session=? RETURNING next_turn - 1",
-                _k(key),
+                (added, *_k(key)),
             ).fetchone()
             db.executemany(
                 "INSERT INTO messages "
-                "(user, assistant, session, turn, role, content, tokens, extra) "
+                "(user, assistant, session, role, content, tokens, extra, turn) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(*_k(key), number, m["role"], m["content"], n, _extra(m)) for m, n in turn],
+                [(*row, number) for row in rows],
             )
+            _drop_turns(db, key, number - max_turns)
+            self._hold(db, key, number)
+
+    def _hold(self, db: sqlite3.Connection, key: SessionKey, newest: int) -> None:
+        """Keep the user's sessions within ``per_user`` characters."""
+        sql = "SELECT SUM(size) FROM sessions WHERE user=?"
+        (total,) = db.execute(sql, (key.user,)).fetchone()
+        if total <= self.per_user:
+            return
+        others = db.execute(
+            "SELECT assistant, session, size FROM sessions WHERE user=? "
+            "AND NOT (assistant=? AND session=?) ORDER BY last_used",
+            _k(key),
+        ).fetchall()
+        for assistant, session, size in others:
+            if total <= self.per_user:
+                return
+            _delete(db, "user=? AND assistant=? AND session=?", [key.user, assistant, session])
+            total -= size
+        turns = db.execute(
+            "SELECT DISTINCT turn FROM messages "
+            "WHERE user=? AND assistant=? AND session=? AND turn < ? ORDER BY turn",
+            (*_k(key), newest),
+        ).fetchall()
+        for (turn,) in turns:
+            if total <= self.per_user:
+                return
+            total -= _drop_turns(db, key, turn)
+
+    def prune(self, max_idle_days: dict[str, int], users: set[str]) -> int:
+        """Delete sessions idle past their assistant's ``history_days`` and those of an
+        assistant or a user no longer there; returns how many."""
+        if not self.path.exists():
+            return 0
+        gone = 0
+        with self._db() as db:
+            for column, names in (("assistant", set(max_idle_days)), ("user", users)):
+                marks = ", ".join("?" * len(names))
+                gone += _delete(db, f"{column} NOT IN ({marks})", sorted(names))
+            for assistant, days in max_idle_days.items():
+                cutoff = (_now() - timedelta(days=days)).isoformat()
+                sql = "DELETE FROM sessions WHERE assistant=? AND last_used < ?"
+                gone += int(db.execute(sql, (assistant, cutoff)).rowcount)
             db.execute(
-                "DELETE FROM messages WHERE user=? AND assistant=? AND session=? AND turn <= ?",
-                (*_k(key), number - max_turns),
+                "DELETE FROM messages WHERE NOT EXISTS (SELECT 1 FROM sessions s WHERE "
+                "s.user = messages.user AND s.assistant = messages.assistant "
+                "AND s.session = messages.session)"
             )
+        return gone
 
     def sessions(self, assistant: str, user: str | None = None) -> list[dict[str, Any]]:
         if not self.path.exists():
@@ -135,10 +187,34 @@ class History:
             return _delete(db, where, args)
 
 
-def _add_extra(conn: sqlite3.Connection) -> None:
+def _upgrade(conn: sqlite3.Connection) -> None:
     columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
     if "extra" not in columns:  # a history.db from before tool calls
         conn.execute("ALTER TABLE messages ADD COLUMN extra TEXT")
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(sessions)")}
+    if "size" not in columns:  # from before sessions' sizes were kept
+        with conn:
+            conn.execute("ALTER TABLE sessions ADD COLUMN size INTEGER NOT NULL DEFAULT 0")
+            conn.execute(
+                "UPDATE sessions SET size = (SELECT COALESCE(SUM(length(m.content) + "
+                "COALESCE(length(m.extra), 0)), 0) FROM messages m WHERE m.user = sessions.user "
+                "AND m.assistant = sessions.assistant AND m.session = sessions.session)"
+            )
+
+
+def _drop_turns(db: sqlite3.Connection, key: SessionKey, upto: int) -> int:
+    """Delete the session's turns numbered up to ``upto``; returns the characters freed."""
+    where = "user=? AND assistant=? AND session=? AND turn <= ?"
+    args = (*_k(key), upto)
+    sql = "SELECT COALESCE(SUM(length(content) + COALESCE(length(extra), 0)), 0) FROM messages"
+    (size,) = db.execute(f"{sql} WHERE {where}", args).fetchone()
+    if size:
+        db.execute(f"DELETE FROM messages WHERE {where}", args)
+        db.execute(
+            "UPDATE sessions SET size = size - ? WHERE user=? AND assistant=? AND session=?",
+            (size, *_k(key)),
+        )
+    return int(size)
 
 
 def _extra(message: Message) -> str | None:

@@ -19,22 +19,33 @@ from typing import Any
 from vergeai.state.sqlite import transaction
 
 MAX_STORED = 1024 * 1024  # characters of one stored response and its conversation
+PER_USER = 256 * 1024 * 1024  # characters one user's stored responses may hold
 
 FILE = "responses.db"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
     id TEXT PRIMARY KEY, user TEXT NOT NULL, assistant TEXT NOT NULL, created TEXT NOT NULL,
-    response TEXT NOT NULL, conversation TEXT NOT NULL
+    response TEXT NOT NULL, conversation TEXT NOT NULL, size INTEGER NOT NULL DEFAULT 0
 );
 """
 
 
+def _add_size(conn: sqlite3.Connection) -> None:
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(responses)")}
+    if "size" not in columns:  # a responses.db from before sizes were kept
+        with conn:
+            conn.execute("ALTER TABLE responses ADD COLUMN size INTEGER NOT NULL DEFAULT 0")
+            conn.execute("UPDATE responses SET size = length(response) + length(conversation)")
+    conn.execute("CREATE INDEX IF NOT EXISTS responses_by_user ON responses (user, created)")
+
+
 class Responses:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, per_user: int = PER_USER) -> None:
         self.path = Path(root) / FILE
+        self.per_user = per_user  # characters; a user's oldest responses go past it
 
     def _db(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        return transaction(self.path, SCHEMA)
+        return transaction(self.path, SCHEMA, _add_size)
 
     def put(
         self,
@@ -43,15 +54,32 @@ class Responses:
         response: dict[str, Any],
         conversation: list[dict[str, Any]],
     ) -> bool:
-        """Store a response; False (nothing stored) past :data:`MAX_STORED` characters."""
+        """Store a response; False (nothing stored) past :data:`MAX_STORED` characters.
+        The user's oldest responses are deleted while they hold more than ``per_user``."""
         kept, turns = json.dumps(response), json.dumps(conversation)
-        if len(kept) + len(turns) > MAX_STORED:
+        size = len(kept) + len(turns)
+        if size > min(MAX_STORED, self.per_user):
             return False
+        created = datetime.now(UTC).isoformat()
         with self._db() as db:
             db.execute(
-                "INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?)",
-                (response["id"], user, assistant, datetime.now(UTC).isoformat(), kept, turns),
+                "INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (response["id"], user, assistant, created, kept, turns, size),
             )
+            (total,) = db.execute(
+                "SELECT SUM(size) FROM responses WHERE user=?", (user,)
+            ).fetchone()
+            oldest = db.execute(
+                "SELECT id, size FROM responses WHERE user=? AND id != ? ORDER BY created",
+                (user, response["id"]),
+            )
+            gone = []
+            for old, old_size in oldest:
+                if total <= self.per_user:
+                    break
+                gone.append((old,))
+                total -= old_size
+            db.executemany("DELETE FROM responses WHERE id=?", gone)
         return True
 
     def get(
