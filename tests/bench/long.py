@@ -148,6 +148,8 @@ class Target:
     model: Callable[[str], str]  # workload's assistant -> the request's model
     sessions: bool  # chat history kept by the server
     system_in_server: bool  # the long system prompt is the assistant's
+    # each of the system workload's users' own headers (its API key), where it has users
+    users: list[dict[str, str]] = field(default_factory=list)
 
 
 class Client:
@@ -285,16 +287,20 @@ SYSTEM = passage("system prompt of the support assistant", 750)
 
 
 async def w_system(c: Client, tag: str) -> dict[str, Any]:
-    """16 users' questions at c=4 to an assistant with a ~1,000-token system prompt."""
+    """16 users' questions at c=4 to an assistant with a ~1,000-token system prompt (on
+    vergeai, each with its own user's key). What they share is the system prompt: each
+    question starts with its user (the round's tag, ~28 tokens, would be a prefix that
+    different users never share, and that vergeai does not share between them)."""
     system = [] if c.target.system_in_server else [{"role": "system", "content": SYSTEM}]
-    queue = [user(f"{tag} user {i}: what should I do about my order number {i}?")
-             for i in range(16)]  # fmt: skip
+    keys = c.target.users or [{}]
+    queue = [(user(f"user {i} ({tag}): what should I do about my order number {i}?"),
+              keys[i % len(keys)]) for i in range(16)]  # fmt: skip
     streams: list[Stream] = []
 
     async def worker() -> None:
         while queue:
-            question = queue.pop(0)
-            streams.append(await c.stream([*system, question], 32, "sys"))
+            question, headers = queue.pop(0)
+            streams.append(await c.stream([*system, question], 32, "sys", headers))
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(4)))
@@ -387,7 +393,12 @@ def make_vergeai(s: Settings, extra: list[str]) -> Target:
             str(state)]  # fmt: skip
     server = Server("vergeai", argv, port, s.work_dir / "vergeai-long.log", "/health",
                     {"Authorization": f"Bearer {token}"})  # fmt: skip
-    return Target("vergeai", server, lambda a: a, sessions=True, system_in_server=True)
+    users = []
+    for i in range(16):
+        vergeai_cli(state, "user", "create", f"user{i}")
+        key = vergeai_cli(state, "key", "create", "--user", f"user{i}", "--name", "k").strip()
+        users.append({"Authorization": f"Bearer {key}"})
+    return Target("vergeai", server, lambda a: a, True, True, users)
 
 
 def main() -> int:
