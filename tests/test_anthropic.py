@@ -298,3 +298,27 @@ def test_keys_and_permissions(env: Env) -> None:
         )  # type: ignore[arg-type]
     assert forbidden.value.status_code in (403, 404)
     assert forbidden.value.body["type"] == "error"  # type: ignore[index]
+
+
+def test_an_input_schema_with_references(env: Env) -> None:
+    place = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    trip = {
+        "name": "plan",
+        "input_schema": {
+            "type": "object",
+            "$defs": {"Place": place},
+            "properties": {"start": {"$ref": "#/$defs/Place"}, "end": {"$ref": "#/$defs/Place"}},
+            "required": ["start", "end"],
+        },
+    }
+    message = env.client().messages.create(
+        extra_body=GREEDY,
+        model="gemma",
+        max_tokens=60,
+        messages=[{"role": "user", "content": "A trip from Paris to Rome."}],
+        tools=[trip],  # type: ignore[list-item]
+        tool_choice={"type": "any", "disable_parallel_tool_use": True},
+    )
+    use = message.content[-1]
+    assert use.type == "tool_use" and message.stop_reason == "tool_use"
+    assert isinstance(use.input["end"]["city"], str)  # type: ignore[index]

@@ -202,6 +202,24 @@ def test_the_event_stream(env: Env) -> None:
     assert final["usage"]["output_tokens"] == 5
 
 
+def test_a_function_whose_parameters_have_references(env: Env) -> None:
+    place = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    parameters = {
+        "type": "object",
+        "definitions": {"Place": place},  # draft-07's spelling
+        "properties": {"start": {"$ref": "#/definitions/Place"}},
+        "required": ["start"],
+    }
+    tools: Any = [{"type": "function", "name": "plan", "parameters": parameters}]
+    reply = env.client().responses.create(
+        temperature=0, model="gemma", input="A trip from Paris.", tools=tools,
+        tool_choice="required", parallel_tool_calls=False, max_output_tokens=40,
+    )  # fmt: skip
+    call = reply.output[-1]
+    assert call.type == "function_call" and call.name == "plan"
+    assert isinstance(json.loads(call.arguments)["start"]["city"], str)
+
+
 def test_function_calls_whole_streamed_and_answered(env: Env) -> None:
     client = env.client()
     tools: Any = [WEATHER]

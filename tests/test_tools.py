@@ -351,3 +351,103 @@ def test_hostile_tool_names_and_schemas(tools: Tools) -> None:
     assert error_of(response)["param"] == "tools"
     # the assistant is still there for everyone
     assert tools.post(model="gemma", max_tokens=2).status_code == 200
+
+
+# schemas with references, as pydantic writes any nested model
+
+
+class Place(BaseModel):
+    city: str
+    country: str
+
+
+class Trip(BaseModel):
+    """A trip between two places."""
+
+    start: Place
+    end: Place
+    days: int
+
+
+def test_nested_models_in_tools_through_pydantic_ai(tools: Tools) -> None:
+    from pydantic_ai import Agent
+    from pydantic_ai.models.openai import OpenAIChatModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+    from pydantic_ai.settings import ModelSettings
+
+    assert "$defs" in Trip.model_json_schema()
+    provider = OpenAIProvider(base_url=tools.server.base_url, api_key=tools.token)
+    agent = Agent(
+        OpenAIChatModel("qwen", provider=provider),
+        output_type=Trip,
+        model_settings=ModelSettings(temperature=0, max_tokens=90),
+    )
+    trip = agent.run_sync("Plan a trip from Paris to Rome.").output
+    assert isinstance(trip, Trip) and isinstance(trip.start, Place)
+
+
+def test_nested_models_in_tools_through_openai_agents(tools: Tools) -> None:
+    from agents import (
+        Agent,
+        ModelSettings,
+        OpenAIChatCompletionsModel,
+        Runner,
+        function_tool,
+        set_tracing_disabled,
+    )
+
+    set_tracing_disabled(True)
+    booked: list[Trip] = []
+
+    @function_tool
+    def book(trip: Trip) -> str:
+        """Book a trip."""
+        booked.append(trip)
+        return "booked"
+
+    client = openai.AsyncOpenAI(base_url=tools.server.base_url, api_key=tools.token)
+    agent = Agent(
+        name="travel",
+        model=OpenAIChatCompletionsModel(model="qwen", openai_client=client),
+        tools=[book],
+        tool_use_behavior="stop_on_first_tool",
+        model_settings=ModelSettings(tool_choice="book", temperature=0, max_tokens=90),
+    )
+    result = Runner.run_sync(agent, "Book a trip from Paris to Rome.", max_turns=2)
+    assert result.final_output == "booked"
+    assert len(booked) == 1 and isinstance(booked[0].end, Place)
+
+
+def draft07(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema as draft-07 writes it: ``definitions``, not ``$defs``."""
+    text = json.dumps(schema).replace("$defs", "definitions")
+    return dict(json.loads(text))
+
+
+@pytest.mark.parametrize("dialect", [dict, draft07])
+@pytest.mark.parametrize("choice", ["required", "named", "auto"])
+def test_tool_parameters_with_references(tools: Tools, choice: str, dialect: Any) -> None:
+    # instructor's tools mode sends this: the model's schema, the one tool named
+    trip = {"type": "function", "function": {"name": "Trip",
+            "parameters": dialect(Trip.model_json_schema())}}  # fmt: skip
+    # a recursive one beside it: its refs are to its own root
+    tree = {"type": "function", "function": {"name": "tree", "parameters": {
+        "type": "object", "properties": {"label": {"type": "string"},
+                                         "children": {"type": "array", "items": {"$ref": "#"},
+                                                      "maxItems": 1}},
+        "required": ["label"]}}}  # fmt: skip
+    named = {"type": "function", "function": {"name": "Trip"}}
+    reply = tools.post(
+        model="qwen", tools=[trip, tree], max_tokens=90,
+        messages=[{"role": "user", "content": "Plan a trip from Paris to Rome."}],
+        tool_choice=named if choice == "named" else choice,
+    )  # fmt: skip
+    assert reply.status_code == 200, reply.text
+    calls = reply.json()["choices"][0]["message"].get("tool_calls") or []
+    assert choice == "auto" or calls
+    for call in calls:
+        args = json.loads(call["function"]["arguments"])
+        if call["function"]["name"] == "Trip":
+            Trip.model_validate(args)
+        else:
+            assert isinstance(args["label"], str)

@@ -51,18 +51,21 @@ class ToolUse:
         functions = [t["function"] for t in self.tools]
         if self.forced and self.choice != "required":
             functions = [f for f in functions if f["name"] == self.choice]
+        defs: dict[str, Any] = {}
         calls = [
             {
                 "type": "object",
                 "properties": {
                     "name": {"const": f["name"]},
-                    fmt.args_key: f.get("parameters") or NO_PARAMETERS,
+                    fmt.args_key: _placed(f.get("parameters") or NO_PARAMETERS, f"p{i}", defs),
                 },
                 "required": ["name", fmt.args_key],
             }
-            for f in functions
+            for i, f in enumerate(functions)
         ]
-        call = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        call: dict[str, Any] = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        if defs:
+            call = {**call, "$defs": defs}
         check_schema(call, "tools")
         # agents' tool schemas are rarely theirs to change: keywords the engine
         # cannot enforce are left out of the grammar (lenient), not refused
@@ -76,6 +79,39 @@ class ToolUse:
             lark = fmt.lark("call", parallel)
         triggers = (fmt.trigger(),) if lazy else ()
         return GrammarSpec("lark", f"{lark}\n{rules}", "tools", triggers, fmt.markers)
+
+
+def _placed(parameters: dict[str, Any], name: str, defs: dict[str, Any]) -> dict[str, Any]:
+    """A function's parameters as they sit inside the call schema.
+
+    A ``$ref`` is resolved against the root of the schema it is in, and a
+    function's parameters (with their ``$defs``/``definitions``, as pydantic
+    writes any nested model) are not the call schema's root: such parameters
+    move to the call's ``$defs`` under ``name`` and their local refs follow.
+    """
+    if not _refers(parameters):
+        return parameters
+    defs[name] = _rebased(parameters, f"#/$defs/{name}")
+    return {"$ref": f"#/$defs/{name}"}
+
+
+def _refers(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any((k == "$ref" and isinstance(v, str)) or _refers(v) for k, v in value.items())
+    return isinstance(value, list) and any(_refers(v) for v in value)
+
+
+def _rebased(value: Any, base: str) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: base + v[1:]
+            if k == "$ref" and isinstance(v, str) and (v == "#" or v.startswith("#/"))
+            else _rebased(v, base)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_rebased(v, base) for v in value]
+    return value
 
 
 def _bad(param: str, message: str) -> InvalidRequest:
