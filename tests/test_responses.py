@@ -202,6 +202,76 @@ def test_the_event_stream(env: Env) -> None:
     assert final["usage"]["output_tokens"] == 5
 
 
+def test_events_and_responses_hold_to_the_sdks_strict_types(env: Env) -> None:
+    from openai.types.responses import Response, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    adapter: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
+    for cut in (3, 60):
+        streamed = env.post(input="Say hi.", max_output_tokens=cut, stream=True)
+        events = [json.loads(line[6:]) for line in streamed.text.splitlines()
+                  if line.startswith("data: ")]  # fmt: skip
+        for event in events:
+            adapter.validate_python(event, strict=True)
+        final = events[-1]["response"]
+        Response.model_validate(final, strict=True)
+        message = final["output"][-1]
+        done = [e["item"] for e in events if e["type"] == "response.output_item.done"][-1]
+        # an answer cut by max_output_tokens leaves its message incomplete, as OpenAI does
+        status = "incomplete" if final["status"] == "incomplete" else "completed"
+        assert message["status"] == done["status"] == status
+        details = final["usage"]["input_tokens_details"]
+        assert (
+            details["cached_tokens"] + details["cache_write_tokens"]
+            == final["usage"]["input_tokens"]
+        )
+    assert events is not None
+    whole = env.post(input="Say hi.", max_output_tokens=3).json()
+    Response.model_validate(whole, strict=True)
+    assert whole["status"] == whole["output"][-1]["status"] == "incomplete"
+
+
+def test_input_items_are_listed_and_paged(env: Env) -> None:
+    client = env.client()
+    items: Any = [
+        {"type": "message", "role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "input_text", "text": "Weather in Paris?"}]},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather",
+         "arguments": '{"city": "Paris"}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "Sunny"},
+        {"type": "message", "role": "assistant", "content": "It is sunny.", "id": "msg_mine"},
+        {"role": "user", "content": "And tomorrow?"},
+    ]  # fmt: skip
+    made = client.responses.create(
+        temperature=0, model="gemma", input=items, tools=[WEATHER], max_output_tokens=1
+    )  # type: ignore[list-item]
+    listed = list(client.responses.input_items.list(made.id, limit=2, order="asc"))
+    assert [i.type for i in listed] == ["message", "message", "function_call",
+                                        "function_call_output", "message", "message"]  # fmt: skip
+    assert len({i.id for i in listed}) == 6 and listed[4].id == "msg_mine"
+    assert listed[0].role == "developer" and listed[0].content[0].text == "Be brief."  # type: ignore[union-attr]
+    assert listed[3].output == "Sunny"  # type: ignore[union-attr]
+    newest = client.responses.input_items.list(made.id)
+    assert [i.id for i in newest.data] == [i.id for i in reversed(listed)]
+    assert newest.has_more is False
+    page = client.responses.input_items.list(made.id, limit=3, after=listed[1].id, order="asc")
+    assert [i.id for i in page.data] == [i.id for i in listed[2:5]] and page.has_more
+    one = client.responses.create(temperature=0, model="gemma", input="Hi", max_output_tokens=1)
+    (only,) = client.responses.input_items.list(one.id).data
+    assert only.type == "message" and only.role == "user"  # type: ignore[union-attr]
+    # none of it for another user or a key narrowed to another assistant
+    for token in (env.other, env.narrow):
+        with pytest.raises(openai.NotFoundError):
+            env.client(token).responses.input_items.list(made.id)
+    with env.server.http(env.token) as http:
+        for query, param in (({"limit": 0}, "limit"), ({"limit": "x"}, "limit"),
+                             ({"limit": 101}, "limit"), ({"order": "up"}, "order"),
+                             ({"after": "nope"}, "after")):  # fmt: skip
+            bad = http.get(f"/v1/responses/{made.id}/input_items", params=query)
+            assert bad.status_code == 400 and error_of(bad)["param"] == param
+        assert http.get("/v1/responses/resp_nope/input_items").status_code == 404
+
+
 def test_a_function_whose_parameters_have_references(env: Env) -> None:
     place = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
     parameters = {
@@ -454,3 +524,19 @@ def test_the_share_is_set_in_config_toml(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text("store_mb_per_user = 3\n")
     assert load_config(tmp_path, {}).store_mb_per_user == 3
+
+
+def test_a_responses_db_from_before_input_items_is_upgraded(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "responses.db") as db:
+        db.execute(
+            "CREATE TABLE responses (id TEXT PRIMARY KEY, user TEXT NOT NULL, assistant TEXT "
+            "NOT NULL, created TEXT NOT NULL, response TEXT NOT NULL, conversation TEXT NOT NULL)"
+        )
+        now = datetime.now(UTC).isoformat()
+        db.execute("INSERT INTO responses VALUES ('old', 'u', 'a', ?, '{}', '[]')", (now,))
+    store = Responses(tmp_path)
+    found = store.get("u", "old", {"a": 30})
+    assert found is not None and found.input == [] and found.response == {}
+    assert store.put("u", "a", {"id": "new"}, [], [{"type": "message", "id": "m"}])
+    found = store.get("u", "new", {"a": 30})
+    assert found is not None and found.input == [{"type": "message", "id": "m"}]

@@ -188,6 +188,7 @@ def create_app(
         Route("/v1/messages", anthropic.messages, methods=["POST"]),
         Route("/v1/responses", responses.create_response, methods=["POST"]),
         Route("/v1/responses/{id}", responses.get_response, methods=["GET"]),
+        Route("/v1/responses/{id}/input_items", responses.list_input_items, methods=["GET"]),
         Route("/v1/responses/{id}", responses.delete_response, methods=["DELETE"]),
         Route("/v1/messages/count_tokens", anthropic.count_tokens, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),

@@ -1,4 +1,5 @@
-"""OpenAI's Responses API over the chat path: POST /v1/responses, GET and DELETE /v1/responses/{id}.
+"""OpenAI's Responses API over the chat path: POST /v1/responses, GET and DELETE
+/v1/responses/{id}, GET /v1/responses/{id}/input_items.
 
 ``input`` (a string or a list of items: messages, function_call and
 function_call_output) and ``instructions`` become chat messages; the answer
@@ -6,6 +7,9 @@ comes back as output items (reasoning, message, function_call), whole or as
 the Responses event sequence. ``store`` (default true) keeps the response
 and its conversation for its user; ``previous_response_id`` continues that
 conversation (the instructions are not carried over, as OpenAI does).
+A stored response's input items are listed as the request gave them, each
+with an id (``reasoning`` items, which are not sent to the model, are not
+kept).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from vergeai.api.schemas import parse_chat_request
 from vergeai.auth import Caller, check_assistant
 from vergeai.errors import InvalidRequest, NotFound, Unsupported, VergeError, error_body
 from vergeai.service import Service
-from vergeai.state.responses import MAX_STORED, Responses
+from vergeai.state.responses import MAX_STORED, Responses, Stored
 
 TEXT_PARTS = ("input_text", "output_text", "text")
 REFUSED = ("background", "conversation", "prompt")  # asynchronous runs, stored prompts
@@ -102,6 +106,46 @@ def input_messages(value: Any) -> list[dict[str, Any]]:
         else:
             raise bad(f"{where}.type", f"{kind!r} items are not supported")
     return out
+
+
+def _parts(content: Any, kind: str) -> list[dict[str, Any]]:
+    """A message's content as listed parts of one ``kind`` (input_text or output_text)."""
+    texts = [content] if isinstance(content, str) else [part["text"] for part in content]
+    extra: dict[str, Any] = {"annotations": []} if kind == "output_text" else {}
+    return [{"type": kind, "text": text, **extra} for text in texts]
+
+
+def input_items(value: Any, response_id: str) -> list[dict[str, Any]]:
+    """The request's input (already checked by :func:`input_messages`) as the items
+    ``input_items`` lists: each with its type, status and an id (its own if it had one)."""
+    given = (
+        [{"type": "message", "role": "user", "content": value}] if isinstance(value, str) else value
+    )
+    stem = response_id.removeprefix("resp_")
+    items = []
+    for n, item in enumerate(given):
+        kind = item.get("type", "message")
+        if kind == "reasoning":
+            continue
+        if kind == "message":
+            text = "output_text" if item["role"] == "assistant" else "input_text"
+            out = {
+                "type": "message",
+                "role": item["role"],
+                "content": _parts(item["content"], text),
+            }
+        elif kind == "function_call":
+            out = {"type": kind, "call_id": item["call_id"], "name": item["name"],
+                   "arguments": item.get("arguments", "{}")}  # fmt: skip
+        else:
+            output = item["output"]
+            text = output if isinstance(output, str) else "\n".join(p["text"] for p in output)
+            out = {"type": kind, "call_id": item["call_id"], "output": text}
+        own = item.get("id")
+        prefix = {"message": "msg", "function_call": "fc"}.get(kind, "fco")
+        out["id"] = own if isinstance(own, str) and own else f"{prefix}_{stem}_{n}"
+        items.append({**out, "status": "completed"})
+    return items
 
 
 def chat_body(body: dict[str, Any], messages: list[dict[str, Any]]) -> dict[str, Any]:
@@ -177,10 +221,12 @@ async def create_response(request: Request) -> Response:
         found = await _found(request, service, caller, previous)
         if found is None:
             raise NotFound(f"no response {previous[:64]!r}", param="previous_response_id")
-        history = found[1]
+        history = found.conversation
     if "input" not in body:
         raise bad("input", "is required")
     conversation = history + input_messages(body["input"])
+    reply_id = _id("resp")
+    given = input_items(body["input"], reply_id)
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise bad("instructions", "must be a string")
@@ -190,13 +236,13 @@ async def create_response(request: Request) -> Response:
     passage = gate(request, caller)
     worker = generation.online_worker(service, req.model)
     gen = await generation.start(worker, request.app.state.sessions, passage, req, None)
-    reply = ResponseReply(worker.assistant.name, body, previous, store)
+    reply = ResponseReply(reply_id, worker.assistant.name, body, previous, store)
 
     async def keep(done: Done) -> None:
         if store:
             turn = [*conversation, done.choices[0].message()]
             stored = await asyncio.to_thread(
-                _store(request).put, caller.user.name, req.model, reply.whole(done), turn
+                _store(request).put, caller.user.name, req.model, reply.whole(done), turn, given
             )
             if not stored:
                 log.warning("response %s not stored: it and its conversation are over %d "
@@ -213,13 +259,13 @@ async def create_response(request: Request) -> Response:
 
 async def _found(
     request: Request, service: Service, caller: Caller, response_id: str
-) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+) -> Stored | None:
     """The caller's stored response and its conversation, if it has one by that id made
     on an assistant its key may use (a key narrowed to others sees none of it)."""
     found = await asyncio.to_thread(
         _store(request).get, caller.user.name, response_id, _retention(service)
     )
-    if found is None or not caller.may_use(str(found[0].get("model"))):
+    if found is None or not caller.may_use(str(found.response.get("model"))):
         return None
     return found
 
@@ -230,7 +276,39 @@ async def get_response(request: Request) -> Response:
     found = await _found(request, service, caller, response_id)
     if found is None:
         raise NotFound(f"no response {response_id[:64]!r}")
-    return JSONResponse(found[0])
+    return JSONResponse(found.response)
+
+
+async def list_input_items(request: Request) -> Response:
+    service, caller = _caller(request)
+    response_id = request.path_params["id"]
+    query = request.query_params
+    limit = query.get("limit", "20")
+    if not limit.isdigit() or not 1 <= int(limit) <= 100:
+        raise bad("limit", "must be a whole number from 1 to 100")
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise bad("order", "must be asc or desc")
+    if query.get("include"):
+        raise Unsupported("'include' is not supported by this server", param="include")
+    found = await _found(request, service, caller, response_id)
+    if found is None:
+        raise NotFound(f"no response {response_id[:64]!r}")
+    items = found.input[::-1] if order == "desc" else found.input
+    after = query.get("after")
+    if after is not None:
+        ids = [item["id"] for item in items]
+        if after not in ids:
+            raise bad("after", f"no input item {after[:64]!r} in this response")
+        items = items[ids.index(after) + 1 :]
+    page = items[: int(limit)]
+    return JSONResponse({
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(items) > len(page),
+    })  # fmt: skip
 
 
 async def delete_response(request: Request) -> Response:
@@ -249,8 +327,10 @@ def _id(prefix: str) -> str:
 
 
 class ResponseReply:
-    def __init__(self, name: str, body: dict[str, Any], previous: str | None, store: bool) -> None:
-        self.id = _id("resp")
+    def __init__(
+        self, id: str, name: str, body: dict[str, Any], previous: str | None, store: bool
+    ) -> None:
+        self.id = id
         self.name = name
         self.created = int(time.time())
         self.body = body
@@ -290,9 +370,10 @@ class ResponseReply:
                 "content": [{"type": "reasoning_text", "text": text}]}  # fmt: skip
 
     def message_item(self, text: str, status: str) -> dict[str, Any]:
-        part = {"type": "output_text", "text": text, "annotations": []}
+        """The message; ``incomplete`` when the answer was cut by max_output_tokens."""
+        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant",
-                "content": [part] if status == "completed" else []}  # fmt: skip
+                "content": [] if status == "in_progress" else [part]}  # fmt: skip
 
     def call_item(self, index: int, call_id: str, name: str, arguments: str, status: str) -> Any:
         item_id = self.call_ids.setdefault(index, _id("fc"))
@@ -304,7 +385,7 @@ class ResponseReply:
         if choice.reasoning:
             items.append(self.reasoning_item(choice.reasoning))
         if choice.content.strip() or not (choice.tool_calls or items):
-            items.append(self.message_item(choice.content, "completed"))
+            items.append(self.message_item(choice.content, _status(choice)))
         items += [
             self.call_item(i, c.id, c.name, c.arguments, "completed")
             for i, c in enumerate(choice.tool_calls)
@@ -320,12 +401,20 @@ class ResponseReply:
             "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
             "usage": {
                 "input_tokens": done.prompt_tokens,
-                "input_tokens_details": {"cached_tokens": done.timings.cache_n},
+                "input_tokens_details": {
+                    "cached_tokens": done.timings.cache_n,
+                    # every prompt token not found in the cache was evaluated into it
+                    "cache_write_tokens": done.prompt_tokens - done.timings.cache_n,
+                },
                 "output_tokens": done.completion_tokens,
                 "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": done.prompt_tokens + done.completion_tokens,
             },
         }
+
+
+def _status(choice: Choice) -> str:
+    return "incomplete" if choice.finish_reason == "length" else "completed"
 
 
 class Events:
@@ -350,23 +439,24 @@ class Events:
         self.open, self.text = kind, ""
         out.append(self.event("response.output_item.added", output_index=self.index, item=item))
         if kind == "message":
-            part = {"type": "output_text", "text": "", "annotations": []}
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
             out.append(self.event("response.content_part.added", item_id=item["id"],
                                   output_index=self.index, content_index=0, part=part))  # fmt: skip
         return out
 
-    def close(self) -> list[bytes]:
+    def close(self, status: str = "completed") -> list[bytes]:
+        """Close the open item; ``status`` is a message's (incomplete if the answer was cut)."""
         r, i, text = self.reply, self.index, self.text
         if self.open == "reasoning":
             item = r.reasoning_item(text)
             done = [self.event("response.reasoning_text.done", item_id=item["id"],
                                output_index=i, content_index=0, text=text)]  # fmt: skip
         elif self.open == "message":
-            item = r.message_item(text, "completed")
+            item = r.message_item(text, status)
             part = item["content"][0]
             done = [
                 self.event("response.output_text.done", item_id=item["id"], output_index=i,
-                           content_index=0, text=text),
+                           content_index=0, text=text, logprobs=[]),
                 self.event("response.content_part.done", item_id=item["id"], output_index=i,
                            content_index=0, part=part),
             ]  # fmt: skip
@@ -395,7 +485,7 @@ class Events:
             self.text += piece.content
             out.append(self.event("response.output_text.delta", item_id=r.message_id,
                                   output_index=self.index, content_index=0,
-                                  delta=piece.content))  # fmt: skip
+                                  delta=piece.content, logprobs=[]))  # fmt: skip
         for call in piece.calls:
             if call.id is not None and call.name is not None:
                 self.call = (call.index, call.id, call.name)
@@ -432,7 +522,7 @@ async def stream_reply(
                             yield chunk
                         continue
                     account(request, current)
-                    for chunk in out.close():
+                    for chunk in out.close(_status(current.choices[0])):
                         yield chunk
                     whole = reply.whole(current)
                     await keep(current)
