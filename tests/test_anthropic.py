@@ -322,3 +322,33 @@ def test_an_input_schema_with_references(env: Env) -> None:
     use = message.content[-1]
     assert use.type == "tool_use" and message.stop_reason == "tool_use"
     assert isinstance(use.input["end"]["city"], str)  # type: ignore[index]
+
+
+def test_a_final_assistant_message_is_continued(env: Env) -> None:
+    """A prefill is the answer begun: the prompt ends with it, its turn left open."""
+    client = env.client()
+    ask: Any = [{"role": "user", "content": "Describe Paris as a JSON object."}]
+    prefilled: Any = [*ask, {"role": "assistant", "content": "{"}]
+    plain = client.messages.count_tokens(model="gemma", messages=ask).input_tokens
+    begun = client.messages.count_tokens(model="gemma", messages=prefilled).input_tokens
+    # the generation prompt plus the prefill's token, not a closed turn and a new one
+    assert plain < begun <= plain + 2
+    message = client.messages.create(
+        extra_body=GREEDY, model="gemma", max_tokens=8, messages=prefilled
+    )
+    assert message.usage.input_tokens == begun and message.content[0].type == "text"
+    with client.messages.stream(
+        extra_body=GREEDY, model="gemma", max_tokens=8, messages=prefilled
+    ) as stream:
+        assert stream.get_final_message().usage.input_tokens == begun
+    # r1's prompt opens a think block; a prefill is the answer itself, text not thinking
+    thought = client.messages.create(
+        extra_body=GREEDY, model="r1", max_tokens=8, messages=prefilled
+    )
+    assert [b.type for b in thought.content] == ["text"]
+    # an empty final assistant message asks for a plain answer
+    empty: Any = [*ask, {"role": "assistant", "content": ""}]
+    assert client.messages.count_tokens(model="gemma", messages=empty).input_tokens == plain
+    spaced: Any = [*ask, {"role": "assistant", "content": "{ "}]
+    with pytest.raises(anthropic.BadRequestError, match="trailing whitespace"):
+        client.messages.create(model="gemma", max_tokens=8, messages=spaced)

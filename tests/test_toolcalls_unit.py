@@ -19,6 +19,7 @@ from llguidance import LLMatcher
 
 from vergeai.api.generation import Answer
 from vergeai.api.tools import parse_tools
+from vergeai.errors import InvalidRequest
 from vergeai.runtime import toolformats
 from vergeai.runtime.constraint import GrammarSpec, grammar_source
 from vergeai.runtime.job import Delta
@@ -288,3 +289,31 @@ def test_any_text_parses_without_error(pieces: list[str], syntax: Syntax) -> Non
         own = [d for d in deltas if d.index == index]
         assert own[0].name == call.name
         assert "".join(d.arguments for d in own) == call.arguments
+
+
+@pytest.mark.parametrize(
+    "source",
+    [*(f.name for f in sorted(DATA.glob("*.jinja"))), *(f"builtin:{n}" for n in sorted(BUILTIN))],
+)
+def test_every_template_leaves_a_prefill_open(source: str) -> None:
+    text = BUILTIN[source[8:]] if source.startswith("builtin:") else (DATA / source).read_text()
+    chat = ChatTemplate(text, "<s>", "</s>")
+    asked = [{"role": "user", "content": "Describe Paris."}]
+    begun = chat.render([*asked, {"role": "assistant", "content": '{"city": "Paris",'}],
+                        continue_final=True)  # fmt: skip
+    assert begun.endswith('{"city": "Paris",')
+    # the prompt is the generation prompt's, the answer begun after it (a think block the
+    # generation prompt opens is not: the prefill is the answer itself)
+    opened = chat.render(asked)
+    assert begun.startswith(opened.removesuffix("<think>\n"))
+
+
+def test_a_prefill_the_template_does_not_write_as_given_is_refused() -> None:
+    chat = ChatTemplate((DATA / "deepseek-r1.jinja").read_text(), "<s>", "</s>")
+    asked = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "<think>x</think>{"},
+    ]
+    with pytest.raises(InvalidRequest, match="cannot be continued") as refused:
+        chat.render(asked, continue_final=True)  # r1's template drops the reasoning
+    assert refused.value.param == "messages"

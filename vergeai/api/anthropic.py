@@ -14,6 +14,7 @@ import asyncio
 import json
 import secrets
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from starlette.requests import Request
@@ -170,7 +171,19 @@ def to_chat(body: Any, count_only: bool = False) -> ChatRequest:
             raise bad("thinking", "must be {'type': 'enabled'} or {'type': 'disabled'}")
         chat["chat_template_kwargs"] = {"enable_thinking": thinking["type"] == "enabled"}
     _tools(body, chat)
-    return parse_chat_request(chat)
+    req = parse_chat_request(chat)
+    last = req.messages[-1]
+    if last["role"] != "assistant" or last.get("tool_calls"):
+        return req
+    # a final assistant message is the answer begun (a prefill): the model goes on from it
+    if last["content"] != last["content"].rstrip():
+        raise bad(
+            f"messages[{len(messages) - 1}].content",
+            "the final assistant content cannot end with trailing whitespace",
+        )
+    if not last["content"]:
+        return replace(req, messages=req.messages[:-1])
+    return replace(req, continue_final=True)
 
 
 def _api_key(request: Request) -> str | None:
@@ -217,7 +230,7 @@ async def count_tokens(request: Request) -> Response:
         try:
             prepared = await asyncio.to_thread(
                 prepare, worker, worker.assistant.system_prompt, [], req.messages, thinking, 1,
-                False, tools,
+                False, tools, req.continue_final,
             )  # fmt: skip
         finally:
             ticket.release()

@@ -80,11 +80,13 @@ def prepare(
     max_tokens: int,
     remember: bool,
     tools: list[dict[str, Any]] | None = None,
+    continue_final: bool = False,
 ) -> Prepared:
-    """Render the prompt with as much of the history as fits the context."""
+    """Render the prompt with as much of the history as fits the context
+    (``continue_final``: the final assistant message is continued)."""
 
     def render(prompt: list[Message]) -> tuple[Rendered, int]:
-        rendered = worker.render(prompt, enable_thinking, tools)
+        rendered = worker.render(prompt, enable_thinking, tools, continue_final)
         return rendered, len(rendered.tokens)
 
     rendered, _, dropped = _fit(system_prompt, turns, messages, worker.n_ctx, max_tokens, render)

@@ -532,6 +532,7 @@ async def start(
             max_tokens,
             lease is not None,
             tools.tools if tools else None,
+            req.continue_final,
         )
         worker.check_prompt(prepared.rendered.tokens)
         memory = Memory(sessions, lease, prepared, req.messages) if lease else None

@@ -56,6 +56,7 @@ class ChatRequest(Sampled):
     raw_reasoning: bool = False  # reasoning_format "none": tags stay in content
     session_id: str | None = None
     tools: ToolUse | None = None
+    continue_final: bool = False  # the final assistant message is a prefill to continue
 
 
 def _top_logprobs(body: dict[str, Any]) -> int | None:

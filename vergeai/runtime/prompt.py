@@ -68,6 +68,20 @@ def _tojson(
     )
 
 
+def _left_open(text: str, begun: str) -> str:
+    """The prompt cut right after the final assistant message's text, where the
+    template would close that turn (some templates trim a message's text)."""
+    for part in (begun, begun.strip()):
+        at = text.rfind(part) if part else -1
+        if at >= 0:
+            return text[: at + len(part)]
+    raise InvalidRequest(
+        "the assistant's chat template does not write the final assistant message as given, "
+        "so it cannot be continued",
+        param="messages",
+    )
+
+
 @dataclass
 class ChatTemplate:
     source: str
@@ -108,8 +122,13 @@ class ChatTemplate:
         *,
         enable_thinking: bool | None = None,
         tools: list[dict[str, Any]] | None = None,
+        continue_final: bool = False,
     ) -> str:
-        """The prompt; ``tools`` (OpenAI's list) is rendered the template's way, or described."""
+        """The prompt; ``tools`` (OpenAI's list) is rendered the template's way, or described.
+
+        ``continue_final``: the last message is the assistant's answer begun
+        (a prefill), left open for the model to go on from its last character.
+        """
         if not self.tool_format.native:
             messages = toolformats.calls_as_text(messages)
             if tools:
@@ -118,7 +137,7 @@ class ChatTemplate:
             messages = toolformats.with_object_arguments(messages)
         context: dict[str, Any] = {
             "messages": messages,
-            "add_generation_prompt": True,
+            "add_generation_prompt": not continue_final,
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
         }
@@ -127,7 +146,7 @@ class ChatTemplate:
         if enable_thinking is not None:
             context["enable_thinking"] = enable_thinking
         try:
-            return self._template.render(**context)
+            text = self._template.render(**context)
         except TemplateError as exc:
             # Templates reject message orders they cannot express
             # (e.g. two user turns in a row); that is the caller's input.
@@ -135,3 +154,4 @@ class ChatTemplate:
                 f"the assistant's chat template rejected these messages: {exc}",
                 param="messages",
             ) from exc
+        return _left_open(text, messages[-1]["content"]) if continue_final else text

@@ -295,14 +295,18 @@ class Worker:
         messages: list[Message],
         enable_thinking: bool | None,
         tools: list[dict[str, Any]] | None = None,
+        continue_final: bool = False,
     ) -> Rendered:
         """Messages (and tools) to prompt tokens, thinking switched as asked where it can be.
 
         A template without an enable_thinking switch that opens a think block
         itself gets that block closed empty when thinking is off.
+        ``continue_final``: the final assistant message is continued, not closed.
         """
         assert self.template is not None and self.model is not None
-        text = self.template.render(messages, enable_thinking=enable_thinking, tools=tools)
+        text = self.template.render(
+            messages, enable_thinking=enable_thinking, tools=tools, continue_final=continue_final
+        )
         if enable_thinking is False and not self.template.supports_thinking:
             text = close_open_think(text)
         return Rendered(text, self.model.tokenize(text), prompt_opens_think(text))
