@@ -84,3 +84,19 @@ def _keys(state: Path) -> list[dict[str, str]]:
     import json
 
     return list(json.loads(cli_ok(state, "key", "list", "--json")))
+
+
+def test_readme_commands_install_into_a_virtual_environment(tmp_path: Path) -> None:
+    """A stock Debian or Ubuntu Python refuses `pip install` outside a virtual environment."""
+    quick_start = (ROOT / "README.md").read_text().split("## Quick start")[1].split("\n## ")[0]
+    commands = re.findall(r"```sh\n(.*?)\n```", quick_start, re.S)
+    assert len(commands) == 2, commands
+    venv = "python3 -m venv .venv && . .venv/bin/activate && "
+    for command, extra in zip(commands, ("demo", "test"), strict=True):
+        assert command.startswith(f"{venv}pip install '.[{extra}]' && "), command
+    run = subprocess.run(
+        ["bash", "-c", venv + "python -c 'import sys; print(sys.prefix)'"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert Path(run.stdout.strip()) == tmp_path / ".venv"
