@@ -150,6 +150,23 @@ def test_named_call_streamed_as_openai_streams_it(tools: Tools, model: str) -> N
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
+@pytest.mark.parametrize("model", FAMILIES)
+def test_a_named_choice_is_one_call_even_when_parallel_calls_are_allowed(
+    tools: Tools, model: str
+) -> None:
+    # instructor and the Vercel AI SDK name the tool and never send parallel_tool_calls
+    reply = tools.post(
+        model=model, messages=QUESTION, tools=[WEATHER, TIME], max_tokens=300,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )  # fmt: skip
+    assert reply.status_code == 200, reply.text
+    choice = reply.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    calls = choice["message"]["tool_calls"]
+    assert len(calls) == 1 and calls[0]["function"]["name"] == "get_weather"
+    check_weather_arguments(calls[0]["function"]["arguments"])
+
+
 def test_openai_stream_helper_accumulates_the_call(tools: Tools) -> None:
     choice: Any = {"type": "function", "function": {"name": "get_weather"}}
     with tools.client().chat.completions.stream(
