@@ -108,7 +108,9 @@ def test_bad_credentials_are_401(fast: FastDeployment, header: str | None) -> No
         assert err["type"] == "authentication_error"
 
 
-def test_revoked_expired_and_disabled_are_401_alike(fast: FastDeployment) -> None:
+def test_revoked_expired_and_disabled_are_401_alike(
+    fast: FastDeployment, caplog: pytest.LogCaptureFixture
+) -> None:
     state = fast.state_dir
     cli_ok(state, "user", "create", "carol")
     revoked = cli_ok(state, "key", "create", "--user", "carol", "--name", "gone").strip()
@@ -128,11 +130,29 @@ def test_revoked_expired_and_disabled_are_401_alike(fast: FastDeployment) -> Non
             key["expires"] = "2020-01-01T00:00:00+00:00"
     keys_file.write_text(tomli_w.dumps(data))
     fast.app.refresh()
-    responses = [fast.app.get("/v1/models", t) for t in (*tokens, "vai-never-issued")]
-    assert [r.status_code for r in responses] == [401] * 4
+    with caplog.at_level(logging.INFO, logger="vergeai.access"):
+        responses = [fast.app.get("/v1/models", t) for t in (*tokens, "vai-never-issued")]
+        responses.append(fast.app.get("/v1/models", headers={"Authorization": "Basic x"}))
+    assert [r.status_code for r in responses] == [401] * 5
     # nothing tells a revoked, expired or disabled key from one that never existed
     bodies = [r.json() for r in responses]
-    assert bodies[0] == bodies[1] == bodies[2] == bodies[3]
+    assert all(body == bodies[0] for body in bodies)
+    # but the operator's log says why, and whose key it was; never the token
+    logged = [r.getMessage() for r in caplog.records if r.name == "vergeai.access"]
+    assert len(logged) == 5
+    for line, who, why in zip(logged, ["carol/gone", "carol/soon", "dave/k", "-", "-"],
+                              ["revoked", "expired", "user-disabled", "unknown", "not-bearer"],
+                              strict=True):  # fmt: skip
+        assert f"key={who} " in line and line.endswith(f" refused={why}"), line
+    assert not any(t in "".join(logged) for t in tokens)
+
+
+def test_a_key_is_accepted_the_moment_it_is_created(fast: FastDeployment) -> None:
+    # no refresh in between: the server looks at the state dir for a key it does not know
+    cli_ok(fast.state_dir, "user", "create", "erin")
+    for round in range(5):
+        token = cli_ok(fast.state_dir, "key", "create", "--user", "erin", "--name", f"k{round}")
+        assert fast.app.get("/v1/models", token.strip()).status_code == 200
 
 
 # routing by assistant

@@ -52,15 +52,23 @@ class KeyIndex:
     def authenticate(self, authorization: str | None) -> Caller:
         token = _bearer(authorization)
         if token is None:
-            raise AuthenticationError()
+            raise AuthenticationError("no-token" if not authorization else "not-bearer")
         digest = hash_token(token)
         key = self._by_hash.get(digest)
         if key is None or not hmac.compare_digest(key.hash, digest):
-            raise AuthenticationError()
+            raise AuthenticationError("unknown")
         user = self._users.get(key.user)
-        if user is None or not user.enabled or key.status(now()) != "active":
-            raise AuthenticationError()
+        status = key.status(now())
+        if user is None or not user.enabled or status != "active":
+            reason = "user-removed" if user is None else status
+            if user is not None and not user.enabled:
+                reason = "user-disabled"
+            raise AuthenticationError(reason, key.user, key.name)
         return Caller(user=user, key=key)
+
+    def knows(self, authorization: str | None) -> bool:
+        token = _bearer(authorization)
+        return token is not None and hash_token(token) in self._by_hash
 
 
 def _bearer(header: str | None) -> str | None:

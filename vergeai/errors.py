@@ -66,8 +66,12 @@ class AuthenticationError(VergeError):
     type = "authentication_error"
     code = "invalid_api_key"
 
-    def __init__(self) -> None:
+    def __init__(self, reason: str = "no-token", user: str | None = None, key: str | None = None):
+        # the client only ever reads "Login Required"; why, and whose key, are for the log
         super().__init__("Login Required")
+        self.reason = reason
+        self.user = user
+        self.key = key
 
 
 class PermissionDenied(VergeError):

@@ -54,6 +54,9 @@ class Service:
         self.pool.root = self.store.root
 
     def authenticate(self, authorization: str | None) -> Caller:
+        if not self.keys.knows(authorization):
+            # a key created a moment ago works at once, before the next poll
+            self.refresh()
         caller = self.keys.authenticate(authorization)
         self._used[caller.key.hash[:16]] = now()
         return caller

@@ -137,7 +137,7 @@ class AccessLog:
             "status": status,
             "assistant": assistant,
             "user": info.get("user", "-"),
-            "key": info.get("key", "-"),
+            "key": info.get("key", info.get("refused_key", "-")),
             "prompt_tokens": usage.get("prompt_tokens"),
             "completion_tokens": usage.get("completion_tokens"),
             "duration_ms": round(seconds * 1000.0, 1),
@@ -160,11 +160,15 @@ class AccessLog:
             )  # fmt: skip
             for row in by_day(record, ticket.days if ticket is not None else {}):
                 service.record(row)
+        refused = ""
+        if "refused" in info:  # why a key was refused, which the client is never told
+            fields["refused"] = info["refused"]
+            refused = f" refused={log_token(info['refused'])}"
         text = {k: log_token(str(v)) for k, v in fields.items()}
         access_log.info(
             "%(method)s %(path)s %(status)s assistant=%(assistant)s user=%(user)s key=%(key)s "
             "prompt_tokens=%(prompt_tokens)s completion_tokens=%(completion_tokens)s "
-            "%(duration_ms)sms request_id=%(request_id)s",
+            "%(duration_ms)sms request_id=%(request_id)s" + refused,
             text,
             extra={"fields": fields},
         )

@@ -12,7 +12,14 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from vergeai.auth import Caller
-from vergeai.errors import BodyTooLarge, InvalidRequest, RequestTimeout, VergeError, error_body
+from vergeai.errors import (
+    AuthenticationError,
+    BodyTooLarge,
+    InvalidRequest,
+    RequestTimeout,
+    VergeError,
+    error_body,
+)
 from vergeai.limits import Gate
 from vergeai.service import Service
 
@@ -190,7 +197,13 @@ def authenticated(request: Request, authorization: str | None = None) -> Caller:
     service: Service = request.app.state.service
     if authorization is None:
         authorization = request.headers.get("authorization")
-    caller = service.authenticate(authorization)
+    try:
+        caller = service.authenticate(authorization)
+    except AuthenticationError as exc:
+        request.state.refused = exc.reason
+        if exc.key is not None:
+            request.state.refused_key = f"{exc.user}/{exc.key}"
+        raise
     request.state.user = caller.user.name
     request.state.key = caller.key.name
     request.state.caller = caller  # whose x-ratelimit-* headers the response carries
