@@ -149,12 +149,12 @@ def make_state(state_dir: Path, model_path: str, online: bool = True) -> tuple[s
     `other` is always offline; `gemma` too unless ``online``. Returns the
     admin's and bob's tokens.
     """
-    cli_ok(state_dir, "user", "create", "root", "--role", "admin")
-    cli_ok(state_dir, "user", "create", "bob", "--assistants", "gemma")
     common = ["--model", model_path, "--chat-format", "gemma", "--threads", "2"]
     gemma = ["--ctx", "1024", "--parallel", "3", *([] if online else ["--offline"])]
     cli_ok(state_dir, "assistant", "create", "gemma", *common, *gemma)
     cli_ok(state_dir, "assistant", "create", "other", *common, "--ctx", "512", "--offline")
+    cli_ok(state_dir, "user", "create", "root", "--role", "admin")
+    cli_ok(state_dir, "user", "create", "bob", "--assistants", "gemma")
     admin = cli_ok(state_dir, "key", "create", "--user", "root", "--name", "admin").strip()
     user = cli_ok(state_dir, "key", "create", "--user", "bob", "--name", "app").strip()
     return admin, user

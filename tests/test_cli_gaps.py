@@ -37,7 +37,7 @@ def test_state_dir_before_the_command(tmp_path: Path) -> None:
 
 def test_user_edit_changes_role_and_assistants(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    cli_ok(state, "user", "create", "alice", "--assistants", "a,b")
+    cli_ok(state, "user", "create", "alice", "--force", "--assistants", "a,b")
     cli_ok(state, "user", "edit", "alice", "--role", "admin")
     assert users(state)["alice"]["role"] == "admin"
     assert users(state)["alice"]["assistants"] == ["a", "b"]
@@ -54,9 +54,9 @@ def test_user_edit_changes_role_and_assistants(tmp_path: Path) -> None:
 
 def test_an_assistant_named_twice_is_stored_once(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    cli_ok(state, "user", "create", "alice", "--assistants", "a,a,b, a")
+    cli_ok(state, "user", "create", "alice", "--force", "--assistants", "a,a,b, a")
     assert users(state)["alice"]["assistants"] == ["a", "b"]
-    cli_ok(state, "user", "edit", "alice", "--assistants", "b,b")
+    cli_ok(state, "user", "edit", "alice", "--force", "--assistants", "b,b")
     assert users(state)["alice"]["assistants"] == ["b"]
 
 

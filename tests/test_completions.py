@@ -52,7 +52,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator[E
     fim = relabel(model_path, root / "fim.gguf", uint32s=fim_ids)
     state = root / "state"
     common = ["--threads", "2", "--ctx", "512", "--parallel", "2", "--chat-format", "gemma"]
-    cli_ok(state, "user", "create", "u", "--assistants", "gemma,fim")
+    cli_ok(state, "user", "create", "u", "--force", "--assistants", "gemma,fim")
     cli_ok(state, "assistant", "create", "gemma", "--model", model_path, *common,
            "--system-prompt", "You are a pirate.")  # fmt: skip
     cli_ok(state, "assistant", "create", "fim", "--model", str(fim), *common)

@@ -76,6 +76,7 @@ class GgufInfo:
     metadata: int
     expected_size: int  # where the last tensor's data ends
     size: int
+    chat_template: bool = False  # whether it carries its own (tokenizer.chat_template)
 
 
 class _Reader:
@@ -171,11 +172,16 @@ def _layout(data: mmap.mmap, size: int) -> GgufInfo:
         if n_tensors > MAX_COUNT or n_kv > MAX_COUNT:
             raise GgufError("corrupt header: implausible tensor or metadata count")
         alignment = DEFAULT_ALIGNMENT
+        chat_template = False
         for _ in range(n_kv):
             key = r.string()
-            value = r.value(r.unpack("I"))
+            kind = r.unpack("I")
+            start = r.pos
+            value = r.value(kind)
             if key == b"general.alignment" and value:
                 alignment = value
+            elif key == b"tokenizer.chat_template":
+                chat_template = kind == STRING and r.pos - start > 8  # a non-empty string
         end = 0
         for _ in range(n_tensors):
             r.string()
@@ -194,4 +200,4 @@ def _layout(data: mmap.mmap, size: int) -> GgufInfo:
     expected = data_start + end
     if size < expected:
         raise GgufError(f"truncated: {size} of {expected} bytes")
-    return GgufInfo(version, n_tensors, n_kv, expected, size)
+    return GgufInfo(version, n_tensors, n_kv, expected, size, chat_template)

@@ -25,6 +25,7 @@ from vergeai.cli.common import (
     store_for,
 )
 from vergeai.gguf import GgufError, check_gguf
+from vergeai.runtime.templates import BUILTIN
 from vergeai.state.records import Assistant, RecordError, check_name, check_upstream_url
 
 app = typer.Typer(
@@ -32,6 +33,7 @@ app = typer.Typer(
 )
 
 MAX_SYSTEM_PROMPT = 256 * 1024
+TEMPLATE_SETTINGS = ("model", "chat_format", "embedding", "upstream")  # what may need a template
 
 
 def checked_model(path: Path) -> str:
@@ -41,6 +43,22 @@ def checked_model(path: Path) -> str:
     except GgufError as exc:
         fail(f"model file {path}: {exc.message}")
     return os.path.abspath(path)
+
+
+def check_chat_template(assistant: Assistant) -> None:
+    """A chat assistant on a GGUF without its own chat template needs --chat-format,
+    said now rather than when the server fails to load it."""
+    if assistant.remote or assistant.embedding or assistant.chat_format:
+        return
+    try:
+        has_template = check_gguf(assistant.model).chat_template
+    except GgufError as exc:
+        fail(f"model file {assistant.model}: {exc.message}")
+    if not has_template:
+        fail(
+            f"model file {assistant.model} has no chat template: give --chat-format NAME "
+            f"(one of {', '.join(sorted(BUILTIN))}), or --embedding for an embedding model"
+        )
 
 
 def read_system_prompt(text: str | None, file: Path | None) -> str | None:
@@ -130,6 +148,7 @@ def create(
         assistant = Assistant(name=name, upstream=urls or [])
         settings.apply(assistant, values)
         assistant.validate()
+        check_chat_template(assistant)
         with store_for(state_dir).transaction() as state:
             if name in state.assistants:
                 fail(f"assistant {name!r} already exists")
@@ -156,6 +175,10 @@ def edit(
     values["system_prompt"] = read_system_prompt(values["system_prompt"], system_prompt_file)
     with failures(), store_for(state_dir).transaction() as state:
         settings.edit_in(state.assistants, "assistant", name, values)
+        if any(
+            values.get(k) is not None for k in ("model", "chat_format", "embedding", "upstream")
+        ):
+            check_chat_template(state.assistants[name])
     say(f"updated assistant {name}")
 
 

@@ -21,7 +21,7 @@ from vergeai.cli.common import (
     say,
     store_for,
 )
-from vergeai.cli.user import parse_assistants
+from vergeai.cli.user import FORCE, check_assistants_exist, parse_assistants
 from vergeai.limits import effective_limits, limits_text
 from vergeai.state.records import LIMITS, ApiKey, check_name, now
 from vergeai.state.store import State
@@ -79,6 +79,7 @@ def _params(first: list[inspect.Parameter], editing: bool) -> list[inspect.Param
             parsers={"assistants": parse_assistants},
             only=("assistants", *LIMITS),
         ),
+        FORCE,
         inspect.Parameter("state_dir", keyword, default=None, annotation=StateDirOption),
     ]
 
@@ -88,6 +89,7 @@ def create(
     name: str,
     description: str | None,
     expires: str | None,
+    force: bool,
     state_dir: Path | None,
     **values: Any,
 ) -> None:
@@ -119,6 +121,7 @@ def create(
             expires=when,
         )
         settings.apply(key, values)
+        check_assistants_exist(values["assistants"], state, force)
         state.keys.append(key.validate())
     typer.echo(token)
     say(
@@ -132,6 +135,7 @@ def edit(
     user: str | None,
     description: str | None,
     expires: str | None,
+    force: bool,
     state_dir: Path | None,
     **values: Any,
 ) -> None:
@@ -144,6 +148,7 @@ def edit(
         fail(f"--expires {expires} is in the past")
     with failures(), store_for(state_dir).transaction() as state:
         key = live_key(state, key_name, user)
+        check_assistants_exist(values["assistants"], state, force)
         changed = dataclasses.replace(key)
         settings.apply(changed, values)
         if description is not None:

@@ -26,6 +26,7 @@ from vergeai.state.history import History
 from vergeai.state.ledger import Ledger
 from vergeai.state.records import User, check_name, now
 from vergeai.state.responses import Responses
+from vergeai.state.store import State
 
 app = typer.Typer(help="Manage users: who may call which assistants.", no_args_is_help=True)
 
@@ -43,7 +44,24 @@ def parse_assistants(value: str) -> list[str]:
     return ["*"] if "*" in names else names
 
 
+def check_assistants_exist(names: list[str] | None, state: State, force: bool) -> None:
+    """A mistyped name would give nothing and say nothing: refuse it unless --force."""
+    unknown = [n for n in names or [] if n != "*" and n not in state.assistants]
+    if unknown and not force:
+        known = ", ".join(sorted(state.assistants)) or "none yet"
+        fail(
+            f"no assistant named {', '.join(map(repr, unknown))} (there are: {known}); "
+            "give --force to allow a name before its assistant is created"
+        )
+
+
 NameArg = Annotated[str, typer.Argument(help="User name.")]
+ForceOption = Annotated[
+    bool, typer.Option("--force", help="Allow --assistants names not created yet.")
+]
+FORCE = inspect.Parameter(
+    "force", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=ForceOption
+)
 
 
 def _params(editing: bool) -> list[inspect.Parameter]:
@@ -51,11 +69,12 @@ def _params(editing: bool) -> list[inspect.Parameter]:
     return [
         inspect.Parameter("name", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=NameArg),
         *settings.options(User, editing=editing, parsers={"assistants": parse_assistants}),
+        FORCE,
         inspect.Parameter("state_dir", keyword, default=None, annotation=StateDirOption),
     ]
 
 
-def create(name: str, state_dir: Path | None, **values: Any) -> None:
+def create(name: str, force: bool, state_dir: Path | None, **values: Any) -> None:
     """Create a user."""
     with failures():
         user = User(name=check_name(name))
@@ -64,14 +83,16 @@ def create(name: str, state_dir: Path | None, **values: Any) -> None:
         with store_for(state_dir).transaction() as state:
             if name in state.users:
                 fail(f"user {name!r} already exists")
+            check_assistants_exist(values["assistants"], state, force)
             state.users[name] = user
     say(f"created user {name} (role {user.role}, assistants {','.join(user.assistants)})")
 
 
-def edit(name: str, state_dir: Path | None, **values: Any) -> None:
+def edit(name: str, force: bool, state_dir: Path | None, **values: Any) -> None:
     """Change a user's role, assistants or limits; a running server applies it live."""
     with failures(), store_for(state_dir).transaction() as state:
         settings.edit_in(state.users, "user", name, values)
+        check_assistants_exist(values["assistants"], state, force)
     say(f"updated user {name}")
 
 
