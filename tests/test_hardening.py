@@ -260,7 +260,7 @@ def test_a_truncated_gguf_is_refused_by_the_cli(tmp_path: Path, model_path: str)
     assert code == 1 and "file not found" in err
     whole = tmp_path / "whole.gguf"
     shutil.copyfile(model_path, whole)
-    cli_ok(state, "assistant", "create", "a", "--model", str(whole))
+    cli_ok(state, "assistant", "create", "a", "--model", str(whole), "--chat-format", "gemma")
 
 
 def test_json_access_log_stays_one_object_per_line(tmp_path: Path, model_path: str) -> None:

@@ -560,7 +560,7 @@ def write_commands(model: str) -> list[list[str]]:
         ["user", "delete", "alice", "--yes"],
         ["key", "create", "--user", "alice", "--name", "new"],
         ["key", "revoke", "k"],
-        ["assistant", "create", "fresh", "--model", model],
+        ["assistant", "create", "fresh", "--model", model, "--chat-format", "gemma"],
         ["assistant", "edit", "gemma", "--ctx", "1024"],
         ["assistant", "online", "gemma"],
         ["assistant", "offline", "gemma"],
@@ -573,7 +573,7 @@ def good_template(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> 
     state = tmp_path_factory.mktemp("good") / "state"
     cli_ok(state, "user", "create", "alice", "--role", "admin")
     cli_ok(state, "key", "create", "--user", "alice", "--name", "k")
-    cli_ok(state, "assistant", "create", "gemma", "--model", model_path)
+    cli_ok(state, "assistant", "create", "gemma", "--model", model_path, "--chat-format", "gemma")
     return state
 
 

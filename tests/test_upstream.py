@@ -766,7 +766,8 @@ def test_edit_switches_between_local_and_remote(tmp_path: Path, model_path: str)
     assert code == 1 and "not both" in err
     code, _, err = run_cli(state, "assistant", "edit", "a", "--upstream", "none")
     assert code == 1 and "GGUF" in err
-    cli_ok(state, "assistant", "edit", "a", "--upstream", "none", "--model", model_path)
+    cli_ok(state, "assistant", "edit", "a", "--upstream", "none", "--model", model_path,
+           "--chat-format", "gemma")  # fmt: skip
     shown = json.loads(cli_ok(state, "assistant", "list", "--json"))[0]
     assert shown["model"] == model_path and shown["upstream"] == []
     code, _, err = run_cli(state, "assistant", "edit", "a", "--upstream-model", "m")
