@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -410,6 +411,19 @@ def test_bad_config_file_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 1 and "store_mb_per_user: must be between" in result.stderr
     assert vergeai(state, "serve", "--log-format", "xml").returncode == 2
     assert vergeai(state, "serve", "--certfile", "x.pem").returncode == 2
+
+
+def test_a_port_in_use_is_one_line_before_anything_loads(tmp_path: Path, model_path: str) -> None:
+    state = tmp_path / "state"
+    cli_ok(state, "assistant", "create", "gemma", "--model", model_path, "--chat-format", "gemma")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = vergeai(state, "serve", "--host", "127.0.0.1", "--port", str(port))
+    assert result.returncode == 1
+    assert result.stderr == f"error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    assert not (state / "admin.sock").exists()
 
 
 def test_key_list_shows_last_used(ops: Ops) -> None:

@@ -17,8 +17,9 @@ from typing import Any
 
 import hypercorn.asyncio.run
 import hypercorn.asyncio.tcp_server
-from hypercorn.asyncio import serve
+from hypercorn.asyncio.run import worker_serve
 from hypercorn.config import Config
+from hypercorn.utils import wrap_app
 
 from vergeai.api.admin import remove_socket, start_admin_server
 from vergeai.api.app import create_app
@@ -197,6 +198,9 @@ def listen_url(opts: ServerConfig) -> str:
 
 
 async def run(service: Service, opts: ServerConfig) -> None:
+    config = hypercorn_config(opts)
+    # bound first: a port in use is one line (OSError) before anything starts or loads
+    sockets = config.create_sockets()
     init_backend(opts.log_level == "debug")
     state_dir = service.store.root
     service.store.ensure()
@@ -230,7 +234,12 @@ async def run(service: Service, opts: ServerConfig) -> None:
     )
     log.info("vergeai listening on %s/v1", listen_url(opts))
     try:
-        await serve(app, hypercorn_config(opts), shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        await worker_serve(
+            wrap_app(app, config.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
+            config,
+            sockets=sockets,
+            shutdown_trigger=stop.wait,
+        )
     finally:
         log.info("stopping: in-flight requests have finished or timed out")
         housekeeper.cancel()
