@@ -621,7 +621,7 @@ def test_key_list_user_filter(state: Path) -> None:
     assert keys(state, "--user", "carol") == []
     assert len(keys(state)) == 3
     table = cli_ok(state, "key", "list", "--user", "alice")
-    names = {line.split("│")[1].strip() for line in table.splitlines() if line.startswith("│")}
+    names = {line.split()[0] for line in table.splitlines()[1:]}
     assert names == {"a1", "a2"}  # (not a substring test: a token prefix may hold "b1")
     err = fails(state, "key", "list", "--user", "nobody")
     assert "no user named 'nobody'" in err
@@ -1147,3 +1147,17 @@ def test_assistant_names_that_do_not_exist_need_force(state: Path, model_path: s
         cli_ok(state, *args, "--force")
     assert users(state)["app"]["assistants"] == ["suport"]
     cli_ok(state, "user", "edit", "app", "--assistants", "*")  # '*' is never unknown
+
+
+def test_piped_tables_are_plain_and_unwrapped(state: Path, model_path: str) -> None:
+    long = "an-assistant-whose-name-is-far-wider-than-an-eighty-column-table"
+    cli_ok(state, "assistant", "create", long, "--model", model_path)
+    cli_ok(state, "user", "create", "alice", "--assistants", long)
+    for args in (["assistant", "list"], ["user", "list"], ["assistant", "show", long]):
+        result = vergeai(state, *args, env={"COLUMNS": "40"})  # stdout is a pipe
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert [line for line in lines if long in line], f"{args}: {long} is on one line"
+        assert not any(c in result.stdout for c in "│┃━─┏"), "no box"
+    rows = vergeai(state, "assistant", "list").stdout.splitlines()
+    assert rows[0].split()[0] == "name" and [r.split()[0] for r in rows[1:]] == [long]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.table import Table
 
 from vergeai.errors import VergeError
@@ -22,6 +22,7 @@ from vergeai.state.records import RecordError
 from vergeai.state.store import Store, default_state_dir
 
 out = Console(highlight=False, soft_wrap=True)
+PIPED_WIDTH = 100_000  # wider than any row: nothing folds when stdout is not a terminal
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 StateDirOption = Annotated[
@@ -102,13 +103,33 @@ def print_rows(title: str, columns: list[str], rows: list[dict[str, Any]], json_
         print_table(title, columns, ([r.get(c) for c in columns] for r in rows))
 
 
+def new_table(title: str, show_header: bool = True, piped_title: bool = True) -> Table:
+    """A boxed table on a terminal; piped, plain columns that ``grep`` and ``awk`` read a
+    line at a time (no box; a listing also drops its title, leaving header and rows)."""
+    if out.is_terminal:
+        return Table(title=title, title_justify="left", show_header=show_header)
+    return Table(
+        title=title if piped_title else None,
+        title_justify="left",
+        box=None,
+        show_header=show_header,
+        pad_edge=False,
+    )
+
+
+def show(renderable: RenderableType) -> None:
+    """Print to stdout; piped, never folded or wrapped at a width, whatever the terminal."""
+    console = out if out.is_terminal else Console(highlight=False, width=PIPED_WIDTH)
+    console.print(renderable)
+
+
 def print_table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> None:
-    table = Table(title=title, title_justify="left")
+    table = new_table(title, piped_title=False)
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*(fmt(v) for v in row))
-    out.print(table)
+    show(table)
 
 
 def fmt(value: Any) -> str:

@@ -11,7 +11,16 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from vergeai.cli.common import JsonOption, StateDirOption, err, out, print_json, store_for
+from vergeai.cli.common import (
+    JsonOption,
+    StateDirOption,
+    err,
+    new_table,
+    out,
+    print_json,
+    show,
+    store_for,
+)
 from vergeai.state.admin_socket import ask
 
 NOT_RUNNING = 3
@@ -69,7 +78,7 @@ def _worker_fields(w: dict[str, Any]) -> list[tuple[str, str]]:
 def render(snapshot: dict[str, Any]) -> Group:
     """Fields down, workers across: fits a terminal for the usual handful of assistants."""
     h = snapshot["helper"]
-    helper = Table(title="AI-Helper worker", title_justify="left", show_header=False)
+    helper = new_table("AI-Helper worker", show_header=False)
     helper.add_column("field", style="bold")
     helper.add_column("value", overflow="fold")
     for field, value in [
@@ -106,7 +115,7 @@ def _fields_across(
     title: str, corner: str, heads: list[str], columns: list[list[tuple[str, str]]]
 ) -> Table:
     """Fields down, one column per worker (or upstream), each a list of (field, value)."""
-    table = Table(title=title, title_justify="left")
+    table = new_table(title)
     table.add_column(corner, style="bold")
     for head in heads:
         table.add_column(head, overflow="fold")
@@ -146,7 +155,7 @@ def workers(
         print_json(snapshot)
         return
     if not watch:
-        out.print(render(snapshot))
+        show(render(snapshot))
         return
     try:
         with Live(render(snapshot), console=out, auto_refresh=False) as live:
