@@ -253,8 +253,14 @@ class Server:
                 raise RuntimeError(f"vergeai serve exited:\n{self.log()}")
             try:
                 r = httpx.get(f"{self.root_url}/health", timeout=1.0, verify=self.tls or True)
-                # wait_online: until no model is still loading (and one at least serves)
-                if not wait_online or (r.status_code == 200 and r.json()["status"] != "loading"):
+                # wait_online: until no model is still loading (and one at least serves,
+                # unless none is meant to)
+                status = r.json()["status"]
+                if (
+                    not wait_online
+                    or status == "offline"
+                    or (r.status_code == 200 and status != "loading")
+                ):
                     return
             except httpx.TransportError:
                 pass

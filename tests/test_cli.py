@@ -25,6 +25,7 @@ from helpers import cli_ok, relabel, run_cli
 from typer.testing import CliRunner
 
 from vergeai.cli import app
+from vergeai.runtime.llama import gpu_offload
 from vergeai.runtime.templates import BUILTIN
 from vergeai.state.history import History, SessionKey
 from vergeai.state.ledger import Filter, Ledger, Record
@@ -760,6 +761,8 @@ def test_assistant_create_with_every_setting(state: Path, model_path: str) -> No
     )  # fmt: skip
     assert rc == 0 and out == "", err
     assert "created assistant gemma" in err and "offline" in err
+    # --gpu-layers on a build that cannot offload is accepted with a warning saying so
+    assert ("without GPU support" in err) == (not gpu_offload())
     row = show(state, "gemma")
     assert set(row) == ALL_SETTINGS
     created = datetime.fromisoformat(row.pop("created"))
@@ -1103,7 +1106,6 @@ def test_version_and_help(state: Path) -> None:
 
 
 def test_chat_format_choices_are_the_builtin_templates() -> None:
-    from vergeai.runtime.templates import BUILTIN
     from vergeai.state.records import CHAT_FORMATS
 
     assert tuple(BUILTIN) == CHAT_FORMATS

@@ -12,8 +12,9 @@ from vergeai.service import Service
 async def health(request: Request) -> JSONResponse:
     """ok when every online assistant can serve; degraded (naming the rest) otherwise.
 
-    200 while at least one assistant serves (or none is meant to be online),
-    503 when none can, "loading" while models are still loading.
+    200 while at least one assistant serves, 503 when none can: "loading" while models
+    are still loading, "offline" when no assistant is meant to be online (a load balancer
+    must not send work to a server with nothing to answer it).
     """
     service: Service = request.app.state.service
     assistants = {
@@ -25,13 +26,15 @@ async def health(request: Request) -> JSONResponse:
         n for n, s in states.items() if s not in (WorkerState.ONLINE, WorkerState.LOADING)
     )
     loading = any(s == WorkerState.LOADING for s in states.values())
-    if len(serving) == len(states):
+    if not states:
+        status = "offline"
+    elif len(serving) == len(states):
         status = "ok"
     elif loading and not failed:
         status = "loading"
     else:
         status = "degraded"
-    code = 200 if serving or not states else 503
+    code = 200 if serving else 503
     body: dict[str, object] = {"status": status, "assistants": assistants}
     if failed:
         body["failed"] = {n: service.pool.error(n) for n in failed}

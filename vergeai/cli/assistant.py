@@ -61,6 +61,15 @@ def check_chat_template(assistant: Assistant) -> None:
         )
 
 
+def warn_without_gpu(assistant: Assistant) -> None:
+    if assistant.remote or not assistant.gpu_layers:
+        return
+    from vergeai.runtime.llama import GPU_WARNING, gpu_offload  # loads llama.cpp: only here
+
+    if not gpu_offload():
+        say("warning: " + GPU_WARNING.format(assistant.gpu_layers))
+
+
 def read_system_prompt(text: str | None, file: Path | None) -> str | None:
     if text is not None and file is not None:
         raise typer.BadParameter("give --system-prompt or --system-prompt-file, not both")
@@ -149,6 +158,7 @@ def create(
         settings.apply(assistant, values)
         assistant.validate()
         check_chat_template(assistant)
+        warn_without_gpu(assistant)
         with store_for(state_dir).transaction() as state:
             if name in state.assistants:
                 fail(f"assistant {name!r} already exists")
@@ -179,6 +189,8 @@ def edit(
             values.get(k) is not None for k in ("model", "chat_format", "embedding", "upstream")
         ):
             check_chat_template(state.assistants[name])
+        if values.get("gpu_layers") is not None:
+            warn_without_gpu(state.assistants[name])
     say(f"updated assistant {name}")
 
 

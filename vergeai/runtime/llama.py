@@ -75,11 +75,24 @@ def init_backend(verbose: bool = False) -> None:
             _backend_ready = True
 
 
+GPU_WARNING = (
+    "this llama-cpp-python was built without GPU support, so --gpu-layers {} runs on the CPU; "
+    "see the README's 'GPU builds' to rebuild it for CUDA, Metal or Vulkan"
+)
+
+
+def gpu_offload() -> bool:
+    """Whether this build of llama.cpp can put layers on a GPU at all."""
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
 class Model:
     """One loaded GGUF: weights, vocabulary and metadata."""
 
     def __init__(self, path: str, gpu_layers: int) -> None:
         init_backend()
+        if gpu_layers and not gpu_offload():
+            _llama_log.warning(GPU_WARNING.format(gpu_layers))
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = 0x7FFFFFFF if gpu_layers < 0 else gpu_layers
         ptr = llama_cpp.llama_model_load_from_file(os.fsencode(path), params)
