@@ -7,6 +7,7 @@ with a NaN where the best logit was.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -131,3 +132,25 @@ def test_a_grammar_masks_the_logits_before_either_path(decoded: tuple[Model, Con
         logits[:] = saved
         free_sampler(greedy)
         free_sampler(warm)
+
+
+def test_pieces_are_right_when_threads_ask_for_them_at_once(
+    decoded: tuple[Model, Context, int],
+) -> None:
+    # two assistants on one GGUF share its Model, and echo detokenizes on the event loop
+    # while a worker thread reports tokens: a shared scratch buffer gave ' How' as 'ohow'
+    model = decoded[0]
+    tokens = list(range(min(model.n_vocab, 20_000)))
+    truth = [model.piece(t) for t in tokens]
+    wrong: list[int] = []
+
+    def read() -> None:
+        for _ in range(10):
+            wrong.extend(t for t in tokens if model.piece(t) != truth[t])
+
+    threads = [threading.Thread(target=read) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == []

@@ -110,7 +110,7 @@ class Model:
         self.n_ctx_train: int = llama_cpp.llama_model_n_ctx_train(ptr)
         self.n_params: int = llama_cpp.llama_model_n_params(ptr)
         self.n_swa: int = llama_cpp.llama_model_n_swa(ptr)  # 0: no sliding window
-        self._piece_buf = ctypes.create_string_buffer(256)
+        self._piece_bufs = threading.local()  # one scratch buffer per calling thread
         self._grammar_tokenizer: llguidance.LLTokenizer | None = None
         self._grammar_lock = threading.Lock()
 
@@ -187,7 +187,11 @@ class Model:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
 
     def piece(self, token: int) -> bytes:
-        buf = self._piece_buf
+        # threads share a Model (assistants on one GGUF; echo detokenized on the event
+        # loop while a worker reports tokens), so the scratch buffer is per thread
+        buf = getattr(self._piece_bufs, "buf", None)
+        if buf is None:
+            buf = self._piece_bufs.buf = ctypes.create_string_buffer(256)
         n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
