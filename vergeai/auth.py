@@ -59,16 +59,13 @@ class KeyIndex:
             raise AuthenticationError("unknown")
         user = self._users.get(key.user)
         status = key.status(now())
-        if user is None or not user.enabled or status != "active":
-            reason = "user-removed" if user is None else status
-            if user is not None and not user.enabled:
-                reason = "user-disabled"
-            raise AuthenticationError(reason, key.user, key.name)
+        if user is None:
+            raise AuthenticationError("user-removed", key.user, key.name)
+        if not user.enabled:
+            raise AuthenticationError("user-disabled", key.user, key.name)
+        if status != "active":
+            raise AuthenticationError(status, key.user, key.name)
         return Caller(user=user, key=key)
-
-    def knows(self, authorization: str | None) -> bool:
-        token = _bearer(authorization)
-        return token is not None and hash_token(token) in self._by_hash
 
 
 def _bearer(header: str | None) -> str | None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from vergeai.auth import Caller, KeyIndex
-from vergeai.errors import StateError
+from vergeai.errors import AuthenticationError, StateError
 from vergeai.limits import Limits
 from vergeai.runtime.pool import Pool
 from vergeai.state.history import History
@@ -54,10 +54,13 @@ class Service:
         self.pool.root = self.store.root
 
     def authenticate(self, authorization: str | None) -> Caller:
-        if not self.keys.knows(authorization):
+        try:
+            caller = self.keys.authenticate(authorization)
+        except AuthenticationError as exc:
             # a key created a moment ago works at once, before the next poll
-            self.refresh()
-        caller = self.keys.authenticate(authorization)
+            if exc.reason != "unknown" or not self.refresh():
+                raise
+            caller = self.keys.authenticate(authorization)
         self._used[caller.key.hash[:16]] = now()
         return caller
 

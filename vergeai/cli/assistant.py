@@ -185,9 +185,7 @@ def edit(
     values["system_prompt"] = read_system_prompt(values["system_prompt"], system_prompt_file)
     with failures(), store_for(state_dir).transaction() as state:
         settings.edit_in(state.assistants, "assistant", name, values)
-        if any(
-            values.get(k) is not None for k in ("model", "chat_format", "embedding", "upstream")
-        ):
+        if any(values.get(k) is not None for k in TEMPLATE_SETTINGS):
             check_chat_template(state.assistants[name])
         if values.get("gpu_layers") is not None:
             warn_without_gpu(state.assistants[name])
