@@ -6,7 +6,7 @@ import asyncio
 import threading
 
 from vergeai.runtime.job import Delta, Job, hand_over, hold_events
-from vergeai.runtime.llama import Sampling
+from vergeai.runtime.sampling import Sampling
 
 SAMPLING = Sampling(
     temperature=0.0, top_p=1.0, top_k=40, min_p=0.05, seed=None, presence_penalty=0.0,

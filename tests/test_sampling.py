@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 
 from vergeai.runtime.constraint import GrammarSpec, compile_grammar
-from vergeai.runtime.llama import Context, Model, Sampler, Sampling, build_sampler, free_sampler
+from vergeai.runtime.context import Context
+from vergeai.runtime.llama import Model
+from vergeai.runtime.sampler import Sampler, build_sampler, free_sampler
+from vergeai.runtime.sampling import Sampling
 
 GREEDY = Sampling(
     temperature=0.0, top_p=1.0, top_k=40, min_p=0.05, seed=None, presence_penalty=0.0,

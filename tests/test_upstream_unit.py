@@ -19,7 +19,7 @@ import pytest
 from vergeai.api.generation import Answer
 from vergeai.errors import Unavailable
 from vergeai.runtime.job import Delta
-from vergeai.runtime.llama import Sampling
+from vergeai.runtime.sampling import Sampling
 from vergeai.state.records import Assistant
 from vergeai.upstream.replicas import MAX_BACKOFF, Remote, ReplicaState, base_of
 from vergeai.upstream.secrets import upstream_key

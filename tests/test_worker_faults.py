@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 from helpers import NO_EOS
 
+from vergeai.pool import Pool
+from vergeai.runtime.engine import WorkerState
 from vergeai.runtime.job import Delta, Event, Failed, Finished, Job
-from vergeai.runtime.llama import Sampling
-from vergeai.runtime.pool import Pool
-from vergeai.runtime.worker import Worker, WorkerState
+from vergeai.runtime.sampling import Sampling
+from vergeai.runtime.worker import Worker
 from vergeai.state.records import Assistant
 
 MARKER = 9999  # a token id that only the faulty request's prompt holds

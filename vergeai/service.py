@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from vergeai.auth import Caller, KeyIndex
 from vergeai.errors import AuthenticationError, StateError
 from vergeai.limits import Limits
-from vergeai.runtime.pool import Pool
+from vergeai.pool import Pool
 from vergeai.state.history import History
 from vergeai.state.ledger import Ledger, Record
 from vergeai.state.records import now

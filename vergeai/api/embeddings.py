@@ -21,7 +21,7 @@ from vergeai.api.http import authenticated, gate, read_json, unless_disconnected
 from vergeai.auth import check_assistant
 from vergeai.errors import InvalidRequest
 from vergeai.runtime.job import Embedded, Event, Failed, Finished, Job
-from vergeai.runtime.llama import Sampling
+from vergeai.runtime.sampling import Sampling
 from vergeai.runtime.worker import Worker
 from vergeai.service import Service
 

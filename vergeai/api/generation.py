@@ -24,12 +24,13 @@ from vergeai.api.tools import ToolUse
 from vergeai.errors import InvalidRequest, Unavailable, VergeError
 from vergeai.limits import Gate, Ticket
 from vergeai.runtime.constraint import Grammar, GrammarSpec, compile_grammar
+from vergeai.runtime.engine import WorkerState
 from vergeai.runtime.job import Delta, Event, Failed, Finished, FinishReason, Job, Timings
-from vergeai.runtime.llama import Sampling
 from vergeai.runtime.reasoning import ReasoningSplitter
+from vergeai.runtime.sampling import Sampling
 from vergeai.runtime.toolcalls import CallDelta, ToolCall, ToolCallParser
 from vergeai.runtime.toolformats import ToolFormat
-from vergeai.runtime.worker import Worker, WorkerState
+from vergeai.runtime.worker import Worker
 from vergeai.service import Service
 from vergeai.state.records import Assistant
 from vergeai.upstream.replicas import Remote

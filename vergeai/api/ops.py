@@ -5,7 +5,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from vergeai.runtime.worker import WorkerState
+from vergeai.runtime.engine import WorkerState
 from vergeai.service import Service
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from vergeai.errors import VergeError
-from vergeai.runtime.llama import Sampling
+from vergeai.runtime.sampling import Sampling
 from vergeai.runtime.toolcalls import CallDelta
 
 FinishReason = Literal["stop", "length"]

@@ -11,26 +11,21 @@ import logging
 import os
 import threading
 import warnings
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import llama_cpp
-import numpy as np
-import numpy.typing as npt
 
 from vergeai.errors import VergeError
 
 if TYPE_CHECKING:
     import llguidance
 
-    from vergeai.runtime.constraint import Grammar
 
-DEFAULT_SEED = 0xFFFFFFFF
 # One llama_decode at a time per process: each context runs its own CPU
 # threads, and ggml's threads spin at their barriers, so two contexts
 # decoding at once on the same cores slow each other down many times over.
 # Taking turns step by step keeps every core busy with one graph.
-_decode_lock = threading.Lock()
+decode_lock = threading.Lock()
 _backend_ready = False
 _backend_lock = threading.Lock()
 
@@ -276,205 +271,3 @@ class _SharedModels:
 
 
 shared_models = _SharedModels()
-
-
-@dataclass
-class Sampling:
-    temperature: float
-    top_p: float
-    top_k: int
-    min_p: float
-    seed: int | None
-    presence_penalty: float
-    frequency_penalty: float
-    repeat_penalty: float
-    repeat_last_n: int  # -1: the whole context
-    logit_bias: dict[int, float]
-    grammar: Grammar | None = None  # compiled for this model; each sequence starts its own
-
-
-@dataclass
-class Sampler:
-    """A request's native sampler chain.
-
-    A grammar is not in the chain: its mask is applied to the logits first
-    (:mod:`vergeai.runtime.constraint`). A plain greedy chain (no penalties;
-    a logit bias or not) is
-    applied here as the first argmax of the biased logits, the token it would
-    pick, without the chain first copying all n_vocab logits into candidates
-    (0.28 ms a token with a 262k vocabulary, against 0.02-0.05 ms).
-    """
-
-    chain: Any
-    argmax: tuple[npt.NDArray[np.intp], npt.NDArray[np.float32]] | None = None  # bias
-
-
-def build_sampler(model: Model, s: Sampling, n_ctx: int) -> Sampler:
-    """A native sampler chain in llama-server's order (after the grammar's mask).
-
-    On any failure the partly built chain is freed and the error raised.
-    """
-    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-    try:
-        _fill_chain(chain, model, s, n_ctx)
-    except BaseException:
-        llama_cpp.llama_sampler_free(chain)
-        raise
-    plain = s.temperature <= 0.0 and not _penalised(s, n_ctx)
-    if not plain or any(not 0 <= t < model.n_vocab for t in s.logit_bias):
-        return Sampler(chain)
-    ids = np.array(list(s.logit_bias), dtype=np.intp)
-    return Sampler(chain, (ids, np.array(list(s.logit_bias.values()), dtype=np.float32)))
-
-
-def _penalised(s: Sampling, n_ctx: int) -> bool:
-    last_n = n_ctx if s.repeat_last_n < 0 else s.repeat_last_n
-    return bool(last_n) and (
-        s.repeat_penalty != 1.0 or bool(s.presence_penalty) or bool(s.frequency_penalty)
-    )
-
-
-def _fill_chain(chain: Any, model: Model, s: Sampling, n_ctx: int) -> None:
-    add = llama_cpp.llama_sampler_chain_add
-    if s.logit_bias:
-        arr = (llama_cpp.llama_logit_bias * len(s.logit_bias))()
-        for i, (token, bias) in enumerate(s.logit_bias.items()):
-            arr[i].token = token  # type: ignore[assignment]
-            arr[i].bias = bias
-        add(chain, llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, len(arr), arr))
-    if _penalised(s, n_ctx):
-        last_n = n_ctx if s.repeat_last_n < 0 else s.repeat_last_n
-        penalties = llama_cpp.llama_sampler_init_penalties(
-            model.n_vocab, last_n, s.repeat_penalty, s.frequency_penalty, s.presence_penalty
-        )
-        add(chain, penalties)
-    if s.temperature <= 0.0:
-        add(chain, llama_cpp.llama_sampler_init_greedy())
-        return
-    if s.top_k > 0:
-        add(chain, llama_cpp.llama_sampler_init_top_k(s.top_k))
-    if s.top_p < 1.0:
-        add(chain, llama_cpp.llama_sampler_init_top_p(s.top_p, 1))
-    if s.min_p > 0.0:
-        add(chain, llama_cpp.llama_sampler_init_min_p(s.min_p, 1))
-    add(chain, llama_cpp.llama_sampler_init_temp(s.temperature))
-    add(chain, llama_cpp.llama_sampler_init_dist(DEFAULT_SEED if s.seed is None else s.seed))
-
-
-def free_sampler(sampler: Sampler) -> None:
-    llama_cpp.llama_sampler_free(sampler.chain)
-
-
-class Context:
-    """One llama.cpp context holding ``n_seq`` sequences of ``n_ctx_seq`` tokens each."""
-
-    def __init__(
-        self,
-        model: Model,
-        n_ctx_seq: int,
-        n_seq: int,
-        threads: int | None,
-        pooling: int | None = None,
-    ) -> None:
-        """``pooling`` (a llama_pooling_type) makes an embedding context, not a generating one.
-
-        An embedding input is decoded whole in one batch (pooling needs all its
-        tokens at once), so its batch holds a whole sequence.
-        """
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_ctx_seq * n_seq
-        n_batch = 512 if pooling is None else max(512, n_ctx_seq)
-        params.n_batch = n_batch
-        params.n_ubatch = n_batch
-        if pooling is not None:
-            params.embeddings = True
-            params.pooling_type = pooling
-        params.n_seq_max = n_seq
-        n_threads = threads or os.cpu_count() or 1
-        params.n_threads = n_threads
-        params.n_threads_batch = n_threads
-        # A generating context keeps one KV stream per sequence, so a sequence
-        # attends over its own cells only, and sliding-window layers keep a
-        # window's worth of cells, not the whole context: both cost every decoded
-        # token time in proportion to what it attends over. A prefix stays
-        # reusable while the window before it is still cached (see reusable).
-        # An embedding context reuses nothing and decodes whole inputs together.
-        params.swa_full = False
-        params.kv_unified = pooling is not None
-        params.no_perf = True
-        ptr = llama_cpp.llama_init_from_model(model.ptr, params)
-        if not ptr:
-            raise LoadError("llama.cpp could not create a context (out of memory?)")
-        self.ptr = ptr
-        self.model = model
-        self.n_seq = n_seq
-        self.n_ctx_seq = llama_cpp.llama_n_ctx(ptr) // n_seq
-        self.kv_bytes = llama_cpp.llama_n_ctx(ptr) * model.kv_bytes_per_token()
-        self.n_batch = n_batch
-        self.memory = llama_cpp.llama_get_memory(ptr)
-        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, n_seq)
-        self.n_swa = model.n_swa
-
-    def reusable(self, seq: int, keep: int) -> bool:
-        """Whether the first ``keep`` cached tokens can continue: the next token
-        attends back ``n_swa`` positions in sliding-window layers, and those
-        cells must still be in the cache (older ones are overwritten)."""
-        if keep == 0 or self.n_swa == 0:
-            return True
-        pos_min = int(llama_cpp.llama_memory_seq_pos_min(self.memory, seq))
-        return 0 <= pos_min <= max(0, keep - self.n_swa)
-
-    def clear_from(self, seq: int, pos: int) -> bool:
-        return bool(llama_cpp.llama_memory_seq_rm(self.memory, seq, pos, -1))
-
-    def copy_seq(self, src: int, dst: int) -> None:
-        """``dst`` gets a copy of ``src``'s cache, whole (llama.cpp copies a whole stream:
-        ``dst``'s own cells are dropped); the data is copied at the next decode."""
-        llama_cpp.llama_memory_seq_cp(self.memory, src, dst, 0, -1)
-
-    def decode(self, entries: list[tuple[int, int, int, bool]]) -> int:
-        """entries: (token, pos, seq, wants_logits). Returns llama_decode's status."""
-        b = self.batch
-        for i, (token, pos, seq, logits) in enumerate(entries):
-            b.token[i] = token
-            b.pos[i] = pos
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = seq
-            b.logits[i] = logits
-        b.n_tokens = len(entries)
-        with _decode_lock:
-            return int(llama_cpp.llama_decode(self.ptr, b))
-
-    def sample(self, sampler: Sampler, index: int) -> int:
-        if sampler.argmax is not None:
-            logits = self.logits(index)
-            ids, bias = sampler.argmax
-            if len(ids):
-                logits = logits.copy()
-                logits[ids] += bias
-            token = int(np.argmax(logits))
-            if not np.isnan(logits[token]):  # the native greedy pick skips NaNs
-                return token
-        return int(llama_cpp.llama_sampler_sample(sampler.chain, self.ptr, index))
-
-    def embedding(self, seq: int) -> npt.NDArray[np.float32]:
-        """The pooled embedding of a sequence just decoded, L2-normalised (a copy)."""
-        ptr = llama_cpp.llama_get_embeddings_seq(self.ptr, seq)
-        if not ptr:
-            raise RuntimeError("llama.cpp returned no embedding for the sequence")
-        vector = np.ctypeslib.as_array(ptr, shape=(self.model.n_embd,)).astype(np.float32)
-        norm = float(np.linalg.norm(vector))
-        result: npt.NDArray[np.float32] = vector / norm if norm > 0 else vector
-        return result
-
-    def logits(self, index: int) -> npt.NDArray[np.float32]:
-        """The raw next-token logits at batch output ``index`` (a view; copy to keep)."""
-        ptr = llama_cpp.llama_get_logits_ith(self.ptr, index)
-        array: npt.NDArray[np.float32] = np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
-        return array
-
-    def free(self) -> None:
-        if self.ptr:
-            llama_cpp.llama_batch_free(self.batch)
-            llama_cpp.llama_free(self.ptr)
-            self.ptr = None

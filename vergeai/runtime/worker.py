@@ -22,7 +22,6 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -31,6 +30,8 @@ import numpy.typing as npt
 from vergeai.errors import ContextOverflow, InvalidRequest, QueueFull, Unavailable
 from vergeai.gguf import GgufError, check_gguf
 from vergeai.runtime.constraint import Constraint, NoTokenAllowed
+from vergeai.runtime.context import Context
+from vergeai.runtime.engine import WorkerState
 from vergeai.runtime.job import (
     Delta,
     Embedded,
@@ -41,17 +42,11 @@ from vergeai.runtime.job import (
     hand_over,
     hold_events,
 )
-from vergeai.runtime.llama import (
-    Context,
-    Model,
-    Sampler,
-    build_sampler,
-    free_sampler,
-    shared_models,
-)
+from vergeai.runtime.llama import Model, shared_models
 from vergeai.runtime.logprobs import entry, log_softmax
 from vergeai.runtime.prompt import ChatTemplate, Message
 from vergeai.runtime.reasoning import close_open_think, prompt_opens_think
+from vergeai.runtime.sampler import Sampler, build_sampler, free_sampler
 from vergeai.runtime.speculate import MAX_DRAFT, Drafter
 from vergeai.runtime.stops import StopMatcher
 from vergeai.runtime.templating import build_template
@@ -108,15 +103,6 @@ class Rendered:
     text: str
     tokens: list[int]
     opens_think: bool  # the prompt leaves a <think> block open: output starts as reasoning
-
-
-class WorkerState(StrEnum):
-    LOADING = "loading"
-    ONLINE = "online"
-    ERROR = "error"  # the model could not be loaded; an admin has to act
-    RESTARTING = "restarting"  # the thread died; the pool replaces the worker
-    DEGRADED = "degraded"  # one step has run past its bound: wedged, or far too slow
-    OFFLINE = "offline"
 
 
 RESTART_RETRY_AFTER = 2

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 
 from vergeai.errors import Unavailable
-from vergeai.runtime.worker import WorkerState
+from vergeai.runtime.engine import WorkerState
 from vergeai.state.records import Assistant
 from vergeai.upstream.secrets import upstream_key
 

@@ -7,7 +7,8 @@ import threading
 import time
 from pathlib import Path
 
-from vergeai.runtime.worker import Worker, WorkerState
+from vergeai.runtime.engine import WorkerState
+from vergeai.runtime.worker import Worker
 from vergeai.state.records import Assistant
 from vergeai.upstream.replicas import Remote
 
