@@ -82,7 +82,7 @@ class Pool:
                     log.info("loading assistant %s (%s)", name, where)
                     self.restarts.pop(name, None)
                     self._start(wanted)
-            self._retiring = [w for w in self._retiring if w.thread.is_alive()]
+            self._retiring = [w for w in self._retiring if w.alive()]
 
     def _start(self, assistant: Assistant) -> None:
         worker = Remote(assistant, self.root) if assistant.remote else Worker(assistant)

@@ -31,7 +31,7 @@ from vergeai.errors import ContextOverflow, InvalidRequest, QueueFull, Unavailab
 from vergeai.gguf import GgufError, check_gguf
 from vergeai.runtime.constraint import Constraint, NoTokenAllowed
 from vergeai.runtime.context import Context
-from vergeai.runtime.engine import WorkerState
+from vergeai.runtime.engine import ModelFacts, WorkerState
 from vergeai.runtime.job import (
     Delta,
     Embedded,
@@ -149,6 +149,7 @@ class Worker:
         self.model: Model | None = None
         self.ctx: Context | None = None
         self.template: ChatTemplate | None = None
+        self._facts: ModelFacts | None = None
         self.slots: list[Slot] = []
         # A sliding-window model's slot forgets what lies a window before its end, so a
         # shared prefix (a system prompt) is gone from every slot once their answers
@@ -183,6 +184,14 @@ class Worker:
 
     def join(self, timeout: float | None = None) -> None:
         self.thread.join(timeout)
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    @property
+    def facts(self) -> ModelFacts | None:
+        """The loaded model's facts for the API; None until it is loaded."""
+        return self._facts
 
     @property
     def crashed(self) -> bool:
@@ -339,6 +348,7 @@ class Worker:
             self._release()
             return
         self.load_seconds = time.perf_counter() - t0
+        self._facts = ModelFacts(self.ctx.n_ctx_seq, self.model, self.template, a.embedding)
         self._set_status(WorkerState.ONLINE)
         log.info("assistant %s online in %.2fs", self.name, self.load_seconds)
         hold_events()
@@ -370,6 +380,7 @@ class Worker:
             self.status = status
 
     def _release(self) -> None:
+        self._facts = None
         for slot in self.slots:
             if slot.sampler is not None:
                 free_sampler(slot.sampler)

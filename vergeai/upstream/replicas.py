@@ -148,6 +148,11 @@ class Remote:
     def join(self, timeout: float | None = None) -> None:
         self.thread.join(timeout)
 
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    facts = None  # the model is not here: upstreams take chat requests, not tokens
+
     crashed = False
 
     @property
