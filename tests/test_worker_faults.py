@@ -1,8 +1,8 @@
 """Faults inside a model worker, on the real model: one request fails alone, a dead thread restarts.
 
-The faults are injected by patching one worker method or llama call for one
-request (the one whose prompt holds a marker token); everything else is the
-real llama.cpp context and the real worker thread.
+The faults are injected by patching the sequence a job runs as, the scheduler
+or one llama call, for one request (the one whose prompt holds a marker
+token); everything else is the real llama.cpp context and worker thread.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ import pytest
 from helpers import NO_EOS
 
 from vergeai.pool import Pool
+from vergeai.runtime import worker as worker_module
 from vergeai.runtime.engine import WorkerState
 from vergeai.runtime.job import Delta, Event, Failed, Finished, Job
 from vergeai.runtime.sampling import Sampling
+from vergeai.runtime.sequence import Sequence
 from vergeai.runtime.worker import Worker
 from vergeai.state.records import Assistant
 
@@ -97,13 +99,12 @@ def test_a_failing_sampler_fails_only_its_request(
 ) -> None:
     worker = wait_online(pool)
 
-    def start(slot: Any, job: Job) -> None:
+    def start(job: Job, *args: Any) -> Sequence:
         if MARKER in job.tokens:
             raise RuntimeError("this function takes at least 5 arguments (4 given)")
-        real_start(slot, job)
+        return Sequence(job, *args)
 
-    real_start = worker._start
-    monkeypatch.setattr(worker, "_start", start)
+    monkeypatch.setattr(worker_module, "Sequence", start)
     good, bad = asyncio.run(side_by_side(worker))
     check_isolated(worker, good, bad)
     failed = bad[-1]
@@ -133,14 +134,14 @@ def test_an_exception_while_sampling_fails_only_its_request(
     pool: Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     worker = wait_online(pool)
-    real = worker._sample
+    real = Sequence.sample
 
-    def sample(slot: Any, index: int, drafted: int = 0) -> None:
-        if MARKER in slot.job.tokens and slot.job.n_generated >= 3:
+    def sample(run: Sequence, ctx: Any, at: int) -> Any:
+        if MARKER in run.job.tokens and run.job.n_generated >= 3:
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
-        real(slot, index, drafted)
+        return real(run, ctx, at)
 
-    monkeypatch.setattr(worker, "_sample", sample)
+    monkeypatch.setattr(Sequence, "sample", sample)
     good, bad = asyncio.run(side_by_side(worker))
     check_isolated(worker, good, bad)
     assert sum(isinstance(e, Delta) for e in bad) > 0  # it failed mid-answer
@@ -154,7 +155,8 @@ def test_a_dead_worker_thread_is_restarted_without_an_admin(
     def die() -> None:
         raise MemoryError("the worker loop itself broke")
 
-    monkeypatch.setattr(worker, "_decode_step", die)
+    assert worker.sched is not None
+    monkeypatch.setattr(worker.sched, "plan", die)
     good, bad = asyncio.run(side_by_side(worker))
     for events in (good, bad):
         failed = events[-1]

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from vergeai.runtime.prefix import common_prefix
 from vergeai.runtime.prompt import Message, with_system_prompt
-from vergeai.runtime.worker import Rendered, Worker, common_prefix
+from vergeai.runtime.worker import Rendered, Worker
 from vergeai.state.history import PER_USER, History, SessionKey, Turn
 from vergeai.state.records import Assistant
 

@@ -15,87 +15,37 @@ loop ends the thread in state ``restarting``, and the pool starts a new one.
 
 from __future__ import annotations
 
-import codecs
 import logging
 import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
-import numpy.typing as npt
 
 from vergeai.errors import ContextOverflow, InvalidRequest, QueueFull, Unavailable
 from vergeai.gguf import GgufError, check_gguf
-from vergeai.runtime.constraint import Constraint, NoTokenAllowed
+from vergeai.runtime.constraint import NoTokenAllowed
 from vergeai.runtime.context import Context
 from vergeai.runtime.engine import ModelFacts, WorkerState
 from vergeai.runtime.job import (
-    Delta,
     Embedded,
     Failed,
-    Finished,
     FinishReason,
     Job,
     hand_over,
     hold_events,
 )
 from vergeai.runtime.llama import Model, shared_models
-from vergeai.runtime.logprobs import entry, log_softmax
 from vergeai.runtime.prompt import ChatTemplate, Message
 from vergeai.runtime.reasoning import close_open_think, prompt_opens_think
-from vergeai.runtime.sampler import Sampler, build_sampler, free_sampler
-from vergeai.runtime.speculate import MAX_DRAFT, Drafter
-from vergeai.runtime.stops import StopMatcher
+from vergeai.runtime.scheduler import Ready, Scheduler
+from vergeai.runtime.sequence import Sequence
+from vergeai.runtime.slots import Slot
 from vergeai.runtime.templating import build_template
 from vergeai.state.records import Assistant
 
 log = logging.getLogger("vergeai.worker")
-
-
-@dataclass
-class Slot:
-    seq: int
-    tokens: list[int] = field(default_factory=list)  # what the KV cache holds
-    job: Job | None = None
-    pending: list[int] = field(default_factory=list)  # still to decode
-    sampler: Sampler | None = None
-    decoder: Any = None
-    stops: StopMatcher | None = None
-    last_used: float = 0.0
-    leader: Slot | None = None  # a follower waits here until its leader's prompt is decoded
-    drafter: Drafter | None = None  # proposes tokens to check in the next step, if speculating
-    drafted: int = 0  # the last pending tokens are a draft, this many
-    keep_at: int = 0  # once this many prompt tokens are decoded, the keeper gets them
-    awaiting: Awaiting | None = None  # the job starts once another slot has decoded its prefix
-    scope: str = ""  # whose prompt its cached tokens are (see Job.scope)
-    public: int = 0  # how many of them any scope may reuse
-    constraint: Constraint | None = None  # the request's grammar, where this sequence is in it
-
-    def shared_with(self, job: Job) -> int:
-        """How many of its cached tokens the job's prompt may reuse."""
-        return reusable(self.tokens, self.scope, self.public, job)
-
-    @property
-    def prompting(self) -> bool:
-        """Its prompt is still being decoded (a generating slot has its token and a draft)."""
-        return len(self.pending) - self.drafted > 1
-
-
-@dataclass
-class Awaiting:
-    """A prompt waiting for another slot, which is decoding a prompt that starts alike,
-    to have decoded the first ``until`` tokens: they are then copied, not decoded again."""
-
-    donor: Slot
-    job: Job  # the donor's job; another one there (or none) ends the wait
-    until: int
-
-    @property
-    def over(self) -> bool:
-        return self.donor.job is not self.job or len(self.donor.tokens) >= self.until
 
 
 @dataclass
@@ -109,35 +59,6 @@ RESTART_RETRY_AFTER = 2
 STEP_BOUND = (
     60.0  # seconds one step (decode, masks, sampling) may take before the worker is degraded
 )
-MIN_SHARED = 16  # tokens another slot's cache must add to a slot's own to be copied in
-PREFILL_CHUNK = 128  # prompt tokens per step while other sequences generate
-MAX_DRAFTING = 4  # generating sequences beyond which a step carries no drafts
-PROMPTING_DRAFT = 16  # draft tokens, all slots together, in a step that decodes a long prompt
-SLACK = 4  # cached tokens a prompt may differ in at the end and still take the slot
-KEEP_MIN = 64  # tokens two prompts must share for the keeper to hold them for later ones
-
-
-def _constraint(job: Job) -> Constraint | None:
-    grammar = job.sampling.grammar
-    return grammar.start() if grammar is not None else None
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-def reusable(tokens: list[int], scope: str, public: int, job: Job) -> int:
-    """How much of cached ``tokens`` (a prompt of ``scope`` whose first ``public`` tokens
-    any caller may share) the job's prompt may reuse: all it starts alike within one
-    scope; across scopes only what both share publicly (the assistant's system prompt),
-    so that neither the cache counters nor the time to the first token tell one caller
-    what another asked."""
-    n = common_prefix(tokens, job.tokens)
-    return n if scope == job.scope else min(n, public, job.public)
 
 
 class Worker:
@@ -150,12 +71,7 @@ class Worker:
         self.ctx: Context | None = None
         self.template: ChatTemplate | None = None
         self._facts: ModelFacts | None = None
-        self.slots: list[Slot] = []
-        # A sliding-window model's slot forgets what lies a window before its end, so a
-        # shared prefix (a system prompt) is gone from every slot once their answers
-        # run long; an extra sequence, never decoded, keeps the latest one two prompts
-        # shared, for the requests after them.
-        self.keeper: Slot | None = None
+        self.sched: Scheduler | None = None  # once loaded
         self.waiting: deque[Job] = deque()
         self.cond = threading.Condition()
         self.stopping = False
@@ -229,13 +145,13 @@ class Worker:
 
     @property
     def busy(self) -> int:
-        return sum(1 for s in self.slots if s.job is not None)
+        return self.sched.busy if self.sched is not None else 0
 
     @property
     def share(self) -> int:
         """The most slots one request may hold at once: all but one, so that it never
         holds every slot while another request waits (all of them with one slot)."""
-        return max(1, len(self.slots) - 1)
+        return max(1, self.assistant.parallel - 1)
 
     @property
     def queued(self) -> int:
@@ -310,7 +226,8 @@ class Worker:
         with self.cond:
             if self.stopping or self.status != WorkerState.ONLINE:
                 raise Unavailable(f"assistant {self.name!r} is going offline", retry_after=5)
-            free = sum(1 for s in self.slots if s.job is None)
+            assert self.sched is not None  # loaded: it is online
+            free = self.sched.free
             if any(j.cancelled.is_set() for j in self.waiting):  # their clients left
                 self.waiting = deque(j for j in self.waiting if not j.cancelled.is_set())
             if len(self.waiting) >= self.assistant.max_queue + free:
@@ -330,15 +247,14 @@ class Worker:
             a = self.assistant
             check_gguf(a.model)
             self.model = shared_models.acquire(a.model, a.gpu_layers)
+            keeper = self.model.n_swa > 0 and not a.embedding  # see Prefixes.keeper
             if a.embedding:
                 pooling = self.model.pooling()
                 self.ctx = Context(self.model, a.ctx, a.parallel, a.threads, pooling)
             else:
                 self.template = build_template(a, self.model)
-                self.keeper = Slot(seq=a.parallel) if self.model.n_swa > 0 else None
-                n_seq = a.parallel + (self.keeper is not None)
-                self.ctx = Context(self.model, a.ctx, n_seq, a.threads)
-            self.slots = [Slot(seq=i) for i in range(a.parallel)]
+                self.ctx = Context(self.model, a.ctx, a.parallel + keeper, a.threads)
+            self.sched = Scheduler(self.ctx, a.parallel, keeper)
         except Exception as exc:  # llama.cpp reports load failures many ways
             self.error = str(exc) or type(exc).__name__
             if isinstance(exc, GgufError):
@@ -359,10 +275,9 @@ class Worker:
             log.exception("assistant %s: the worker thread died; it will be restarted", self.name)
             self.error = f"worker thread died: {exc}"
             self._set_status(WorkerState.RESTARTING)
-            for slot in self.slots:
+            for slot in self.sched.slots if self.sched is not None else []:
                 if slot.job:
                     slot.job.emit(Failed(self.error, retry_after=RESTART_RETRY_AFTER))
-                    slot.job = None
         finally:
             with self.cond:
                 gone = "is restarting" if self.status == WorkerState.RESTARTING else "went offline"
@@ -381,10 +296,9 @@ class Worker:
 
     def _release(self) -> None:
         self._facts = None
-        for slot in self.slots:
-            if slot.sampler is not None:
-                free_sampler(slot.sampler)
-                slot.sampler = None
+        for slot in self.sched.slots if self.sched is not None else []:
+            if slot.run is not None:
+                slot.run.close()
         if self.ctx is not None:
             self.ctx.free()
             self.ctx = None
@@ -393,17 +307,19 @@ class Worker:
             self.model = None
 
     def _step(self) -> bool:
+        """Admit waiting jobs, then decode one batch; False once stopped and idle."""
+        assert self.sched is not None
         with self.cond:
             while True:
-                for slot in self.slots:
-                    if slot.job is not None and slot.job.cancelled.is_set():
-                        self._finish(slot, None)
+                for slot in self.sched.cancelled():
+                    self._finish(slot, None)
                 if self.stopping:
                     for job in self.waiting:
                         job.emit(Failed(f"assistant {self.name!r} went offline"))
                     self.waiting.clear()
-                self._admit()
-                if any(s.job is not None for s in self.slots):
+                for slot in self.sched.admit(self.waiting):
+                    self._open(slot)
+                if self.sched.busy:
                     break
                 if self.stopping:
                     return False
@@ -416,319 +332,72 @@ class Worker:
             self.step_since = 0.0
         return True
 
-    def _admit(self) -> None:
-        """Move waiting jobs, in order, into free slots: a request for n choices takes n."""
-        while self.waiting:
-            job = self.waiting[0]
-            if job.cancelled.is_set():
-                self.waiting.popleft()
-                continue
-            free = [s for s in self.slots if s.job is None]
-            if len(free) < job.slots_needed:
-                return
-            self.waiting.popleft()
-            slot = self._slot_for(job, free)
-            slot.job = job
-            try:
-                self._begin_or_await(slot, job)
-            except Exception as exc:
-                # the leader's failure fails the whole request; its followers never start
-                self._fail(slot, f"could not start generating: {exc}", exc)
-                continue
-            others = sorted((s for s in free if s is not slot), key=lambda s: s.last_used)
-            for follower, spare in zip(job.followers, others, strict=False):
-                spare.job = follower
-                try:
-                    self._start_follower(spare, follower, slot)
-                except Exception as exc:
-                    self._fail(spare, f"could not start generating: {exc}", exc)
-
-    @staticmethod
-    def _slot_for(job: Job, free: list[Slot]) -> Slot:
-        """The free slot whose cache holds most of the job's prompt, unless that would
-        throw away another conversation.
-
-        A slot the prompt merely starts like (a shared system prompt, a common
-        opening) is kept for its own next turn: another free slot, an empty one
-        or else the least recently used, takes the job and gets the shared
-        prefix copied in (see _share_prefix).
-        """
-        best = max(free, key=lambda s: (s.shared_with(job), -s.last_used))
-        kept = best.shared_with(job)
-        if kept >= len(job.tokens) - 1 or len(best.tokens) - kept <= SLACK or len(free) == 1:
-            return best  # a repeat, a follow-up turn, or no choice
-        return min((s for s in free if s is not best), key=lambda s: (bool(s.tokens), s.last_used))
-
-    def _begin_or_await(self, slot: Slot, job: Job) -> None:
-        """Start the job in the slot, or have it wait for a prompt that starts alike."""
-        if job.embed:
-            self._start(slot, job)
-            return
-        slot.awaiting = self._prefix_to_await(slot, job)
-        if slot.awaiting is None:
-            self._share_prefix(slot, job)
-            self._start(slot, job)
-
-    def _prefix_to_await(self, slot: Slot, job: Job) -> Awaiting | None:
-        """Another slot's prompt, still being decoded, that starts like this one for
-        MIN_SHARED tokens more than any cache holds now: worth waiting for.
-
-        So requests arriving together with the same system prompt or document
-        evaluate it once, not once each side by side.
-        """
-        caches = [*self.slots, *([self.keeper] if self.keeper is not None else [])]
-        held = max(s.shared_with(job) for s in caches)
-        best: Awaiting | None = None
-        for s in self.slots:
-            if s is slot or s.job is None or s.leader is not None or s.job.embed:
-                continue
-            if s.awaiting is not None or not s.prompting:
-                continue
-            coming = reusable(s.tokens + s.pending, s.job.scope, s.job.public, job)
-            until = min(coming, len(job.tokens) - 1)
-            if until >= held + MIN_SHARED and (best is None or until > best.until):
-                best = Awaiting(s, s.job, until)
-        return best
-
-    def _end_waits(self) -> None:
-        """Start each awaiting job whose donor has decoded the shared prefix, or left
-        (then the job may wait for another that started since)."""
-        for slot in self.slots:
-            if slot.awaiting is None or not slot.awaiting.over:
-                continue
-            assert slot.job is not None
-            try:
-                self._begin_or_await(slot, slot.job)
-            except Exception as exc:
-                self._fail(slot, f"could not start generating: {exc}", exc)
-
-    def _share_prefix(self, slot: Slot, job: Job) -> None:
-        """Copy in the cache of another slot, busy or not, or the keeper's, that holds
-        more of the prompt and can continue it.
-
-        So a system prompt or a document many requests share is evaluated once
-        per worker, not once per slot.
-        """
-        assert self.ctx is not None
-        last = len(job.tokens) - 1  # the last prompt token is always evaluated again
-        held = min(slot.shared_with(job), last)
-        # what it holds past its window is evaluated again by _start
-        own = held if self.ctx.reusable(slot.seq, held) else 0
-        donors = [
-            (s.shared_with(job), s)
-            for s in self.slots
-            if s is not slot and s.leader is None and s.tokens
-        ]
-        # a prefix seen before: in another slot, or in this one where it is lost
-        seen = max([held - own, *(n for n, _ in donors)])
-        self._plan_keep(slot, job, min(seen, last))
-        if self.keeper is not None and self.keeper.tokens:
-            donors.append((self.keeper.shared_with(job), self.keeper))
-        for n, donor in sorted(donors, key=lambda d: -d[0]):
-            shared = min(n, last)
-            if shared < own + MIN_SHARED:
-                return
-            if self.ctx.reusable(donor.seq, shared):
-                self.ctx.copy_seq(donor.seq, slot.seq)
-                slot.tokens = list(donor.tokens)
-                slot.scope, slot.public = donor.scope, donor.public  # _start keeps what it may
-                return
-
-    def _plan_keep(self, slot: Slot, job: Job, shared: int) -> None:
-        """A prompt that starts like an earlier one for KEEP_MIN tokens or more: the
-        keeper gets that prefix once this slot has decoded it, unless it holds it."""
-        slot.keep_at = 0
-        if self.keeper is None or shared < KEEP_MIN:
-            return
-        if self.keeper.shared_with(job) < shared:
-            slot.keep_at = shared
-
-    def _keep(self, slot: Slot) -> None:
-        """Copy the slot's planned prefix into the keeper, if it has been decoded: its
-        sliding-window cells are all still cached just after."""
-        if self.keeper is None or not 0 < slot.keep_at <= len(slot.tokens):
-            return
-        assert self.ctx is not None
-        self.ctx.copy_seq(slot.seq, self.keeper.seq)
-        self.ctx.clear_from(self.keeper.seq, slot.keep_at)
-        self.keeper.tokens = slot.tokens[: slot.keep_at]
-        self.keeper.scope, self.keeper.public = slot.scope, slot.public
-        slot.keep_at = 0
-
-    def _start(self, slot: Slot, job: Job) -> None:
-        assert self.ctx is not None and self.model is not None
-        # Keep the longest cached prefix, but always re-evaluate the last
-        # prompt token: its logits are what the first sampled token needs.
-        # An embedding pools all its tokens, so it keeps nothing.
-        keep = 0 if job.embed else min(slot.shared_with(job), len(job.tokens) - 1)
-        if keep < len(slot.tokens) and not self.ctx.clear_from(slot.seq, keep):
-            self.ctx.clear_from(slot.seq, 0)
-            keep = 0
-        if not self.ctx.reusable(slot.seq, keep):  # the window before it is gone
-            self.ctx.clear_from(slot.seq, 0)
-            keep = 0
-        del slot.tokens[keep:]
-        slot.scope, slot.public = job.scope, job.public
-        if not job.embed:
-            slot.sampler = build_sampler(self.model, job.sampling, self.ctx.n_ctx_seq)
-            slot.constraint = _constraint(job)
-        slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        slot.stops = StopMatcher(job.stop)
-        slot.pending = job.tokens[keep:]
-        slot.drafter = None if job.embed else self._drafter()
-        job.cache_n = keep
-        job.t_start = time.perf_counter()
-        self._keep(slot)
-
-    def _drafter(self) -> Drafter | None:
-        """A request's drafter, when the assistant speculates."""
-        return Drafter() if self.assistant.speculate == "ngram" else None
-
-    def _start_follower(self, slot: Slot, job: Job, leader: Slot) -> None:
-        """Another choice of the leader's request: it waits for the leader's prompt."""
-        assert self.ctx is not None and self.model is not None
-        slot.sampler = build_sampler(self.model, job.sampling, self.ctx.n_ctx_seq)
-        slot.constraint = _constraint(job)
-        slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        slot.stops = StopMatcher(job.stop)
-        slot.pending = []
-        slot.drafter = self._drafter()
-        slot.leader = leader
-        job.t_start = time.perf_counter()
-
-    def _fork(self, leader: Slot, index: int) -> None:
-        """The leader's prompt is decoded: give its KV cache to each follower and sample it."""
-        assert self.ctx is not None and leader.job is not None
-        for slot in self.slots:
-            if slot.leader is not leader or slot.job is None:
-                continue
-            slot.leader = None
-            self.ctx.clear_from(slot.seq, 0)
-            self.ctx.copy_seq(leader.seq, slot.seq)
-            slot.tokens = list(leader.tokens)
-            slot.scope, slot.public = leader.scope, leader.public
-            slot.job.cache_n = leader.job.cache_n
-            self._sample_or_fail(slot, index)
+    def _open(self, slot: Slot) -> None:
+        """Give an admitted job its sequence (sampler, grammar, decoder, stops, drafter)."""
+        assert self.model is not None and self.ctx is not None and slot.job is not None
+        try:
+            speculate = self.assistant.speculate == "ngram"
+            slot.run = Sequence(slot.job, self.model, self.ctx.n_ctx_seq, speculate)
+        except Exception as exc:
+            self._fail(slot, f"could not start generating: {exc}", exc)
 
     def _decode_step(self) -> None:
-        """Decode one batch: each generating slot's next token, then prompt chunks.
+        """Decode one batch, as the scheduler plans it, and sample what it says.
 
         If llama_decode refuses the batch, each slot's part is decoded on its
         own, so only a request whose own tokens fail is failed.
         """
-        assert self.ctx is not None
-        self._end_waits()
-        budget = self.ctx.n_batch
-        plan: list[tuple[Slot, list[int]]] = []
-        active = [
-            s for s in self.slots if s.job is not None and s.leader is None and s.awaiting is None
-        ]
-        active.sort(key=lambda s: s.prompting)
-        # While other sequences are generating, a prompt goes in smaller chunks:
-        # each step gives every one of them its next token, so a long prompt
-        # arriving stalls them for a short step at a time, not a long one.
-        generating = sum(not s.prompting for s in active)
-        # Draft tokens in one step, all slots together: each one's logits take a
-        # row of n_vocab floats (llama.cpp keeps the largest buffer it needed).
-        # A few while a long prompt is decoded: they add little to its long steps
-        # and may give a generating sequence several tokens in one instead of one.
-        # None beside a short prompt, whose step they would lengthen much more.
-        # None beyond a few generating sequences: their step is long already,
-        # and ends only when the slowest of them is done.
-        prompting = any(s.prompting for s in active)
-        long_prompt = any(s.prompting and len(s.pending) >= PREFILL_CHUNK for s in active)
-        drafts = MAX_DRAFT if not prompting else PROMPTING_DRAFT if long_prompt else 0
-        if generating > MAX_DRAFTING:
-            drafts = 0
-        for slot in active:
-            if slot.prompting and generating:
-                budget = min(budget, PREFILL_CHUNK)
-            if budget <= 0:
-                break
-            assert slot.job is not None
-            if slot.job.embed and len(slot.pending) > budget:
-                continue  # an embedding input is decoded whole, in a later batch
-            if slot.drafted > min(budget - 1, drafts):  # cut short, never split
-                slot.drafted = max(0, min(budget - 1, drafts))
-                del slot.pending[1 + slot.drafted :]
-            drafts -= slot.drafted
-            take = slot.pending[:budget]
-            plan.append((slot, take))
-            budget -= len(take)
-        entries = [e for slot, take in plan for e in self._entries(slot, take)]
+        assert self.ctx is not None and self.sched is not None
+        self.sched.end_waits()
+        batch = self.sched.plan()
         hand_over()  # the last step's events go out while this one decodes
-        status = self.ctx.decode(entries)
+        status = self.ctx.decode(self.sched.entries(batch))
         if status == 0:
-            self._advance(plan)
+            self._sample_all(self.sched.advance(batch))
             return
         log.warning(
             "llama_decode failed with status %d on assistant %s; decoding each request apart",
             status,
             self.name,
         )
-        for slot, take in plan:
+        for slot, take in batch:
             self.ctx.clear_from(slot.seq, len(slot.tokens))
-            status = self.ctx.decode(self._entries(slot, take))
+            status = self.ctx.decode(self.sched.entries([(slot, take)]))
             if status == 0:
-                self._advance([(slot, take)])
+                self._sample_all(self.sched.advance([(slot, take)]))
             else:
-                self.ctx.clear_from(slot.seq, 0)
-                slot.tokens.clear()
+                self.sched.forget(slot)
                 self._fail(slot, f"the model failed to decode this request (status {status})")
 
-    @staticmethod
-    def _entries(slot: Slot, take: list[int]) -> list[tuple[int, int, int, bool]]:
-        """Batch entries for a slot's next tokens; logits only after its last pending one."""
-        base = len(slot.tokens)
-        last = len(take) == len(slot.pending)
-        # pooling reads every token's output; a draft is checked at every token
-        every = slot.drafted > 0 or (slot.job is not None and slot.job.embed)
-        return [
-            (token, base + i, slot.seq, every or (last and i == len(take) - 1))
-            for i, token in enumerate(take)
-        ]
-
-    def _advance(self, plan: list[tuple[Slot, list[int]]]) -> None:
-        """Record a decoded batch, then sample every slot whose prompt is done."""
-        index = -1
-        for slot, take in plan:
-            index += len(take)
-            done = len(take) == len(slot.pending)
-            drafted, slot.drafted = slot.drafted, 0
-            slot.tokens.extend(take)
-            del slot.pending[: len(take)]
-            self._keep(slot)
-            if done and slot.job is not None and slot.job.followers:
-                self._fork(slot, index)
-            if done and slot.job is not None and slot.job.embed:
-                try:
-                    self._embed(slot)
-                except Exception as exc:
-                    self._fail(slot, f"embedding failed: {exc}", exc)
-            elif done:
-                self._sample_or_fail(slot, index, drafted)
-
-    def _sample_or_fail(self, slot: Slot, index: int, drafted: int = 0) -> None:
-        """:meth:`_sample`, failing the slot's request alone if it cannot be sampled."""
-        try:
-            self._sample(slot, index, drafted)
-        except NoTokenAllowed as exc:
-            assert slot.constraint is not None and slot.job is not None
-            log.info("assistant %s: a request ended: %s", self.name, exc)
-            error = InvalidRequest(f"'{slot.constraint.param}': {exc}", param=slot.constraint.param)
-            slot.job.emit(Failed(str(exc), error=error))
-            self._finish(slot, None)
-        except Exception as exc:
-            self._fail(slot, f"sampling failed: {exc}", exc)
+    def _sample_all(self, ready: list[Ready]) -> None:
+        for r in ready:
+            job = r.slot.job
+            if job is None:
+                continue
+            try:
+                if job.embed:
+                    self._embed(r.slot)
+                else:
+                    self._sample(r.slot, r.index, r.drafted)
+            except NoTokenAllowed as exc:
+                run = r.slot.run
+                assert run is not None and run.constraint is not None
+                log.info("assistant %s: a request ended: %s", self.name, exc)
+                param = run.constraint.param
+                error = InvalidRequest(f"'{param}': {exc}", param=param)
+                job.emit(Failed(str(exc), error=error))
+                self._finish(r.slot, None)
+            except Exception as exc:
+                what = "embedding" if job.embed else "sampling"
+                self._fail(r.slot, f"{what} failed: {exc}", exc)
 
     def _embed(self, slot: Slot) -> None:
         """Report the pooled embedding and end the job; the sequence is not kept."""
-        assert self.ctx is not None and slot.job is not None
+        assert self.ctx is not None and self.sched is not None and slot.job is not None
         slot.job.t_first = time.perf_counter()
         slot.job.emit(Embedded(self.ctx.embedding(slot.seq)))
         self._finish(slot, "stop")
-        self.ctx.clear_from(slot.seq, 0)
-        slot.tokens.clear()
+        self.sched.forget(slot)
 
     def _sample(self, slot: Slot, index: int, drafted: int = 0) -> None:
         """Sample the slot's next token from the batch output at ``index``.
@@ -738,80 +407,32 @@ class Worker:
         draft token the sampler picks itself is kept, the first it does not is
         replaced by the sampler's token, and the cache forgets the rest.
         """
-        assert self.ctx is not None
-        job = slot.job
-        assert job is not None
+        assert self.ctx is not None and self.sched is not None
+        job, run = slot.job, slot.run
+        assert job is not None and run is not None
         draft = slot.tokens[len(slot.tokens) - drafted :]
         accepted = 0
         job.draft_n += drafted  # counted before a token is reported: it may end the job
         for i in range(drafted + 1):
-            assert slot.sampler is not None
-            at = index - drafted + i
-            # logprobs are the model's own, from the logits before the grammar's mask
-            distribution = (
-                log_softmax(self.ctx.logits(at)) if job.top_logprobs is not None else None
-            )
-            if slot.constraint is not None:
-                slot.constraint.mask(self.ctx.logits(at))
-            token = self.ctx.sample(slot.sampler, at)
+            token, distribution = run.sample(self.ctx, index - drafted + i)
             matched = i < drafted and token == draft[i]
             accepted += matched
             job.draft_accepted += matched
-            self._report(slot, token, distribution)
-            if not matched or slot.job is not job:
+            reason = run.report(token, distribution, len(slot.tokens))
+            if not matched or reason is not None:
                 break
-        if accepted < drafted:  # the rest of the draft was decoded for nothing
-            cut = len(slot.tokens) - (drafted - accepted)
-            self.ctx.clear_from(slot.seq, cut)
-            del slot.tokens[cut:]
-        if slot.drafter is not None:
-            slot.drafter.record(drafted, accepted)
-        if slot.job is not job:
-            return  # that token ended the request
-        slot.pending = [token]
-        drafter = slot.drafter
-        others = self._generating_besides(slot)
-        # beyond MAX_DRAFTING generating, _decode_step would drop the draft anyway
-        if drafter is not None and others < MAX_DRAFTING and (drafter.reliable or not others):
-            # the draft must not end the context earlier than its tokens would
-            room = min(
-                job.max_tokens - job.n_generated - 1, self.ctx.n_ctx_seq - len(slot.tokens) - 3
-            )
-            slot.pending += drafter.propose([*slot.tokens, token], room)
-            slot.drafted = len(slot.pending) - 1
-
-    def _generating_besides(self, slot: Slot) -> int:
-        """Other sequences decoding their next tokens in the same steps (then a draft's
-        tokens cost the batch more than the steps they might save)."""
-        return sum(
-            s is not slot and s.job is not None and s.job.n_generated > 0 for s in self.slots
-        )
-
-    def _report(self, slot: Slot, token: int, distribution: npt.NDArray[np.float64] | None) -> None:
-        """Report a sampled token, with the log-probabilities it was drawn from if asked
-        (the slot's job is over if it ended it)."""
-        assert self.ctx is not None and self.model is not None
-        job = slot.job
-        assert job is not None and slot.stops is not None
-        if job.n_generated == 0:
-            job.t_first = time.perf_counter()
-        job.n_generated += 1
-        if self.model.is_eog(token):
-            self._finish(slot, "stop")
+        self.sched.reject(slot, drafted - accepted)  # decoded for nothing
+        if run.drafter is not None:
+            run.drafter.record(drafted, accepted)
+        if reason is not None:
+            self._finish(slot, reason)
             return
-        piece = self.model.piece(token)
-        if slot.constraint is not None:
-            slot.constraint.accept(token, piece.decode("utf-8", "replace"))
-        text = slot.stops.feed(slot.decoder.decode(piece))
-        if distribution is not None:
-            assert job.top_logprobs is not None
-            job.emit(Delta(text, [entry(self.model, distribution, token, job.top_logprobs)]))
-        elif text:
-            job.emit(Delta(text))
-        if slot.stops.stopped or (slot.constraint is not None and slot.constraint.finished):
-            self._finish(slot, "stop")
-        elif job.n_generated >= job.max_tokens or len(slot.tokens) + 1 >= self.ctx.n_ctx_seq:
-            self._finish(slot, "length")
+        proposal: list[int] = []
+        room = None if run.drafter is None else self.sched.draft_room(slot, run.drafter.reliable)
+        if room is not None:
+            assert run.drafter is not None
+            proposal = run.drafter.propose([*slot.tokens, token], room)
+        self.sched.generate(slot, token, proposal)
 
     def _fail(self, slot: Slot, message: str, exc: Exception | None = None) -> None:
         """Fail the slot's request alone; the others keep generating."""
@@ -825,44 +446,20 @@ class Worker:
 
     def _finish(self, slot: Slot, reason: FinishReason | None) -> None:
         """End the slot's job; reason None means cancelled or failed (nothing more sent)."""
-        job = slot.job
+        assert self.sched is not None
+        job, run = slot.job, slot.run
         assert job is not None
         if reason is not None:
-            assert slot.stops is not None
-            tail = slot.decoder.decode(b"", final=True) if not slot.stops.stopped else ""
-            tail = slot.stops.feed(tail) + ("" if slot.stops.stopped else slot.stops.flush())
-            if tail:
-                job.emit(Delta(tail))
-            if job.n_generated == 0:
-                job.t_first = time.perf_counter()
-            timings = job.timings()
-            job.emit(
-                Finished(
-                    finish_reason=reason,
-                    prompt_tokens=len(job.tokens),
-                    completion_tokens=job.n_generated,
-                    timings=timings,
-                    stop_word=slot.stops.matched,
-                )
-            )
+            assert run is not None
+            timings = run.finish(reason)
             self.requests_served += 1
             self.last_prompt_per_second = timings.prompt_per_second
             self.last_predicted_per_second = timings.predicted_per_second
         self.tokens_generated += job.n_generated
-        for follower in self.slots:
-            if follower.leader is slot and follower.job is not None:
-                # the shared prompt was never decoded: the leader failed or was
-                # cancelled, which ends the whole request, so the followers just end
-                follower.leader = None
-                self._finish(follower, None)
-        if slot.sampler is not None:
-            free_sampler(slot.sampler)
-        slot.sampler = None
-        slot.constraint = None
-        slot.job = None
-        slot.pending = []
-        slot.drafted = 0
-        slot.drafter = None
-        slot.awaiting = None
-        slot.keep_at = 0
-        slot.last_used = time.perf_counter()
+        # the shared prompt was never decoded: the leader failed or was cancelled,
+        # which ends the whole request, so the followers just end
+        for follower in self.sched.followers_of(slot):
+            self._finish(follower, None)
+        if run is not None:
+            run.close()
+        self.sched.release(slot)
