@@ -157,3 +157,21 @@ def test_pieces_are_right_when_threads_ask_for_them_at_once(
     for thread in threads:
         thread.join()
     assert wrong == []
+
+
+def test_a_context_refuses_every_thread_but_its_own(decoded: tuple[Model, Context, int]) -> None:
+    ctx = decoded[1]
+    refused: list[str] = []
+
+    def touch() -> None:
+        for call in (lambda: ctx.logits(0), lambda: ctx.decode([]), lambda: ctx.clear_from(0, 0)):
+            try:
+                call()
+            except RuntimeError as exc:
+                refused.append(str(exc))
+
+    thread = threading.Thread(target=touch)
+    thread.start()
+    thread.join()
+    assert len(refused) == 3 and "only by the thread that made it" in refused[0]
+    assert ctx.logits(0).shape == (decoded[0].n_vocab,)  # its own thread still may

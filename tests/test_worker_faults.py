@@ -17,7 +17,7 @@ import pytest
 from helpers import NO_EOS
 
 from vergeai.pool import Pool
-from vergeai.runtime import worker as worker_module
+from vergeai.runtime import runner
 from vergeai.runtime.engine import WorkerState
 from vergeai.runtime.job import Delta, Event, Failed, Finished, Job
 from vergeai.runtime.sampling import Sampling
@@ -104,7 +104,7 @@ def test_a_failing_sampler_fails_only_its_request(
             raise RuntimeError("this function takes at least 5 arguments (4 given)")
         return Sequence(job, *args)
 
-    monkeypatch.setattr(worker_module, "Sequence", start)
+    monkeypatch.setattr(runner, "Sequence", start)
     good, bad = asyncio.run(side_by_side(worker))
     check_isolated(worker, good, bad)
     failed = bad[-1]
@@ -172,6 +172,34 @@ def test_a_dead_worker_thread_is_restarted_without_an_admin(
     assert outcome(good) is Finished and outcome(bad) is Finished
 
 
+async def two_choices(worker: Worker, tokens: list[int]) -> list[tuple[int, Event]]:
+    """A request for two choices: its events until it fails (marked) or both finish."""
+    loop = asyncio.get_running_loop()
+    leader, follower = (
+        Job(tokens=tokens, sampling=sampling(), max_tokens=6, stop=[], loop=loop, choice=i)
+        for i in range(2)
+    )
+    leader.followers = [follower]
+    follower.queue = leader.queue
+    worker.submit(leader)
+    seen: list[tuple[int, Event]] = []
+    while sum(not isinstance(e, Delta) for _, e in seen) < (1 if MARKER in tokens else 2):
+        seen.append(await leader.queue.get())
+    return seen
+
+
+def check_n_choices_fail_alone(worker: Worker) -> None:
+    good = worker.tokenize("<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n")
+    failed = asyncio.run(two_choices(worker, [*good[:-1], MARKER, good[-1]]))
+    assert [type(e) for _, e in failed] == [Failed]  # the leader's failure ends the request
+    deadline = time.monotonic() + 2
+    while worker.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker.busy == 0 and worker.status == WorkerState.ONLINE and not worker.crashed
+    ended = [e for _, e in asyncio.run(two_choices(worker, good)) if isinstance(e, Finished)]
+    assert len(ended) == 2 and all(e.completion_tokens == 6 for e in ended)
+
+
 def test_a_failing_prompt_of_n_choices_frees_every_slot(
     pool: Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -184,30 +212,21 @@ def test_a_failing_prompt_of_n_choices_frees_every_slot(
         return -1 if any(token == MARKER for token, *_ in entries) else real(entries)
 
     monkeypatch.setattr(ctx, "decode", decode)
-    good = worker.tokenize("<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n")
+    check_n_choices_fail_alone(worker)
 
-    async def two_choices(tokens: list[int]) -> list[tuple[int, Event]]:
-        loop = asyncio.get_running_loop()
-        leader, follower = (
-            Job(tokens=tokens, sampling=sampling(), max_tokens=6, stop=[], loop=loop, choice=i)
-            for i in range(2)
-        )
-        leader.followers = [follower]
-        follower.queue = leader.queue
-        worker.submit(leader)
-        seen: list[tuple[int, Event]] = []
-        while sum(not isinstance(e, Delta) for _, e in seen) < (1 if MARKER in tokens else 2):
-            seen.append(await leader.queue.get())
-        return seen
 
-    failed = asyncio.run(two_choices([*good[:-1], MARKER, good[-1]]))
-    assert [type(e) for _, e in failed] == [Failed]  # the leader's failure ends the request
-    deadline = time.monotonic() + 2
-    while worker.busy and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert worker.busy == 0 and worker.status == WorkerState.ONLINE
-    ended = [e for _, e in asyncio.run(two_choices(good)) if isinstance(e, Finished)]
-    assert len(ended) == 2 and all(e.completion_tokens == 6 for e in ended)
+def test_n_choices_whose_first_cannot_start_free_every_slot(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = wait_online(pool)
+
+    def start(job: Job, *args: Any) -> Sequence:
+        if MARKER in job.tokens and job.choice == 0:
+            raise RuntimeError("no sampler for you")
+        return Sequence(job, *args)
+
+    monkeypatch.setattr(runner, "Sequence", start)
+    check_n_choices_fail_alone(worker)
 
 
 def test_a_step_past_its_bound_shows_the_worker_degraded(

@@ -1,11 +1,16 @@
 """A llama.cpp context: the KV cache of a model worker's sequences, and its decode.
 
-Thread rule: a context is created, used and freed by its model worker's thread only.
+Thread rule, checked on every call: a context is used and freed only by the
+thread that created it (its model worker's), and so are the sampler chains
+sampled through it. llama.cpp's contexts are not thread-safe; a second thread
+would race the worker's decode. The model itself (:mod:`vergeai.runtime.llama`)
+is read-only once loaded and may be read from any thread.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 
 import llama_cpp
 import numpy as np
@@ -56,6 +61,7 @@ class Context:
         if not ptr:
             raise LoadError("llama.cpp could not create a context (out of memory?)")
         self.ptr = ptr
+        self.owner = threading.get_ident()
         self.model = model
         self.n_seq = n_seq
         self.n_ctx_seq = llama_cpp.llama_n_ctx(ptr) // n_seq
@@ -65,25 +71,33 @@ class Context:
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, n_seq)
         self.n_swa = model.n_swa
 
+    def _check_thread(self) -> None:
+        if threading.get_ident() != self.owner:
+            raise RuntimeError("a llama.cpp context is used only by the thread that made it")
+
     def reusable(self, seq: int, keep: int) -> bool:
         """Whether the first ``keep`` cached tokens can continue: the next token
         attends back ``n_swa`` positions in sliding-window layers, and those
         cells must still be in the cache (older ones are overwritten)."""
+        self._check_thread()
         if keep == 0 or self.n_swa == 0:
             return True
         pos_min = int(llama_cpp.llama_memory_seq_pos_min(self.memory, seq))
         return 0 <= pos_min <= max(0, keep - self.n_swa)
 
     def clear_from(self, seq: int, pos: int) -> bool:
+        self._check_thread()
         return bool(llama_cpp.llama_memory_seq_rm(self.memory, seq, pos, -1))
 
     def copy_seq(self, src: int, dst: int) -> None:
         """``dst`` gets a copy of ``src``'s cache, whole (llama.cpp copies a whole stream:
         ``dst``'s own cells are dropped); the data is copied at the next decode."""
+        self._check_thread()
         llama_cpp.llama_memory_seq_cp(self.memory, src, dst, 0, -1)
 
     def decode(self, entries: list[tuple[int, int, int, bool]]) -> int:
         """entries: (token, pos, seq, wants_logits). Returns llama_decode's status."""
+        self._check_thread()
         b = self.batch
         for i, (token, pos, seq, logits) in enumerate(entries):
             b.token[i] = token
@@ -96,6 +110,7 @@ class Context:
             return int(llama_cpp.llama_decode(self.ptr, b))
 
     def sample(self, sampler: Sampler, index: int) -> int:
+        self._check_thread()
         if sampler.argmax is not None:
             logits = self.logits(index)
             ids, bias = sampler.argmax
@@ -109,6 +124,7 @@ class Context:
 
     def embedding(self, seq: int) -> npt.NDArray[np.float32]:
         """The pooled embedding of a sequence just decoded, L2-normalised (a copy)."""
+        self._check_thread()
         ptr = llama_cpp.llama_get_embeddings_seq(self.ptr, seq)
         if not ptr:
             raise RuntimeError("llama.cpp returned no embedding for the sequence")
@@ -119,11 +135,13 @@ class Context:
 
     def logits(self, index: int) -> npt.NDArray[np.float32]:
         """The raw next-token logits at batch output ``index`` (a view; copy to keep)."""
+        self._check_thread()
         ptr = llama_cpp.llama_get_logits_ith(self.ptr, index)
         array: npt.NDArray[np.float32] = np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
         return array
 
     def free(self) -> None:
+        self._check_thread()
         if self.ptr:
             llama_cpp.llama_batch_free(self.batch)
             llama_cpp.llama_free(self.ptr)

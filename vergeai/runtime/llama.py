@@ -2,6 +2,13 @@
 
 Models are shared: two assistants on the same GGUF file (and GPU layer
 count) use one loaded copy of its memory-mapped weights.
+
+Thread rule: a loaded :class:`Model` is read-only, and any thread may call
+its methods (the API tokenizes on the event loop while workers decode); the
+scratch buffers they fill are per call or per thread. Only
+``shared_models.release`` frees it, when no worker holds it any more. A
+context and its samplers belong to one worker thread
+(:mod:`vergeai.runtime.context`).
 """
 
 from __future__ import annotations

@@ -23,15 +23,12 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from vergeai.errors import ContextOverflow, InvalidRequest, QueueFull, Unavailable
+from vergeai.errors import ContextOverflow, QueueFull, Unavailable
 from vergeai.gguf import GgufError, check_gguf
-from vergeai.runtime.constraint import NoTokenAllowed
 from vergeai.runtime.context import Context
 from vergeai.runtime.engine import ModelFacts, WorkerState
 from vergeai.runtime.job import (
-    Embedded,
     Failed,
-    FinishReason,
     Job,
     hand_over,
     hold_events,
@@ -39,9 +36,8 @@ from vergeai.runtime.job import (
 from vergeai.runtime.llama import Model, shared_models
 from vergeai.runtime.prompt import ChatTemplate, Message
 from vergeai.runtime.reasoning import close_open_think, prompt_opens_think
-from vergeai.runtime.scheduler import Ready, Scheduler
-from vergeai.runtime.sequence import Sequence
-from vergeai.runtime.slots import Slot
+from vergeai.runtime.runner import Runner, Served
+from vergeai.runtime.scheduler import Scheduler
 from vergeai.runtime.templating import build_template
 from vergeai.state.records import Assistant
 
@@ -77,12 +73,9 @@ class Worker:
         self.stopping = False
         self.restarts = 0  # how many workers of this assistant died before this one
         self.ended_at = 0.0  # time.monotonic() when the thread ended
-        self.requests_served = 0
-        self.tokens_generated = 0
+        self.served = Served()
         self.started_at = time.time()
         self.load_seconds = 0.0
-        self.last_prompt_per_second = 0.0
-        self.last_predicted_per_second = 0.0
         self.step_bound = STEP_BOUND
         self.step_since = 0.0  # time.monotonic() when the running step began; 0: none runs
         self.thread = threading.Thread(target=self._run, name=f"worker-{self.name}", daemon=True)
@@ -176,12 +169,12 @@ class Worker:
             "gpu_layers": a.gpu_layers,
             "model_bytes": self.model.size_bytes if self.model else 0,
             "kv_cache_bytes": self.ctx.kv_bytes if self.ctx else 0,
-            "requests_served": self.requests_served,
+            "requests_served": self.served.requests,
             "busy_slots": self.busy,
             "queue_depth": self.queued,
-            "tokens_generated": self.tokens_generated,
-            "last_prompt_per_second": round(self.last_prompt_per_second, 2),
-            "last_predicted_per_second": round(self.last_predicted_per_second, 2),
+            "tokens_generated": self.served.tokens,
+            "last_prompt_per_second": round(self.served.last_prompt_per_second, 2),
+            "last_predicted_per_second": round(self.served.last_predicted_per_second, 2),
             "load_seconds": round(self.load_seconds, 3),
             "uptime_seconds": round(time.time() - self.started_at, 1),
         }
@@ -242,40 +235,27 @@ class Worker:
     # the worker thread
 
     def _run(self) -> None:
-        t0 = time.perf_counter()
         try:
-            a = self.assistant
-            check_gguf(a.model)
-            self.model = shared_models.acquire(a.model, a.gpu_layers)
-            keeper = self.model.n_swa > 0 and not a.embedding  # see Prefixes.keeper
-            if a.embedding:
-                pooling = self.model.pooling()
-                self.ctx = Context(self.model, a.ctx, a.parallel, a.threads, pooling)
-            else:
-                self.template = build_template(a, self.model)
-                self.ctx = Context(self.model, a.ctx, a.parallel + keeper, a.threads)
-            self.sched = Scheduler(self.ctx, a.parallel, keeper)
+            runner = self._load()
         except Exception as exc:  # llama.cpp reports load failures many ways
             self.error = str(exc) or type(exc).__name__
             if isinstance(exc, GgufError):
-                self.error = f"model file {a.model}: {exc}"
+                self.error = f"model file {self.assistant.model}: {exc}"
             self._set_status(WorkerState.ERROR)
             log.error("assistant %s failed to load: %s", self.name, self.error)
             self._release()
             return
-        self.load_seconds = time.perf_counter() - t0
-        self._facts = ModelFacts(self.ctx.n_ctx_seq, self.model, self.template, a.embedding)
         self._set_status(WorkerState.ONLINE)
         log.info("assistant %s online in %.2fs", self.name, self.load_seconds)
         hold_events()
         try:
-            while self._step():
+            while self._step(runner):
                 pass
         except Exception as exc:
             log.exception("assistant %s: the worker thread died; it will be restarted", self.name)
             self.error = f"worker thread died: {exc}"
             self._set_status(WorkerState.RESTARTING)
-            for slot in self.sched.slots if self.sched is not None else []:
+            for slot in runner.sched.slots:
                 if slot.job:
                     slot.job.emit(Failed(self.error, retry_after=RESTART_RETRY_AFTER))
         finally:
@@ -289,6 +269,24 @@ class Worker:
             hand_over()
             self._release()
             self.ended_at = time.monotonic()
+
+    def _load(self) -> Runner:
+        """Load the model (shared with other workers on its file) and make its context."""
+        t0 = time.perf_counter()
+        a = self.assistant
+        check_gguf(a.model)
+        self.model = model = shared_models.acquire(a.model, a.gpu_layers)
+        keeper = model.n_swa > 0 and not a.embedding  # see Prefixes.keeper
+        if a.embedding:
+            ctx = Context(model, a.ctx, a.parallel, a.threads, model.pooling())
+        else:
+            self.template = build_template(a, model)
+            ctx = Context(model, a.ctx, a.parallel + keeper, a.threads)
+        self.ctx = ctx
+        self.sched = Scheduler(ctx, a.parallel, keeper)
+        self.load_seconds = time.perf_counter() - t0
+        self._facts = ModelFacts(ctx.n_ctx_seq, model, self.template, a.embedding)
+        return Runner(self.name, model, ctx, self.sched, a.speculate == "ngram", self.served)
 
     def _set_status(self, status: WorkerState) -> None:
         with self.cond:
@@ -306,20 +304,20 @@ class Worker:
             shared_models.release(self.model)
             self.model = None
 
-    def _step(self) -> bool:
+    def _step(self, runner: Runner) -> bool:
         """Admit waiting jobs, then decode one batch; False once stopped and idle."""
-        assert self.sched is not None
+        sched = runner.sched
         with self.cond:
             while True:
-                for slot in self.sched.cancelled():
-                    self._finish(slot, None)
+                for slot in sched.cancelled():
+                    runner.finish(slot, None)
                 if self.stopping:
                     for job in self.waiting:
                         job.emit(Failed(f"assistant {self.name!r} went offline"))
                     self.waiting.clear()
-                for slot in self.sched.admit(self.waiting):
-                    self._open(slot)
-                if self.sched.busy:
+                for slot in sched.admit(self.waiting):
+                    runner.open(slot)
+                if sched.busy:
                     break
                 if self.stopping:
                     return False
@@ -327,139 +325,7 @@ class Worker:
                 self.cond.wait()
         self.step_since = time.monotonic()
         try:
-            self._decode_step()
+            runner.step()
         finally:
             self.step_since = 0.0
         return True
-
-    def _open(self, slot: Slot) -> None:
-        """Give an admitted job its sequence (sampler, grammar, decoder, stops, drafter)."""
-        assert self.model is not None and self.ctx is not None and slot.job is not None
-        try:
-            speculate = self.assistant.speculate == "ngram"
-            slot.run = Sequence(slot.job, self.model, self.ctx.n_ctx_seq, speculate)
-        except Exception as exc:
-            self._fail(slot, f"could not start generating: {exc}", exc)
-
-    def _decode_step(self) -> None:
-        """Decode one batch, as the scheduler plans it, and sample what it says.
-
-        If llama_decode refuses the batch, each slot's part is decoded on its
-        own, so only a request whose own tokens fail is failed.
-        """
-        assert self.ctx is not None and self.sched is not None
-        self.sched.end_waits()
-        batch = self.sched.plan()
-        hand_over()  # the last step's events go out while this one decodes
-        status = self.ctx.decode(self.sched.entries(batch))
-        if status == 0:
-            self._sample_all(self.sched.advance(batch))
-            return
-        log.warning(
-            "llama_decode failed with status %d on assistant %s; decoding each request apart",
-            status,
-            self.name,
-        )
-        for slot, take in batch:
-            self.ctx.clear_from(slot.seq, len(slot.tokens))
-            status = self.ctx.decode(self.sched.entries([(slot, take)]))
-            if status == 0:
-                self._sample_all(self.sched.advance([(slot, take)]))
-            else:
-                self.sched.forget(slot)
-                self._fail(slot, f"the model failed to decode this request (status {status})")
-
-    def _sample_all(self, ready: list[Ready]) -> None:
-        for r in ready:
-            job = r.slot.job
-            if job is None:
-                continue
-            try:
-                if job.embed:
-                    self._embed(r.slot)
-                else:
-                    self._sample(r.slot, r.index, r.drafted)
-            except NoTokenAllowed as exc:
-                run = r.slot.run
-                assert run is not None and run.constraint is not None
-                log.info("assistant %s: a request ended: %s", self.name, exc)
-                param = run.constraint.param
-                error = InvalidRequest(f"'{param}': {exc}", param=param)
-                job.emit(Failed(str(exc), error=error))
-                self._finish(r.slot, None)
-            except Exception as exc:
-                what = "embedding" if job.embed else "sampling"
-                self._fail(r.slot, f"{what} failed: {exc}", exc)
-
-    def _embed(self, slot: Slot) -> None:
-        """Report the pooled embedding and end the job; the sequence is not kept."""
-        assert self.ctx is not None and self.sched is not None and slot.job is not None
-        slot.job.t_first = time.perf_counter()
-        slot.job.emit(Embedded(self.ctx.embedding(slot.seq)))
-        self._finish(slot, "stop")
-        self.sched.forget(slot)
-
-    def _sample(self, slot: Slot, index: int, drafted: int = 0) -> None:
-        """Sample the slot's next token from the batch output at ``index``.
-
-        With a draft (the slot's last ``drafted`` tokens, decoded at the outputs
-        before ``index``), sample position by position from the first: each
-        draft token the sampler picks itself is kept, the first it does not is
-        replaced by the sampler's token, and the cache forgets the rest.
-        """
-        assert self.ctx is not None and self.sched is not None
-        job, run = slot.job, slot.run
-        assert job is not None and run is not None
-        draft = slot.tokens[len(slot.tokens) - drafted :]
-        accepted = 0
-        job.draft_n += drafted  # counted before a token is reported: it may end the job
-        for i in range(drafted + 1):
-            token, distribution = run.sample(self.ctx, index - drafted + i)
-            matched = i < drafted and token == draft[i]
-            accepted += matched
-            job.draft_accepted += matched
-            reason = run.report(token, distribution, len(slot.tokens))
-            if not matched or reason is not None:
-                break
-        self.sched.reject(slot, drafted - accepted)  # decoded for nothing
-        if run.drafter is not None:
-            run.drafter.record(drafted, accepted)
-        if reason is not None:
-            self._finish(slot, reason)
-            return
-        proposal: list[int] = []
-        room = None if run.drafter is None else self.sched.draft_room(slot, run.drafter.reliable)
-        if room is not None:
-            assert run.drafter is not None
-            proposal = run.drafter.propose([*slot.tokens, token], room)
-        self.sched.generate(slot, token, proposal)
-
-    def _fail(self, slot: Slot, message: str, exc: Exception | None = None) -> None:
-        """Fail the slot's request alone; the others keep generating."""
-        if exc is not None:
-            log.error("assistant %s: a request failed: %s", self.name, message, exc_info=exc)
-        else:
-            log.error("assistant %s: a request failed: %s", self.name, message)
-        assert slot.job is not None
-        slot.job.emit(Failed(message))
-        self._finish(slot, None)
-
-    def _finish(self, slot: Slot, reason: FinishReason | None) -> None:
-        """End the slot's job; reason None means cancelled or failed (nothing more sent)."""
-        assert self.sched is not None
-        job, run = slot.job, slot.run
-        assert job is not None
-        if reason is not None:
-            assert run is not None
-            timings = run.finish(reason)
-            self.requests_served += 1
-            self.last_prompt_per_second = timings.prompt_per_second
-            self.last_predicted_per_second = timings.predicted_per_second
-        self.tokens_generated += job.n_generated
-        # the shared prompt was never decoded: the leader failed or was cancelled,
-        # which ends the whole request, so the followers just end
-        for follower in self.sched.followers_of(slot):
-            self._finish(follower, None)
-        if run is not None:
-            run.close()
-        self.sched.release(slot)
