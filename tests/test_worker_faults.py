@@ -161,7 +161,7 @@ def test_a_dead_worker_thread_is_restarted_without_an_admin(
         assert isinstance(failed, Failed) and failed.retry_after is not None
     worker.join(10)
     assert worker.crashed
-    assert pool.status(worker.assistant) == WorkerState.RESTARTING
+    assert pool.state_of(worker.assistant) == WorkerState.RESTARTING
     assert worker.stats()["state"] == "restarting"
     replacement = wait_online(pool)
     assert replacement is not worker
@@ -231,7 +231,7 @@ def test_a_step_past_its_bound_shows_the_worker_degraded(
         assert wedged.wait(30)
         time.sleep(0.8)
         seen.append((worker.state, worker.problem))
-        seen.append((pool.status(worker.assistant), pool.error("gemma")))
+        seen.append((pool.state_of(worker.assistant), pool.error("gemma")))
 
     watcher = threading.Thread(target=watch)
     watcher.start()

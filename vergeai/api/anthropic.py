@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from vergeai.api import generation
 from vergeai.api.chat import account, read_whole
 from vergeai.api.conversation import prepare
+from vergeai.api.engines import local_engine, online_engine
 from vergeai.api.fields import bad
 from vergeai.api.generation import Choice, Done, Generation, Piece
 from vergeai.api.http import (
@@ -204,9 +205,9 @@ async def _messages(request: Request) -> Response:
     req = to_chat(await read_json(request))
     check_assistant(caller, req.model, service.state)
     passage = gate(request, caller)
-    worker = generation.online_worker(service, req.model)
-    gen = await generation.start(worker, request.app.state.sessions, passage, req, None)
-    reply = MessageReply(worker.assistant.name, len(gen.jobs[0].tokens))
+    online = online_engine(service, req.model)
+    gen = await generation.start(online, request.app.state.sessions, passage, req, None)
+    reply = MessageReply(online.engine.assistant.name, len(gen.jobs[0].tokens))
     if req.stream:
         return await stream_reply(request, gen, reply)
     done = await read_whole(request, gen)
@@ -222,14 +223,15 @@ async def count_tokens(request: Request) -> Response:
         req = to_chat(await read_json(request), count_only=True)
         check_assistant(caller, req.model, service.state)
         passage = gate(request, caller)
-        worker = generation.local_worker(service, req.model, "counting tokens")
-        thinking = generation.thinking_for(req, worker.assistant)
+        local = local_engine(service, req.model, "counting tokens")
+        assistant = local.engine.assistant
+        thinking = generation.thinking_for(req, assistant)
         tools = req.tools.tools if req.tools else None
         # counting is work: it counts against requests per minute and in flight, not tokens
         ticket = passage.admit(0)
         try:
             prepared = await asyncio.to_thread(
-                prepare, worker, worker.assistant.system_prompt, [], req.messages, thinking, 1,
+                prepare, local.facts, assistant.system_prompt, [], req.messages, thinking, 1,
                 False, tools, req.continue_final,
             )  # fmt: skip
         finally:

@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from vergeai.api import generation
+from vergeai.api.engines import online_engine
 from vergeai.api.generation import Done, Generation, Piece
 from vergeai.api.http import (
     EventStream,
@@ -50,9 +51,9 @@ async def chat_completions(request: Request) -> Response:
     session_id = session_id_of(request, req)
     check_assistant(caller, req.model, service.state)
     passage = gate(request, caller)
-    worker = generation.online_worker(service, req.model)
-    gen = await generation.start(worker, request.app.state.sessions, passage, req, session_id)
-    reply = Reply(worker.assistant.name, req.stream, bool(req.tools and req.tools.legacy))
+    online = online_engine(service, req.model)
+    gen = await generation.start(online, request.app.state.sessions, passage, req, session_id)
+    reply = Reply(online.engine.assistant.name, req.stream, bool(req.tools and req.tools.legacy))
     headers = {"X-Session-ID": session_id} if session_id else {}
     if req.stream:
         return await stream_reply(request, gen, reply, req.include_usage, headers)

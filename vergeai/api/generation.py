@@ -18,22 +18,21 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from vergeai.api.conversation import Fitted, Lease, Sessions, prepare
+from vergeai.api.engines import Local, Online
 from vergeai.api.fields import Sampled, grammar_spec
+from vergeai.api.prompting import check_prompt, check_request
 from vergeai.api.schemas import ChatRequest
 from vergeai.api.tools import ToolUse
-from vergeai.errors import InvalidRequest, Unavailable, VergeError
+from vergeai.errors import Unavailable, VergeError
 from vergeai.limits import Gate, Ticket
-from vergeai.runtime.constraint import Grammar, GrammarSpec, compile_grammar
-from vergeai.runtime.engine import WorkerState
+from vergeai.runtime.constraint import Grammar, GrammarSpec
+from vergeai.runtime.engine import Engine
 from vergeai.runtime.job import Delta, Event, Failed, Finished, FinishReason, Job, Timings
 from vergeai.runtime.reasoning import ReasoningSplitter
 from vergeai.runtime.sampling import Sampling
 from vergeai.runtime.toolcalls import CallDelta, ToolCall, ToolCallParser
 from vergeai.runtime.toolformats import ToolFormat
-from vergeai.runtime.worker import Worker
-from vergeai.service import Service
 from vergeai.state.records import Assistant
-from vergeai.upstream.replicas import Remote
 
 log = logging.getLogger("vergeai.generation")
 
@@ -223,7 +222,7 @@ class Rollout:
     requests wait, its further groups are submitted as its own choices end.
     """
 
-    worker: Worker
+    engine: Engine
     groups: deque[Job]  # leaders not submitted yet, in order
     room: int  # slots this request may still take
 
@@ -231,7 +230,7 @@ class Rollout:
         """Submit the groups that fit now (the first one always does)."""
         while self.groups and self.groups[0].slots_needed <= self.room:
             leader = self.groups.popleft()
-            self.worker.submit(leader)
+            self.engine.submit(leader)
             self.room -= leader.slots_needed
 
     def ended(self) -> None:
@@ -382,53 +381,6 @@ class Generation:
         raise GenerationFailed("the generation ended without an answer")
 
 
-def local_worker(service: Service, name: str, endpoint: str, embedding: bool = False) -> Worker:
-    """:func:`online_worker` for endpoints that need the model here, not an upstream's."""
-    worker = online_worker(service, name, embedding)
-    if isinstance(worker, Remote):
-        raise InvalidRequest(
-            f"assistant {name!r} is served by upstream servers, which get chat requests only; "
-            f"{endpoint} needs an assistant on a local model",
-            param="model",
-        )
-    return worker
-
-
-def online_worker(service: Service, name: str, embedding: bool = False) -> Worker | Remote:
-    """The assistant's worker, ready for this kind of request, or the error to answer.
-
-    A remote assistant's replicas are chosen per request (each attempt may
-    find one recovered), so only a local worker's state is checked here.
-    """
-    assistant = service.state.assistants.get(name)
-    if assistant is not None and assistant.embedding != embedding:
-        what = "an embedding" if assistant.embedding else "a chat"
-        use = "POST /v1/embeddings" if assistant.embedding else "a chat or completion endpoint"
-        raise InvalidRequest(
-            f"assistant {name!r} is {what} assistant; call it with {use}", param="model"
-        )
-    worker = service.pool.get(name)
-    if worker is None:
-        raise Unavailable(
-            f"assistant {name!r} is offline; an admin can bring it online with "
-            f"'vergeai assistant online {name}'"
-        )
-    if isinstance(worker, Remote):
-        return worker
-    state = worker.state
-    if state == WorkerState.LOADING:
-        raise Unavailable(
-            f"assistant {name!r} is still loading its model; try again shortly", retry_after=5
-        )
-    if state == WorkerState.RESTARTING:
-        raise Unavailable(f"assistant {name!r} is restarting; try again shortly", retry_after=2)
-    if state == WorkerState.DEGRADED:
-        raise Unavailable(f"assistant {name!r} is not answering: {worker.problem}", retry_after=5)
-    if state != WorkerState.ONLINE:
-        raise Unavailable(f"assistant {name!r} failed to load its model: {worker.error}")
-    return worker
-
-
 def sampling_for(
     req: Sampled, assistant: Assistant, choice: int = 0, grammar: Grammar | None = None
 ) -> Sampling:
@@ -465,29 +417,6 @@ def grammar_of(req: Sampled, tools: ToolUse | None, fmt: ToolFormat | None) -> G
     return tools.grammar(fmt, req.schema, lazy=not tools.forced and req.schema is None)
 
 
-async def check_request(worker: Worker, req: Sampled, spec: GrammarSpec | None) -> Grammar | None:
-    """What only the loaded model can tell: token ids in range; the grammar compiled.
-
-    Called once the caller has passed its limits' first check: compiling
-    takes time and memory (bounded), off the event loop.
-    """
-    assert worker.model is not None
-    model = worker.model
-    if any(t >= model.n_vocab for t in req.logit_bias):
-        raise InvalidRequest(
-            f"'logit_bias': token ids must be below the vocabulary size {model.n_vocab}",
-            param="logit_bias",
-        )
-    if spec is None:
-        return None
-
-    def compiled() -> Grammar:
-        specials = model.special_tokens(spec.markers)
-        return compile_grammar(model.grammar_tokenizer(), spec, specials)
-
-    return await asyncio.to_thread(compiled)
-
-
 def thinking_for(req: ChatRequest, assistant: Assistant) -> bool | None:
     """enable_thinking for the template: the request's, else off if the assistant says so.
 
@@ -502,30 +431,32 @@ def thinking_for(req: ChatRequest, assistant: Assistant) -> bool | None:
 
 
 async def start(
-    worker: Worker | Remote,
+    online: Online,
     sessions: Sessions,
     gate: Gate,
     req: ChatRequest,
     session_id: str | None,
 ) -> Generation:
     """Prepare the prompt and submit the job; the caller enters the Generation."""
-    if isinstance(worker, Remote):
+    if online.facts is None:
         from vergeai.api.remote import start_remote  # it builds on this module
 
-        return await start_remote(worker, sessions, gate, req, session_id)
-    assistant = worker.assistant
+        return await start_remote(online.engine, sessions, gate, req, session_id)
+    local = Local(online.engine, online.facts)
+    assistant = local.engine.assistant
     user = gate.caller.user.name
-    assert worker.template is not None
-    fmt = worker.template.tool_format
+    template = local.facts.template
+    assert template is not None  # a chat model's
+    fmt = template.tool_format
     tools = req.tools
-    grammar = await check_request(worker, req, grammar_of(req, tools, fmt))
+    grammar = await check_request(local.facts, req, grammar_of(req, tools, fmt))
     max_tokens = req.max_tokens or assistant.max_tokens or DEFAULT_MAX_TOKENS
     thinking = thinking_for(req, assistant)
     lease, turns = await sessions.open(assistant, user, session_id)
     try:
         prepared = await asyncio.to_thread(
             prepare,
-            worker,
+            local.facts,
             assistant.system_prompt,
             turns,
             req.messages,
@@ -535,7 +466,7 @@ async def start(
             tools.tools if tools else None,
             req.continue_final,
         )
-        worker.check_prompt(prepared.rendered.tokens)
+        check_prompt(local.facts, prepared.rendered.tokens)
         memory = Memory(sessions, lease, prepared, req.messages) if lease else None
 
         def answer() -> Answer:
@@ -544,9 +475,10 @@ async def start(
             return Answer(req.raw_reasoning, opens_think, req.top_logprobs is not None, calls)
 
         legacy = bool(tools and tools.legacy)
+        tokens = [prepared.rendered.tokens]
         return launch(
-            worker, req, [prepared.rendered.tokens], max_tokens, answer, gate, grammar, memory,
-            legacy, prepared.public,
+            local.engine, req, tokens, max_tokens, answer, gate, grammar, memory, legacy,
+            prepared.public,
         )  # fmt: skip
     except BaseException:
         if lease is not None:
@@ -555,7 +487,7 @@ async def start(
 
 
 def launch(
-    worker: Worker,
+    engine: Engine,
     req: Sampled,
     prompts: list[list[int]],
     max_tokens: int,
@@ -583,13 +515,13 @@ def launch(
     gate.check(prompt_tokens, places)
     queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
     loop = asyncio.get_running_loop()
-    share = worker.share
+    share = engine.share
     leaders = []
     for p, tokens in enumerate(prompts):
         jobs = [
             Job(
                 tokens=tokens,
-                sampling=sampling_for(req, worker.assistant, p * req.n + j, grammar),
+                sampling=sampling_for(req, engine.assistant, p * req.n + j, grammar),
                 max_tokens=max_tokens,
                 stop=req.stop,
                 loop=loop,
@@ -605,7 +537,7 @@ def launch(
             jobs[g].followers = jobs[g + 1 : g + share]
             leaders.append(jobs[g])
     answers = [answer() for _ in range(places)]
-    rollout = Rollout(worker, deque(leaders), share)
+    rollout = Rollout(engine, deque(leaders), share)
     try:
         rollout.submit()
         ticket = gate.admit(prompt_tokens, places, reserve=max_tokens * places)
@@ -615,5 +547,5 @@ def launch(
         raise
     heads = tuple(p * req.n for p in range(len(prompts)))
     return Generation(
-        worker.assistant, answers, leaders, memory, ticket, legacy_calls, rollout, heads
+        engine.assistant, answers, leaders, memory, ticket, legacy_calls, rollout, heads
     )

@@ -15,19 +15,20 @@ from vergeai.state.records import Assistant
 
 def model_entry(service: Service, assistant: Assistant) -> dict[str, Any]:
     """OpenAI's model object, with what clients look for: kind, context, llama-server's meta."""
-    worker = service.pool.get(assistant.name)
+    engine = service.pool.get(assistant.name)
+    facts = engine.facts if engine is not None else None
     entry: dict[str, Any] = {
         "id": assistant.name,
         "object": "model",
         "created": int(assistant.created.timestamp()),
         "owned_by": "vergeai",
         "model": assistant.display_model,
-        "status": service.pool.status(assistant),
+        "status": service.pool.state_of(assistant),
         "kind": "embedding" if assistant.embedding else "chat",
-        "context_length": worker.n_ctx if worker else assistant.ctx,
+        "context_length": facts.n_ctx if facts is not None else assistant.ctx,
     }
-    model = worker.model if worker else None
-    if model is not None:
+    if facts is not None:
+        model = facts.model
         entry["meta"] = {
             "n_ctx_train": model.n_ctx_train,
             "n_params": model.n_params,

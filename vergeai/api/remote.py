@@ -24,9 +24,9 @@ from vergeai.api.generation import (
 from vergeai.api.schemas import ChatRequest
 from vergeai.api.tools import ToolUse
 from vergeai.limits import Gate
+from vergeai.runtime.engine import Engine
 from vergeai.runtime.prompt import Message
 from vergeai.state.records import Assistant
-from vergeai.upstream.replicas import Remote
 from vergeai.upstream.stream import RemoteJob
 
 
@@ -93,7 +93,7 @@ def tool_fields(tools: ToolUse) -> dict[str, Any]:
 
 
 async def start_remote(
-    remote: Remote, sessions: Sessions, gate: Gate, req: ChatRequest, session_id: str | None
+    remote: Engine, sessions: Sessions, gate: Gate, req: ChatRequest, session_id: str | None
 ) -> Generation:
     """Fit the history, admit the request, and send it upstream; the caller enters it."""
     assistant = remote.assistant
@@ -124,7 +124,7 @@ async def start_remote(
             hold=not req.stream,
         )
         ticket = gate.admit(estimate, req.n, reserve=max_tokens * req.n)
-        job.run(remote)
+        remote.submit(job)
         logprobs = req.top_logprobs is not None
         answers = [Answer(req.raw_reasoning, False, logprobs, None) for _ in range(req.n)]
         memory = Memory(sessions, lease, fitted, req.messages) if lease else None

@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, Response
 
 from vergeai.api import generation
 from vergeai.api.chat import account, read_whole
+from vergeai.api.engines import online_engine
 from vergeai.api.fields import bad
 from vergeai.api.generation import Choice, Done, Generation, Piece
 from vergeai.api.http import (
@@ -234,9 +235,9 @@ async def create_response(request: Request) -> Response:
     req = parse_chat_request(chat_body(body, system + conversation))
     check_assistant(caller, req.model, service.state)
     passage = gate(request, caller)
-    worker = generation.online_worker(service, req.model)
-    gen = await generation.start(worker, request.app.state.sessions, passage, req, None)
-    reply = ResponseReply(reply_id, worker.assistant.name, body, previous, store)
+    online = online_engine(service, req.model)
+    gen = await generation.start(online, request.app.state.sessions, passage, req, None)
+    reply = ResponseReply(reply_id, online.engine.assistant.name, body, previous, store)
 
     async def keep(done: Done) -> None:
         if store:
