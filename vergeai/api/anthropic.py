@@ -20,7 +20,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from vergeai.api import generation
+from vergeai.api import dispatch, generation
 from vergeai.api.chat import account, read_whole
 from vergeai.api.conversation import prepare
 from vergeai.api.engines import local_engine, online_engine
@@ -206,7 +206,7 @@ async def _messages(request: Request) -> Response:
     check_assistant(caller, req.model, service.state)
     passage = gate(request, caller)
     online = online_engine(service, req.model)
-    gen = await generation.start(online, request.app.state.sessions, passage, req, None)
+    gen = await dispatch.start(online, request.app.state.sessions, passage, req, None)
     reply = MessageReply(online.engine.assistant.name, len(gen.jobs[0].tokens))
     if req.stream:
         return await stream_reply(request, gen, reply)

@@ -8,7 +8,7 @@ from dataclasses import replace
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from vergeai.api import generation
+from vergeai.api import dispatch
 from vergeai.api.engines import online_engine
 from vergeai.api.generation import Done, Generation, Piece
 from vergeai.api.http import (
@@ -52,7 +52,7 @@ async def chat_completions(request: Request) -> Response:
     check_assistant(caller, req.model, service.state)
     passage = gate(request, caller)
     online = online_engine(service, req.model)
-    gen = await generation.start(online, request.app.state.sessions, passage, req, session_id)
+    gen = await dispatch.start(online, request.app.state.sessions, passage, req, session_id)
     reply = Reply(online.engine.assistant.name, req.stream, bool(req.tools and req.tools.legacy))
     headers = {"X-Session-ID": session_id} if session_id else {}
     if req.stream:

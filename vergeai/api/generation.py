@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from vergeai.api.conversation import Fitted, Lease, Sessions, prepare
-from vergeai.api.engines import Local, Online
+from vergeai.api.engines import Local
 from vergeai.api.fields import Sampled, grammar_spec
 from vergeai.api.prompting import check_prompt, check_request
 from vergeai.api.schemas import ChatRequest
@@ -430,19 +430,14 @@ def thinking_for(req: ChatRequest, assistant: Assistant) -> bool | None:
     return req.enable_thinking
 
 
-async def start(
-    online: Online,
+async def start_local(
+    local: Local,
     sessions: Sessions,
     gate: Gate,
     req: ChatRequest,
     session_id: str | None,
 ) -> Generation:
     """Prepare the prompt and submit the job; the caller enters the Generation."""
-    if online.facts is None:
-        from vergeai.api.remote import start_remote  # it builds on this module
-
-        return await start_remote(online.engine, sessions, gate, req, session_id)
-    local = Local(online.engine, online.facts)
     assistant = local.engine.assistant
     user = gate.caller.user.name
     template = local.facts.template

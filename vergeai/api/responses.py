@@ -25,7 +25,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from vergeai.api import generation
+from vergeai.api import dispatch
 from vergeai.api.chat import account, read_whole
 from vergeai.api.engines import online_engine
 from vergeai.api.fields import bad
@@ -236,7 +236,7 @@ async def create_response(request: Request) -> Response:
     check_assistant(caller, req.model, service.state)
     passage = gate(request, caller)
     online = online_engine(service, req.model)
-    gen = await generation.start(online, request.app.state.sessions, passage, req, None)
+    gen = await dispatch.start(online, request.app.state.sessions, passage, req, None)
     reply = ResponseReply(reply_id, online.engine.assistant.name, body, previous, store)
 
     async def keep(done: Done) -> None:
