@@ -20,12 +20,12 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from vergeai.api import dispatch, generation
+from vergeai.api import dispatch
 from vergeai.api.chat import account, read_whole
 from vergeai.api.conversation import prepare
 from vergeai.api.engines import local_engine, online_engine
 from vergeai.api.fields import bad
-from vergeai.api.generation import Choice, Done, Generation, Piece
+from vergeai.api.generation import Generation
 from vergeai.api.http import (
     EventStream,
     authenticated,
@@ -33,6 +33,8 @@ from vergeai.api.http import (
     read_json,
     unless_disconnected,
 )
+from vergeai.api.outputs import Choice, Done, Piece
+from vergeai.api.policy import thinking_for
 from vergeai.api.schemas import ChatRequest, parse_chat_request
 from vergeai.auth import check_assistant
 from vergeai.errors import InvalidRequest, VergeError
@@ -225,7 +227,7 @@ async def count_tokens(request: Request) -> Response:
         passage = gate(request, caller)
         local = local_engine(service, req.model, "counting tokens")
         assistant = local.engine.assistant
-        thinking = generation.thinking_for(req, assistant)
+        thinking = thinking_for(req, assistant)
         tools = req.tools.tools if req.tools else None
         # counting is work: it counts against requests per minute and in flight, not tokens
         ticket = passage.admit(0)

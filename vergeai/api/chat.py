@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse, Response
 
 from vergeai.api import dispatch
 from vergeai.api.engines import online_engine
-from vergeai.api.generation import Done, Generation, Piece
+from vergeai.api.generation import Generation
 from vergeai.api.http import (
     EventStream,
     authenticated,
@@ -19,6 +19,7 @@ from vergeai.api.http import (
     sse,
     unless_disconnected,
 )
+from vergeai.api.outputs import Done, Piece
 from vergeai.api.replies import Reply
 from vergeai.api.schemas import ChatRequest, parse_chat_request
 from vergeai.auth import check_assistant

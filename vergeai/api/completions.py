@@ -19,7 +19,6 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from vergeai.api import generation
 from vergeai.api.chat import account, read_whole
 from vergeai.api.engines import Local, local_engine
 from vergeai.api.fields import (
@@ -34,7 +33,7 @@ from vergeai.api.fields import (
     integer,
     sampled,
 )
-from vergeai.api.generation import Answer, Done, Generation, Piece
+from vergeai.api.generation import Generation
 from vergeai.api.http import (
     EventStream,
     authenticated,
@@ -43,6 +42,8 @@ from vergeai.api.http import (
     sse,
     unless_disconnected,
 )
+from vergeai.api.local import Launch, launch
+from vergeai.api.outputs import Answer, Done, Piece
 from vergeai.api.prompting import check_prompt, check_request
 from vergeai.auth import check_assistant
 from vergeai.errors import InvalidRequest, VergeError, error_body
@@ -161,7 +162,7 @@ async def completions(request: Request) -> Response:
     def answer() -> Answer:
         return Answer(True, False, logprobs, None)
 
-    gen = generation.launch(local.engine, req, prompts, max_tokens, answer, passage, grammar)
+    gen = launch(local.engine, passage, Launch(req, prompts, max_tokens, answer, grammar))
     echoes = [local.facts.model.detokenize(p) if req.echo else "" for p in prompts]
     reply = CompletionReply(local.engine.assistant.name, [e for e in echoes for _ in range(req.n)])
     if req.stream:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from vergeai.api.conversation import Sessions
 from vergeai.api.engines import Local, Online
-from vergeai.api.generation import Generation, start_local
+from vergeai.api.generation import Generation
+from vergeai.api.local import start_local
 from vergeai.api.remote import start_remote
 from vergeai.api.schemas import ChatRequest
 from vergeai.limits import Gate

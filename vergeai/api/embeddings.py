@@ -15,10 +15,10 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from vergeai.api import generation
 from vergeai.api.engines import Local, local_engine
 from vergeai.api.fields import FieldSpec, bad, check_fields, field_specs
 from vergeai.api.http import authenticated, gate, read_json, unless_disconnected
+from vergeai.api.outputs import failure
 from vergeai.api.prompting import check_prompt
 from vergeai.auth import check_assistant
 from vergeai.errors import InvalidRequest
@@ -110,7 +110,7 @@ async def embed_all(engine: Engine, inputs: list[list[int]]) -> list[Any]:
             if isinstance(event, Embedded):
                 vectors[index] = event.vector
             elif isinstance(event, Failed):
-                raise generation.failure(event)
+                raise failure(event)
             elif isinstance(event, Finished):
                 done += 1
     finally:

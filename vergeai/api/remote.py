@@ -12,15 +12,11 @@ import asyncio
 from typing import Any
 
 from vergeai.api.conversation import Sessions, fit_remote
+from vergeai.api.defaults import max_tokens_for, sampling_for
 from vergeai.api.fields import DEFAULT_REPEAT_LAST_N
-from vergeai.api.generation import (
-    DEFAULT_MAX_TOKENS,
-    Answer,
-    Generation,
-    Memory,
-    sampling_for,
-    thinking_for,
-)
+from vergeai.api.generation import Generation, Memory
+from vergeai.api.outputs import Answer
+from vergeai.api.policy import thinking_for
 from vergeai.api.schemas import ChatRequest
 from vergeai.api.tools import ToolUse
 from vergeai.limits import Gate
@@ -98,7 +94,7 @@ async def start_remote(
     """Fit the history, admit the request, and send it upstream; the caller enters it."""
     assistant = remote.assistant
     user = gate.caller.user.name
-    max_tokens = req.max_tokens or assistant.max_tokens or DEFAULT_MAX_TOKENS
+    max_tokens = max_tokens_for(req, assistant)
     lease, turns = await sessions.open(assistant, user, session_id)
     try:
         messages, estimate, fitted = fit_remote(
