@@ -21,7 +21,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from vergeai.api import dispatch
-from vergeai.api.chat import account, read_whole
 from vergeai.api.conversation import prepare
 from vergeai.api.engines import local_engine, online_engine
 from vergeai.api.fields import bad
@@ -35,6 +34,7 @@ from vergeai.api.http import (
 )
 from vergeai.api.outputs import Choice, Done, Piece
 from vergeai.api.policy import thinking_for
+from vergeai.api.reading import account, read_whole
 from vergeai.api.schemas import ChatRequest, parse_chat_request
 from vergeai.auth import check_assistant
 from vergeai.errors import InvalidRequest, VergeError

@@ -19,7 +19,8 @@ from vergeai.api.http import (
     sse,
     unless_disconnected,
 )
-from vergeai.api.outputs import Done, Piece
+from vergeai.api.outputs import Piece
+from vergeai.api.reading import account, read_whole
 from vergeai.api.replies import Reply
 from vergeai.api.schemas import ChatRequest, parse_chat_request
 from vergeai.auth import check_assistant
@@ -65,21 +66,6 @@ async def chat_completions(request: Request) -> Response:
     if done.session is not None:
         body["session"] = done.session
     return JSONResponse(body, headers=headers)
-
-
-def account(request: Request, done: Done) -> None:
-    """What the access log and the metrics record of a finished answer."""
-    request.state.usage = done.usage()
-    request.state.ttft = done.ttft
-
-
-async def read_whole(request: Request, gen: Generation) -> Done | None:
-    """The whole answer, read while watching the client, and accounted; None if it left."""
-    async with gen:
-        done = await unless_disconnected(request, gen.whole())
-    if done is not None:
-        account(request, done)
-    return done
 
 
 async def stream_reply(

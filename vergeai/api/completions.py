@@ -19,7 +19,6 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from vergeai.api.chat import account, read_whole
 from vergeai.api.engines import Local, local_engine
 from vergeai.api.fields import (
     IGNORED_FIELDS,
@@ -45,6 +44,7 @@ from vergeai.api.http import (
 from vergeai.api.local import Launch, launch
 from vergeai.api.outputs import Answer, Done, Piece
 from vergeai.api.prompting import check_prompt, check_request
+from vergeai.api.reading import account, read_whole
 from vergeai.auth import check_assistant
 from vergeai.errors import InvalidRequest, VergeError, error_body
 from vergeai.service import Service

@@ -11,13 +11,13 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from vergeai.api.chat import account
 from vergeai.api.generation import Generation
 from vergeai.api.http import (
     EventStream,
     unless_disconnected,
 )
 from vergeai.api.outputs import Choice, Done, Piece
+from vergeai.api.reading import account
 from vergeai.errors import VergeError, error_body
 
 

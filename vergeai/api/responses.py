@@ -22,7 +22,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from vergeai.api import dispatch
-from vergeai.api.chat import read_whole
 from vergeai.api.engines import online_engine
 from vergeai.api.fields import bad
 from vergeai.api.http import (
@@ -31,6 +30,7 @@ from vergeai.api.http import (
     read_json,
 )
 from vergeai.api.outputs import Done
+from vergeai.api.reading import read_whole
 from vergeai.api.response_input import REFUSED, chat_body, input_items, input_messages
 from vergeai.api.response_reply import ResponseReply, new_id, stream_reply
 from vergeai.api.schemas import parse_chat_request
