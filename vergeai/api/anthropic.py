@@ -27,7 +27,6 @@ from vergeai.api.fields import bad
 from vergeai.api.generation import Generation
 from vergeai.api.http import (
     EventStream,
-    authenticated,
     gate,
     read_json,
     unless_disconnected,
@@ -35,6 +34,7 @@ from vergeai.api.http import (
 from vergeai.api.outputs import Choice, Done, Piece
 from vergeai.api.policy import thinking_for
 from vergeai.api.reading import account, read_whole
+from vergeai.api.record import caller_of
 from vergeai.api.schemas import ChatRequest, parse_chat_request
 from vergeai.auth import check_assistant
 from vergeai.errors import InvalidRequest, VergeError
@@ -189,7 +189,8 @@ def to_chat(body: Any, count_only: bool = False) -> ChatRequest:
     return replace(req, continue_final=True)
 
 
-def _api_key(request: Request) -> str | None:
+def api_key(request: Request) -> str | None:
+    """Anthropic's credentials: the x-api-key header, else Authorization."""
     key = request.headers.get("x-api-key")
     return f"Bearer {key}" if key is not None else request.headers.get("authorization")
 
@@ -203,7 +204,7 @@ async def messages(request: Request) -> Response:
 
 async def _messages(request: Request) -> Response:
     service: Service = request.app.state.service
-    caller = authenticated(request, _api_key(request))
+    caller = caller_of(request)
     req = to_chat(await read_json(request))
     check_assistant(caller, req.model, service.state)
     passage = gate(request, caller)
@@ -221,7 +222,7 @@ async def _messages(request: Request) -> Response:
 async def count_tokens(request: Request) -> Response:
     try:
         service: Service = request.app.state.service
-        caller = authenticated(request, _api_key(request))
+        caller = caller_of(request)
         req = to_chat(await read_json(request), count_only=True)
         check_assistant(caller, req.model, service.state)
         passage = gate(request, caller)

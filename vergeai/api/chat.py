@@ -13,7 +13,6 @@ from vergeai.api.engines import online_engine
 from vergeai.api.generation import Generation
 from vergeai.api.http import (
     EventStream,
-    authenticated,
     gate,
     read_json,
     sse,
@@ -21,6 +20,7 @@ from vergeai.api.http import (
 )
 from vergeai.api.outputs import Piece
 from vergeai.api.reading import account, read_whole
+from vergeai.api.record import caller_of
 from vergeai.api.replies import Reply
 from vergeai.api.schemas import ChatRequest, parse_chat_request
 from vergeai.auth import check_assistant
@@ -48,7 +48,7 @@ def session_id_of(request: Request, req: ChatRequest) -> str | None:
 
 async def chat_completions(request: Request) -> Response:
     service: Service = request.app.state.service
-    caller = authenticated(request)
+    caller = caller_of(request)
     req = parse_chat_request(await read_json(request))
     session_id = session_id_of(request, req)
     check_assistant(caller, req.model, service.state)

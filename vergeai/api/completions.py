@@ -35,7 +35,6 @@ from vergeai.api.fields import (
 from vergeai.api.generation import Generation
 from vergeai.api.http import (
     EventStream,
-    authenticated,
     gate,
     read_json,
     sse,
@@ -45,6 +44,7 @@ from vergeai.api.local import Launch, launch
 from vergeai.api.outputs import Answer, Done, Piece
 from vergeai.api.prompting import check_prompt, check_request
 from vergeai.api.reading import account, read_whole
+from vergeai.api.record import caller_of
 from vergeai.auth import check_assistant
 from vergeai.errors import InvalidRequest, VergeError, error_body
 from vergeai.service import Service
@@ -149,7 +149,7 @@ def prompt_tokens(local: Local, req: CompletionRequest) -> list[list[int]]:
 
 async def completions(request: Request) -> Response:
     service: Service = request.app.state.service
-    caller = authenticated(request)
+    caller = caller_of(request)
     req = parse_completion_request(await read_json(request))
     check_assistant(caller, req.model, service.state)
     passage = gate(request, caller)

@@ -17,9 +17,10 @@ from starlette.responses import JSONResponse, Response
 
 from vergeai.api.engines import Local, local_engine
 from vergeai.api.fields import FieldSpec, bad, check_fields, field_specs
-from vergeai.api.http import authenticated, gate, read_json, unless_disconnected
+from vergeai.api.http import gate, read_json, unless_disconnected
 from vergeai.api.outputs import failure
 from vergeai.api.prompting import check_prompt
+from vergeai.api.record import caller_of, record_of
 from vergeai.auth import check_assistant
 from vergeai.errors import InvalidRequest
 from vergeai.runtime.engine import Engine
@@ -121,7 +122,7 @@ async def embed_all(engine: Engine, inputs: list[list[int]]) -> list[Any]:
 
 async def embeddings(request: Request) -> Response:
     service: Service = request.app.state.service
-    caller = authenticated(request)
+    caller = caller_of(request)
     body = await read_json(request)
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
@@ -154,7 +155,7 @@ async def embeddings(request: Request) -> Response:
         ticket.release()
     if vectors is None:
         return Response(status_code=499)
-    request.state.usage = {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n}
+    record_of(request).usage = {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n}
     data = [
         {
             "object": "embedding",

@@ -10,7 +10,7 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
-from vergeai.api.http import authenticated
+from vergeai.api.record import caller_of
 from vergeai.errors import PermissionDenied
 from vergeai.service import Service
 
@@ -137,9 +137,7 @@ class Metrics:
 
 
 async def metrics(request: Request) -> Response:
-    if not request.app.state.metrics_public:
-        caller = authenticated(request)
-        if caller.user.role != "admin":
-            raise PermissionDenied("/metrics needs an admin user's key")
+    if not request.app.state.metrics_public and caller_of(request).user.role != "admin":
+        raise PermissionDenied("/metrics needs an admin user's key")
     data = generate_latest(request.app.state.metrics.registry)
     return Response(data, media_type=CONTENT_TYPE)

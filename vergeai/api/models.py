@@ -7,7 +7,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from vergeai.api.http import authenticated
+from vergeai.api.record import caller_of
 from vergeai.auth import check_assistant
 from vergeai.service import Service
 from vergeai.state.records import Assistant
@@ -41,7 +41,7 @@ def model_entry(service: Service, assistant: Assistant) -> dict[str, Any]:
 
 async def list_models(request: Request) -> JSONResponse:
     service: Service = request.app.state.service
-    caller = authenticated(request)
+    caller = caller_of(request)
     data = [
         model_entry(service, a)
         for name, a in sorted(service.state.assistants.items())
@@ -52,7 +52,7 @@ async def list_models(request: Request) -> JSONResponse:
 
 async def get_model(request: Request) -> JSONResponse:
     service: Service = request.app.state.service
-    caller = authenticated(request)
+    caller = caller_of(request)
     name = request.path_params["name"]
     check_assistant(caller, name, service.state)
     return JSONResponse(model_entry(service, service.state.assistants[name]))

@@ -7,12 +7,14 @@ from starlette.requests import Request
 from vergeai.api.generation import Generation
 from vergeai.api.http import unless_disconnected
 from vergeai.api.outputs import Done
+from vergeai.api.record import record_of
 
 
 def account(request: Request, done: Done) -> None:
     """What the access log and the metrics record of a finished answer."""
-    request.state.usage = done.usage()
-    request.state.ttft = done.ttft
+    record = record_of(request)
+    record.usage = done.usage()
+    record.ttft = done.ttft
 
 
 async def read_whole(request: Request, gen: Generation) -> Done | None:

@@ -25,12 +25,12 @@ from vergeai.api import dispatch
 from vergeai.api.engines import online_engine
 from vergeai.api.fields import bad
 from vergeai.api.http import (
-    authenticated,
     gate,
     read_json,
 )
 from vergeai.api.outputs import Done
 from vergeai.api.reading import read_whole
+from vergeai.api.record import caller_of
 from vergeai.api.response_input import REFUSED, chat_body, input_items, input_messages
 from vergeai.api.response_reply import ResponseReply, new_id, stream_reply
 from vergeai.api.schemas import parse_chat_request
@@ -49,7 +49,7 @@ def _store(request: Request) -> Responses:
 
 def _caller(request: Request) -> tuple[Service, Caller]:
     service: Service = request.app.state.service
-    caller = authenticated(request)
+    caller = caller_of(request)
     return service, caller
 
 
