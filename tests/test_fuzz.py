@@ -19,7 +19,7 @@ from helpers import HELLO, Server, cli_ok, error_of, free_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vergeai.api.app import REQUEST_ID_RE
+from vergeai.api.access import REQUEST_ID_RE
 from vergeai.api.completions import COMPLETION_FIELDS
 from vergeai.api.embeddings import EMBEDDING_FIELDS
 from vergeai.api.schemas import CHAT_FIELDS

@@ -29,7 +29,7 @@ from helpers import (
     sse_events,
 )
 
-from vergeai.api.generation import sampling_for
+from vergeai.api.defaults import sampling_for
 from vergeai.api.schemas import CHAT_FIELDS, parse_chat_request
 from vergeai.state.records import Assistant
 

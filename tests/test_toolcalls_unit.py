@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from llguidance import LLMatcher
 
-from vergeai.api.generation import Answer
+from vergeai.api.outputs import Answer
 from vergeai.api.tools import parse_tools
 from vergeai.errors import InvalidRequest
 from vergeai.runtime import toolformats

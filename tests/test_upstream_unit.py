@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from vergeai.api.generation import Answer
+from vergeai.api.outputs import Answer
 from vergeai.errors import Unavailable
 from vergeai.runtime.job import Delta
 from vergeai.runtime.sampling import Sampling

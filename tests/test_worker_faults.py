@@ -71,11 +71,16 @@ async def generate(worker: Worker, tokens: list[int], max_tokens: int = 12) -> l
 
 
 async def side_by_side(worker: Worker) -> tuple[list[Event], list[Event]]:
-    good = worker.tokenize(
-        "<start_of_turn>user\nCount to ten.<end_of_turn>\n<start_of_turn>model\n"
+    good = tokenize(
+        worker, "<start_of_turn>user\nCount to ten.<end_of_turn>\n<start_of_turn>model\n"
     )
     bad = [*good[:-1], MARKER, good[-1]]
     return await asyncio.gather(generate(worker, good, 24), generate(worker, bad))
+
+
+def tokenize(worker: Worker, text: str) -> list[int]:
+    assert worker.facts is not None
+    return worker.facts.model.tokenize(text)
 
 
 def outcome(events: list[Event]) -> type:
@@ -163,7 +168,7 @@ def test_a_dead_worker_thread_is_restarted_without_an_admin(
         assert isinstance(failed, Failed) and failed.retry_after is not None
     worker.join(10)
     assert worker.crashed
-    assert pool.status(worker.assistant) == WorkerState.RESTARTING
+    assert pool.state_of(worker.assistant) == WorkerState.RESTARTING
     assert worker.stats()["state"] == "restarting"
     replacement = wait_online(pool)
     assert replacement is not worker
@@ -189,7 +194,7 @@ async def two_choices(worker: Worker, tokens: list[int]) -> list[tuple[int, Even
 
 
 def check_n_choices_fail_alone(worker: Worker) -> None:
-    good = worker.tokenize("<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n")
+    good = tokenize(worker, "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n")
     failed = asyncio.run(two_choices(worker, [*good[:-1], MARKER, good[-1]]))
     assert [type(e) for _, e in failed] == [Failed]  # the leader's failure ends the request
     deadline = time.monotonic() + 2
@@ -252,7 +257,7 @@ def test_a_step_past_its_bound_shows_the_worker_degraded(
         assert wedged.wait(30)
         time.sleep(0.8)
         seen.append((worker.state, worker.problem))
-        seen.append((pool.status(worker.assistant), pool.error("gemma")))
+        seen.append((pool.state_of(worker.assistant), pool.error("gemma")))
 
     watcher = threading.Thread(target=watch)
     watcher.start()

@@ -7,7 +7,7 @@ import threading
 import time
 from pathlib import Path
 
-from vergeai.runtime.engine import WorkerState
+from vergeai.runtime.engine import Engine, WorkerState
 from vergeai.runtime.worker import Worker
 from vergeai.state.records import Assistant
 from vergeai.upstream.replicas import Remote
@@ -21,15 +21,15 @@ MAX_RESTART_DELAY = 60.0
 class Pool:
     def __init__(self, root: Path | None = None) -> None:
         self.root = root  # the state dir: remote assistants' keys may be in its secrets.toml
-        self.workers: dict[str, Worker | Remote] = {}
+        self.workers: dict[str, Engine] = {}
         self.restarts: dict[str, int] = {}
-        self._retiring: list[Worker | Remote] = []
+        self._retiring: list[Engine] = []
         self._lock = threading.Lock()
 
-    def get(self, name: str) -> Worker | Remote | None:
+    def get(self, name: str) -> Engine | None:
         return self.workers.get(name)
 
-    def status(self, assistant: Assistant) -> str:
+    def state_of(self, assistant: Assistant) -> WorkerState:
         worker = self.workers.get(assistant.name)
         return WorkerState.OFFLINE if worker is None else worker.state
 
@@ -37,7 +37,7 @@ class Pool:
         worker = self.workers.get(name)
         if worker is None:
             return "not loaded"
-        return worker.problem or str(self.status(worker.assistant))
+        return worker.problem or str(self.state_of(worker.assistant))
 
     def heal(self) -> None:
         """Replace workers whose thread died, with a growing delay if they keep dying."""
@@ -69,7 +69,7 @@ class Pool:
                     or not wanted.online
                     or wanted.load_key() != worker.assistant.load_key()
                     or (
-                        worker.status == WorkerState.ERROR
+                        worker.state == WorkerState.ERROR
                         and (retry_failed or wanted != worker.assistant)
                     )
                 ):
@@ -85,7 +85,7 @@ class Pool:
             self._retiring = [w for w in self._retiring if w.alive()]
 
     def _start(self, assistant: Assistant) -> None:
-        worker = Remote(assistant, self.root) if assistant.remote else Worker(assistant)
+        worker: Engine = Remote(assistant, self.root) if assistant.remote else Worker(assistant)
         worker.restarts = self.restarts.get(assistant.name, 0)
         self.workers[assistant.name] = worker
         worker.start()

@@ -49,7 +49,7 @@ def workers_snapshot(service: Service, listen: list[str]) -> dict[str, Any]:
         },
         "workers": [w.stats() for _, w in sorted(service.pool.workers.items())],
         "assistants": {
-            name: service.pool.status(a) for name, a in sorted(service.state.assistants.items())
+            name: service.pool.state_of(a) for name, a in sorted(service.state.assistants.items())
         },
     }
 

@@ -20,18 +20,21 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from vergeai.api import generation
-from vergeai.api.chat import account, read_whole
+from vergeai.api import dispatch
 from vergeai.api.conversation import prepare
+from vergeai.api.engines import local_engine, online_engine
 from vergeai.api.fields import bad
-from vergeai.api.generation import Choice, Done, Generation, Piece
+from vergeai.api.generation import Generation
 from vergeai.api.http import (
     EventStream,
-    authenticated,
     gate,
     read_json,
     unless_disconnected,
 )
+from vergeai.api.outputs import Choice, Done, Piece
+from vergeai.api.policy import thinking_for
+from vergeai.api.reading import account, read_whole
+from vergeai.api.record import caller_of
 from vergeai.api.schemas import ChatRequest, parse_chat_request
 from vergeai.auth import check_assistant
 from vergeai.errors import InvalidRequest, VergeError
@@ -186,7 +189,8 @@ def to_chat(body: Any, count_only: bool = False) -> ChatRequest:
     return replace(req, continue_final=True)
 
 
-def _api_key(request: Request) -> str | None:
+def api_key(request: Request) -> str | None:
+    """Anthropic's credentials: the x-api-key header, else Authorization."""
     key = request.headers.get("x-api-key")
     return f"Bearer {key}" if key is not None else request.headers.get("authorization")
 
@@ -200,13 +204,13 @@ async def messages(request: Request) -> Response:
 
 async def _messages(request: Request) -> Response:
     service: Service = request.app.state.service
-    caller = authenticated(request, _api_key(request))
+    caller = caller_of(request)
     req = to_chat(await read_json(request))
     check_assistant(caller, req.model, service.state)
     passage = gate(request, caller)
-    worker = generation.online_worker(service, req.model)
-    gen = await generation.start(worker, request.app.state.sessions, passage, req, None)
-    reply = MessageReply(worker.assistant.name, len(gen.jobs[0].tokens))
+    online = online_engine(service, req.model)
+    gen = await dispatch.start(online, request.app.state.sessions, passage, req, None)
+    reply = MessageReply(online.engine.assistant.name, len(gen.jobs[0].tokens))
     if req.stream:
         return await stream_reply(request, gen, reply)
     done = await read_whole(request, gen)
@@ -218,18 +222,19 @@ async def _messages(request: Request) -> Response:
 async def count_tokens(request: Request) -> Response:
     try:
         service: Service = request.app.state.service
-        caller = authenticated(request, _api_key(request))
+        caller = caller_of(request)
         req = to_chat(await read_json(request), count_only=True)
         check_assistant(caller, req.model, service.state)
         passage = gate(request, caller)
-        worker = generation.local_worker(service, req.model, "counting tokens")
-        thinking = generation.thinking_for(req, worker.assistant)
+        local = local_engine(service, req.model, "counting tokens")
+        assistant = local.engine.assistant
+        thinking = thinking_for(req, assistant)
         tools = req.tools.tools if req.tools else None
         # counting is work: it counts against requests per minute and in flight, not tokens
         ticket = passage.admit(0)
         try:
             prepared = await asyncio.to_thread(
-                prepare, worker, worker.assistant.system_prompt, [], req.messages, thinking, 1,
+                prepare, local.facts, assistant.system_prompt, [], req.messages, thinking, 1,
                 False, tools, req.continue_final,
             )  # fmt: skip
         finally:

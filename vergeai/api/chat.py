@@ -8,16 +8,19 @@ from dataclasses import replace
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from vergeai.api import generation
-from vergeai.api.generation import Done, Generation, Piece
+from vergeai.api import dispatch
+from vergeai.api.engines import online_engine
+from vergeai.api.generation import Generation
 from vergeai.api.http import (
     EventStream,
-    authenticated,
     gate,
     read_json,
     sse,
     unless_disconnected,
 )
+from vergeai.api.outputs import Piece
+from vergeai.api.reading import account, read_whole
+from vergeai.api.record import caller_of
 from vergeai.api.replies import Reply
 from vergeai.api.schemas import ChatRequest, parse_chat_request
 from vergeai.auth import check_assistant
@@ -45,14 +48,14 @@ def session_id_of(request: Request, req: ChatRequest) -> str | None:
 
 async def chat_completions(request: Request) -> Response:
     service: Service = request.app.state.service
-    caller = authenticated(request)
+    caller = caller_of(request)
     req = parse_chat_request(await read_json(request))
     session_id = session_id_of(request, req)
     check_assistant(caller, req.model, service.state)
     passage = gate(request, caller)
-    worker = generation.online_worker(service, req.model)
-    gen = await generation.start(worker, request.app.state.sessions, passage, req, session_id)
-    reply = Reply(worker.assistant.name, req.stream, bool(req.tools and req.tools.legacy))
+    online = online_engine(service, req.model)
+    gen = await dispatch.start(online, request.app.state.sessions, passage, req, session_id)
+    reply = Reply(online.engine.assistant.name, req.stream, bool(req.tools and req.tools.legacy))
     headers = {"X-Session-ID": session_id} if session_id else {}
     if req.stream:
         return await stream_reply(request, gen, reply, req.include_usage, headers)
@@ -63,21 +66,6 @@ async def chat_completions(request: Request) -> Response:
     if done.session is not None:
         body["session"] = done.session
     return JSONResponse(body, headers=headers)
-
-
-def account(request: Request, done: Done) -> None:
-    """What the access log and the metrics record of a finished answer."""
-    request.state.usage = done.usage()
-    request.state.ttft = done.ttft
-
-
-async def read_whole(request: Request, gen: Generation) -> Done | None:
-    """The whole answer, read while watching the client, and accounted; None if it left."""
-    async with gen:
-        done = await unless_disconnected(request, gen.whole())
-    if done is not None:
-        account(request, done)
-    return done
 
 
 async def stream_reply(

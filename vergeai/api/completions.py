@@ -19,8 +19,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from vergeai.api import generation
-from vergeai.api.chat import account, read_whole
+from vergeai.api.engines import Local, local_engine
 from vergeai.api.fields import (
     IGNORED_FIELDS,
     REFUSED_SAMPLERS,
@@ -33,18 +32,21 @@ from vergeai.api.fields import (
     integer,
     sampled,
 )
-from vergeai.api.generation import Answer, Done, Generation, Piece
+from vergeai.api.generation import Generation
 from vergeai.api.http import (
     EventStream,
-    authenticated,
     gate,
     read_json,
     sse,
     unless_disconnected,
 )
+from vergeai.api.local import Launch, launch
+from vergeai.api.outputs import Answer, Done, Piece
+from vergeai.api.prompting import check_prompt, check_request
+from vergeai.api.reading import account, read_whole
+from vergeai.api.record import caller_of
 from vergeai.auth import check_assistant
 from vergeai.errors import InvalidRequest, VergeError, error_body
-from vergeai.runtime.worker import Worker
 from vergeai.service import Service
 
 MAX_PROMPTS = 64
@@ -115,14 +117,13 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     )
 
 
-def prompt_tokens(worker: Worker, req: CompletionRequest) -> list[list[int]]:
+def prompt_tokens(local: Local, req: CompletionRequest) -> list[list[int]]:
     """Each prompt's tokens: strings tokenized (with BOS), token arrays as given, FIM framed."""
-    assert worker.model is not None
-    model = worker.model
+    model = local.facts.model
     fim = model.fim_tokens() if req.suffix is not None else None
     if req.suffix is not None and fim is None:
         raise InvalidRequest(
-            f"'suffix': the model of assistant {worker.name!r} has no fill-in-the-middle "
+            f"'suffix': the model of assistant {local.name!r} has no fill-in-the-middle "
             "tokens in its GGUF metadata",
             param="suffix",
         )
@@ -141,29 +142,29 @@ def prompt_tokens(worker: Worker, req: CompletionRequest) -> list[list[int]]:
             tokens += [*model.tokenize(req.suffix, bos=False), mid]
         else:
             tokens = model.tokenize(prompt)
-        worker.check_prompt(tokens, where)
+        check_prompt(local.facts, tokens, where)
         out.append(tokens)
     return out
 
 
 async def completions(request: Request) -> Response:
     service: Service = request.app.state.service
-    caller = authenticated(request)
+    caller = caller_of(request)
     req = parse_completion_request(await read_json(request))
     check_assistant(caller, req.model, service.state)
     passage = gate(request, caller)
-    worker = generation.local_worker(service, req.model, "/v1/completions")
-    grammar = await generation.check_request(worker, req, grammar_spec(req))
-    prompts = prompt_tokens(worker, req)
+    local = local_engine(service, req.model, "/v1/completions")
+    grammar = await check_request(local.facts, req, grammar_spec(req))
+    prompts = prompt_tokens(local, req)
     max_tokens = req.max_tokens or DEFAULT_MAX_TOKENS
     logprobs = req.top_logprobs is not None
-    gen = generation.launch(
-        worker, req, prompts, max_tokens, lambda: Answer(True, False, logprobs, None), passage,
-        grammar,
-    )  # fmt: skip
-    assert worker.model is not None
-    echoes = [worker.model.detokenize(p) if req.echo else "" for p in prompts]
-    reply = CompletionReply(worker.assistant.name, [e for e in echoes for _ in range(req.n)])
+
+    def answer() -> Answer:
+        return Answer(True, False, logprobs, None)
+
+    gen = launch(local.engine, passage, Launch(req, prompts, max_tokens, answer, grammar))
+    echoes = [local.facts.model.detokenize(p) if req.echo else "" for p in prompts]
+    reply = CompletionReply(local.engine.assistant.name, [e for e in echoes for _ in range(req.n)])
     if req.stream:
         return await stream_reply(request, gen, reply, req.include_usage)
     done = await read_whole(request, gen)

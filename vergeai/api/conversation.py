@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from vergeai.api.prompting import Rendered, render
+from vergeai.runtime.engine import ModelFacts
 from vergeai.runtime.prefix import common_prefix
 from vergeai.runtime.prompt import Message, with_system_prompt
-from vergeai.runtime.worker import Rendered, Worker
 from vergeai.state.history import PER_USER, History, SessionKey, Turn
 from vergeai.state.records import Assistant
 
@@ -73,7 +74,7 @@ def _fit(
 
 
 def prepare(
-    worker: Worker,
+    facts: ModelFacts,
     system_prompt: str,
     turns: list[Turn],
     messages: list[Message],
@@ -86,23 +87,23 @@ def prepare(
     """Render the prompt with as much of the history as fits the context
     (``continue_final``: the final assistant message is continued)."""
 
-    def render(prompt: list[Message]) -> tuple[Rendered, int]:
-        rendered = worker.render(prompt, enable_thinking, tools, continue_final)
+    def measure(prompt: list[Message]) -> tuple[Rendered, int]:
+        rendered = render(facts, prompt, enable_thinking, tools, continue_final)
         return rendered, len(rendered.tokens)
 
-    rendered, _, dropped = _fit(system_prompt, turns, messages, worker.n_ctx, max_tokens, render)
-    counts = [len(worker.tokenize(m["content"])) for m in messages] if remember else []
-    public = public_prefix(worker, rendered, system_prompt)
+    rendered, _, dropped = _fit(system_prompt, turns, messages, facts.n_ctx, max_tokens, measure)
+    counts = [len(facts.model.tokenize(m["content"])) for m in messages] if remember else []
+    public = public_prefix(facts, rendered, system_prompt)
     return Prepared(len(turns) - dropped, dropped, counts, rendered, public)
 
 
-def public_prefix(worker: Worker, rendered: Rendered, system_prompt: str) -> int:
+def public_prefix(facts: ModelFacts, rendered: Rendered, system_prompt: str) -> int:
     """The prompt's tokens up to the end of the assistant's system prompt: what every
     caller of the assistant sends alike, and so may share in the prefix cache."""
     at = rendered.text.find(system_prompt) if system_prompt else -1
     if at < 0:
         return 0
-    head = worker.tokenize(rendered.text[: at + len(system_prompt)])
+    head = facts.model.tokenize(rendered.text[: at + len(system_prompt)])
     return common_prefix(head, rendered.tokens)
 
 

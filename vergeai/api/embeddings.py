@@ -15,14 +15,17 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from vergeai.api import generation
+from vergeai.api.engines import Local, local_engine
 from vergeai.api.fields import FieldSpec, bad, check_fields, field_specs
-from vergeai.api.http import authenticated, gate, read_json, unless_disconnected
+from vergeai.api.http import gate, read_json, unless_disconnected
+from vergeai.api.outputs import failure
+from vergeai.api.prompting import check_prompt
+from vergeai.api.record import caller_of, record_of
 from vergeai.auth import check_assistant
 from vergeai.errors import InvalidRequest
+from vergeai.runtime.engine import Engine
 from vergeai.runtime.job import Embedded, Event, Failed, Finished, Job
 from vergeai.runtime.sampling import Sampling
-from vergeai.runtime.worker import Worker
 from vergeai.service import Service
 
 MAX_INPUTS = 2048  # OpenAI's
@@ -71,9 +74,8 @@ def parse_inputs(value: Any) -> list[str | list[int]]:
     return list(value)
 
 
-def input_tokens(worker: Worker, inputs: list[str | list[int]]) -> list[list[int]]:
-    assert worker.model is not None
-    model = worker.model
+def input_tokens(local: Local, inputs: list[str | list[int]]) -> list[list[int]]:
+    model = local.facts.model
     out = []
     for i, item in enumerate(inputs):
         where = "input" if len(inputs) == 1 else f"input[{i}]"
@@ -83,12 +85,12 @@ def input_tokens(worker: Worker, inputs: list[str | list[int]]) -> list[list[int
             if any(not 0 <= t < model.n_vocab for t in item):
                 raise bad(where, f"token ids must be from 0 to {model.n_vocab - 1}")
             tokens = item
-        worker.check_prompt(tokens, where)
+        check_prompt(local.facts, tokens, where)
         out.append(tokens)
     return out
 
 
-async def embed_all(worker: Worker, inputs: list[list[int]]) -> list[Any]:
+async def embed_all(engine: Engine, inputs: list[list[int]]) -> list[Any]:
     """Every input's embedding, in order; a few jobs in flight at a time."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
@@ -97,19 +99,19 @@ async def embed_all(worker: Worker, inputs: list[list[int]]) -> list[Any]:
             choice=i, queue=queue)
         for i, t in enumerate(inputs)
     ]  # fmt: skip
-    window = 2 * worker.assistant.parallel
+    window = 2 * engine.assistant.parallel
     vectors: list[Any] = [None] * len(jobs)
     submitted = done = 0
     try:
         while done < len(jobs):
             while submitted < len(jobs) and submitted - done < window:
-                worker.submit(jobs[submitted])
+                engine.submit(jobs[submitted])
                 submitted += 1
             index, event = await queue.get()
             if isinstance(event, Embedded):
                 vectors[index] = event.vector
             elif isinstance(event, Failed):
-                raise generation.failure(event)
+                raise failure(event)
             elif isinstance(event, Finished):
                 done += 1
     finally:
@@ -120,7 +122,7 @@ async def embed_all(worker: Worker, inputs: list[list[int]]) -> list[Any]:
 
 async def embeddings(request: Request) -> Response:
     service: Service = request.app.state.service
-    caller = authenticated(request)
+    caller = caller_of(request)
     body = await read_json(request)
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
@@ -136,24 +138,24 @@ async def embeddings(request: Request) -> Response:
         raise bad("encoding_format", "must be float or base64")
     check_assistant(caller, model, service.state)
     passage = gate(request, caller)
-    worker = generation.local_worker(service, model, "/v1/embeddings", embedding=True)
-    assert worker.model is not None
+    local = local_engine(service, model, "/v1/embeddings", embedding=True)
+    n_embd = local.facts.model.n_embd
     dimensions = body.get("dimensions")
-    if dimensions is not None and dimensions != worker.model.n_embd:
+    if dimensions is not None and dimensions != n_embd:
         raise bad(
             "dimensions",
-            f"the model's embeddings have {worker.model.n_embd} dimensions; it cannot give fewer",
+            f"the model's embeddings have {n_embd} dimensions; it cannot give fewer",
         )
-    tokens = input_tokens(worker, inputs)
+    tokens = input_tokens(local, inputs)
     n = sum(len(t) for t in tokens)
     ticket = passage.admit(n)
     try:
-        vectors = await unless_disconnected(request, embed_all(worker, tokens))
+        vectors = await unless_disconnected(request, embed_all(local.engine, tokens))
     finally:
         ticket.release()
     if vectors is None:
         return Response(status_code=499)
-    request.state.usage = {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n}
+    record_of(request).usage = {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n}
     data = [
         {
             "object": "embedding",

@@ -104,44 +104,13 @@ def sampled(body: dict[str, Any], table: dict[str, FieldSpec]) -> dict[str, Any]
     if not isinstance(model, str) or not model:
         raise bad("model", "must name an assistant")
     check_fields(body, table)
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise bad("stream", "must be a boolean")
-    options = body.get("stream_options")
-    include_usage = False
-    if options is not None:
-        if not isinstance(options, dict):
-            raise bad("stream_options", "must be an object")
-        include_usage = options.get("include_usage", False)
-        if not isinstance(include_usage, bool):
-            raise bad("stream_options.include_usage", "must be a boolean")
-    grammar = grammar_field(body.get("grammar"))
-    schema = response_format_schema(body.get("response_format"))
-    param = "response_format"
-    if body.get("json_schema") is not None:
-        if schema is not None:
-            raise bad("json_schema", "give response_format or json_schema, not both")
-        schema, param = body["json_schema"], "json_schema"
-        if not isinstance(schema, dict):
-            raise bad("json_schema", "must be a JSON schema object")
-    if schema is not None:
-        if grammar is not None:
-            raise bad(param, f"give grammar or {param}, not both")
-        check_schema(schema, param)
-    # the first one given wins; n_predict is llama-server's name, where -1 means no limit
-    n_predict = integer(body, "n_predict", -1, MAX_TOKENS)
-    limits = (
-        integer(body, "max_completion_tokens", 1, MAX_TOKENS),
-        integer(body, "max_tokens", 1, MAX_TOKENS),
-        None if n_predict in (-1, 0) else n_predict,
-    )
+    stream, include_usage = _streaming(body)
+    grammar, schema, param = _constraint_fields(body)
     return dict(
         model=model,
         stream=stream,
         include_usage=include_usage,
-        max_tokens=next((n for n in limits if n is not None), None),
+        max_tokens=_max_tokens(body),
         temperature=number(body, "temperature", 0.0, 2.0),
         top_p=number(body, "top_p", 0.0, 1.0),
         stop=stop_field(body.get("stop")),
@@ -159,6 +128,53 @@ def sampled(body: dict[str, Any], table: dict[str, FieldSpec]) -> dict[str, Any]
         n=integer(body, "n", 1, MAX_CHOICES) or 1,
         cache_salt=cache_salt_field(body.get("cache_salt")),
     )
+
+
+def _streaming(body: dict[str, Any]) -> tuple[bool, bool]:
+    """stream, and stream_options.include_usage."""
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise bad("stream", "must be a boolean")
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not isinstance(options, dict):
+            raise bad("stream_options", "must be an object")
+        include_usage = options.get("include_usage", False)
+        if not isinstance(include_usage, bool):
+            raise bad("stream_options.include_usage", "must be a boolean")
+    return stream, include_usage
+
+
+def _constraint_fields(body: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None, str]:
+    """The grammar, or the JSON schema and the field that gave it (one of them at most)."""
+    grammar = grammar_field(body.get("grammar"))
+    schema = response_format_schema(body.get("response_format"))
+    param = "response_format"
+    if body.get("json_schema") is not None:
+        if schema is not None:
+            raise bad("json_schema", "give response_format or json_schema, not both")
+        schema, param = body["json_schema"], "json_schema"
+        if not isinstance(schema, dict):
+            raise bad("json_schema", "must be a JSON schema object")
+    if schema is not None:
+        if grammar is not None:
+            raise bad(param, f"give grammar or {param}, not both")
+        check_schema(schema, param)
+    return grammar, schema, param
+
+
+def _max_tokens(body: dict[str, Any]) -> int | None:
+    # the first one given wins; n_predict is llama-server's name, where -1 means no limit
+    n_predict = integer(body, "n_predict", -1, MAX_TOKENS)
+    limits = (
+        integer(body, "max_completion_tokens", 1, MAX_TOKENS),
+        integer(body, "max_tokens", 1, MAX_TOKENS),
+        None if n_predict in (-1, 0) else n_predict,
+    )
+    return next((n for n in limits if n is not None), None)
 
 
 def grammar_spec(req: Sampled) -> GrammarSpec | None:

@@ -1,11 +1,12 @@
 """One generation from submit to release: the part of the request path every endpoint shares.
 
-:func:`start` prepares the prompt (system prompt, chat history, thinking)
-and submits the job; the :class:`Generation` it returns owns the job, the
-chat-history session lease, the reasoning/answer split and the history
-write. Endpoints read its typed events inside ``async with generation``;
-leaving the block cancels the job and releases the lease, exactly once,
-whatever happened (the end, an error, a client gone).
+A start path (:mod:`vergeai.api.local`, :mod:`vergeai.api.remote`)
+prepares the prompt and submits the jobs; the :class:`Generation` it
+returns owns the jobs, the chat-history session lease, the reasoning/answer
+split and the history write. Endpoints read its typed events inside
+``async with generation``; leaving the block cancels the job and releases
+the lease, exactly once, whatever happened (the end, an error, a client
+gone).
 """
 
 from __future__ import annotations
@@ -13,177 +14,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from vergeai.api.conversation import Fitted, Lease, Sessions, prepare
-from vergeai.api.fields import Sampled, grammar_spec
-from vergeai.api.schemas import ChatRequest
-from vergeai.api.tools import ToolUse
-from vergeai.errors import InvalidRequest, Unavailable, VergeError
-from vergeai.limits import Gate, Ticket
-from vergeai.runtime.constraint import Grammar, GrammarSpec, compile_grammar
-from vergeai.runtime.engine import WorkerState
-from vergeai.runtime.job import Delta, Event, Failed, Finished, FinishReason, Job, Timings
-from vergeai.runtime.reasoning import ReasoningSplitter
-from vergeai.runtime.sampling import Sampling
-from vergeai.runtime.toolcalls import CallDelta, ToolCall, ToolCallParser
-from vergeai.runtime.toolformats import ToolFormat
-from vergeai.runtime.worker import Worker
-from vergeai.service import Service
+from vergeai.api.conversation import Fitted, Lease, Sessions
+from vergeai.api.outputs import Answer, Choice, Done, GenerationFailed, Piece, failure
+from vergeai.limits import Ticket
+from vergeai.runtime.engine import Engine
+from vergeai.runtime.job import Delta, Failed, Finished, FinishReason, Job
 from vergeai.state.records import Assistant
-from vergeai.upstream.replicas import Remote
 
 log = logging.getLogger("vergeai.generation")
-
-# llama-server's sampling defaults, used when neither request nor assistant sets one
-DEFAULT_TEMPERATURE = 0.8
-DEFAULT_TOP_P = 0.95
-DEFAULT_TOP_K = 40
-DEFAULT_MIN_P = 0.05
-DEFAULT_MAX_TOKENS = 2048
-
-
-class GenerationFailed(VergeError):
-    status = 500
-    type = "server_error"
-    code = "generation_failed"
-
-
-def failure(event: Failed) -> VergeError:
-    if event.error is not None:
-        return event.error
-    if event.retry_after is not None:
-        return Unavailable(event.message, retry_after=event.retry_after)
-    return GenerationFailed(event.message)
-
-
-@dataclass(frozen=True)
-class Piece:
-    """New output of one choice: reasoning, content, pieces of tool calls (any may be empty)."""
-
-    reasoning: str
-    content: str
-    logprobs: list[dict[str, Any]] | None = None  # the new tokens', when asked for
-    index: int = 0  # the choice
-    calls: tuple[CallDelta, ...] = ()
-    finish_reason: str | None = None  # the choice's last piece, unless it is the request's last
-
-    def __bool__(self) -> bool:
-        return bool(
-            self.reasoning or self.content or self.logprobs or self.calls or self.finish_reason
-        )
-
-
-@dataclass(frozen=True)
-class Choice:
-    """One finished answer of a request (n of them when it asked for n)."""
-
-    index: int
-    finish_reason: str  # stop, length, tool_calls (function_call for legacy functions)
-    content: str
-    reasoning: str
-    logprobs: list[dict[str, Any]] | None  # every generated token's, when asked for
-    tool_calls: list[ToolCall]
-    stop_word: str | None = None  # the stop string that ended it, if one did
-
-    def message(self) -> dict[str, Any]:
-        """The answer as the next request's history would send it back."""
-        message: dict[str, Any] = {"role": "assistant", "content": self.content}
-        if self.tool_calls:
-            message["tool_calls"] = [
-                {
-                    "id": call.id,
-                    "type": "function",
-                    "function": {"name": call.name, "arguments": call.arguments},
-                }
-                for call in self.tool_calls
-            ]
-        return message
-
-
-@dataclass(frozen=True)
-class Done:
-    choices: list[Choice]
-    prompt_tokens: int
-    completion_tokens: int  # of every choice
-    timings: Timings  # of the first choice
-    ttft: float  # seconds from submit to the first token
-    session: dict[str, Any] | None  # id, turns used and dropped, when history is on
-
-    def usage(self) -> dict[str, Any]:
-        """OpenAI's usage, with the prompt tokens the KV cache already held as cached."""
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.timings.cache_n},
-        }
-
-
-class Answer:
-    """The generated text: reasoning split off unless asked raw, then tool calls out of content."""
-
-    def __init__(
-        self, raw: bool, opens_think: bool, logprobs: bool, calls: ToolCallParser | None
-    ) -> None:
-        self.splitter = None if raw else ReasoningSplitter(opens_think)
-        self.calls = calls
-        self.content: list[str] = []
-        self.reasoning: list[str] = []
-        self.logprobs: list[dict[str, Any]] | None = [] if logprobs else None
-        self.passed_calls: list[ToolCall] = []
-
-    def feed(self, delta: Delta, index: int) -> Piece:
-        reasoning, content = self.splitter.feed(delta.text) if self.splitter else ("", delta.text)
-        piece = self._keep(delta.reasoning + reasoning, content, delta.logprobs, index, final=False)
-        if not delta.calls:
-            return piece
-        self._take_calls(delta.calls)
-        return replace(piece, calls=piece.calls + delta.calls)
-
-    def _take_calls(self, deltas: tuple[CallDelta, ...]) -> None:
-        """Tool calls an upstream server parsed, put together from their deltas."""
-        for delta in deltas:
-            if delta.index < len(self.passed_calls):
-                self.passed_calls[delta.index].arguments += delta.arguments
-            else:
-                self.passed_calls.append(
-                    ToolCall(delta.id or "", delta.name or "", delta.arguments)
-                )
-
-    def flush(self, index: int) -> Piece:
-        reasoning, content = self.splitter.flush() if self.splitter else ("", "")
-        return self._keep(reasoning, content, None, index, final=True)
-
-    def _keep(
-        self,
-        reasoning: str,
-        content: str,
-        logprobs: list[dict[str, Any]] | None,
-        index: int,
-        final: bool,
-    ) -> Piece:
-        calls: list[CallDelta] = []
-        if self.calls is not None:
-            content, calls = self.calls.feed(content)
-            if final:
-                tail, more = self.calls.flush()
-                content, calls = content + tail, calls + more
-        self.reasoning.append(reasoning)
-        self.content.append(content)
-        if self.logprobs is not None and logprobs:
-            self.logprobs.extend(logprobs)
-        return Piece(reasoning, content, logprobs, index, tuple(calls))
-
-    @property
-    def tool_calls(self) -> list[ToolCall]:
-        return self.calls.calls if self.calls is not None else self.passed_calls
-
-    @property
-    def in_reasoning(self) -> bool:
-        return bool(self.splitter and self.splitter.in_reasoning)
 
 
 @dataclass
@@ -223,7 +65,7 @@ class Rollout:
     requests wait, its further groups are submitted as its own choices end.
     """
 
-    worker: Worker
+    engine: Engine
     groups: deque[Job]  # leaders not submitted yet, in order
     room: int  # slots this request may still take
 
@@ -231,7 +73,7 @@ class Rollout:
         """Submit the groups that fit now (the first one always does)."""
         while self.groups and self.groups[0].slots_needed <= self.room:
             leader = self.groups.popleft()
-            self.worker.submit(leader)
+            self.engine.submit(leader)
             self.room -= leader.slots_needed
 
     def ended(self) -> None:
@@ -380,240 +222,3 @@ class Generation:
             if isinstance(event, Done):
                 return event
         raise GenerationFailed("the generation ended without an answer")
-
-
-def local_worker(service: Service, name: str, endpoint: str, embedding: bool = False) -> Worker:
-    """:func:`online_worker` for endpoints that need the model here, not an upstream's."""
-    worker = online_worker(service, name, embedding)
-    if isinstance(worker, Remote):
-        raise InvalidRequest(
-            f"assistant {name!r} is served by upstream servers, which get chat requests only; "
-            f"{endpoint} needs an assistant on a local model",
-            param="model",
-        )
-    return worker
-
-
-def online_worker(service: Service, name: str, embedding: bool = False) -> Worker | Remote:
-    """The assistant's worker, ready for this kind of request, or the error to answer.
-
-    A remote assistant's replicas are chosen per request (each attempt may
-    find one recovered), so only a local worker's state is checked here.
-    """
-    assistant = service.state.assistants.get(name)
-    if assistant is not None and assistant.embedding != embedding:
-        what = "an embedding" if assistant.embedding else "a chat"
-        use = "POST /v1/embeddings" if assistant.embedding else "a chat or completion endpoint"
-        raise InvalidRequest(
-            f"assistant {name!r} is {what} assistant; call it with {use}", param="model"
-        )
-    worker = service.pool.get(name)
-    if worker is None:
-        raise Unavailable(
-            f"assistant {name!r} is offline; an admin can bring it online with "
-            f"'vergeai assistant online {name}'"
-        )
-    if isinstance(worker, Remote):
-        return worker
-    state = worker.state
-    if state == WorkerState.LOADING:
-        raise Unavailable(
-            f"assistant {name!r} is still loading its model; try again shortly", retry_after=5
-        )
-    if state == WorkerState.RESTARTING:
-        raise Unavailable(f"assistant {name!r} is restarting; try again shortly", retry_after=2)
-    if state == WorkerState.DEGRADED:
-        raise Unavailable(f"assistant {name!r} is not answering: {worker.problem}", retry_after=5)
-    if state != WorkerState.ONLINE:
-        raise Unavailable(f"assistant {name!r} failed to load its model: {worker.error}")
-    return worker
-
-
-def sampling_for(
-    req: Sampled, assistant: Assistant, choice: int = 0, grammar: Grammar | None = None
-) -> Sampling:
-    """The request's sampling over the assistant's defaults; choice i of n seeds with seed+i."""
-
-    def pick(value: float | None, default: float | None, fallback: float) -> float:
-        return value if value is not None else default if default is not None else fallback
-
-    return Sampling(
-        temperature=pick(req.temperature, assistant.temperature, DEFAULT_TEMPERATURE),
-        top_p=pick(req.top_p, assistant.top_p, DEFAULT_TOP_P),
-        top_k=DEFAULT_TOP_K if req.top_k is None else req.top_k,
-        min_p=DEFAULT_MIN_P if req.min_p is None else req.min_p,
-        seed=None if req.seed is None else (req.seed + choice) % 2**32,
-        presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty,
-        repeat_penalty=req.repeat_penalty,
-        repeat_last_n=req.repeat_last_n,
-        logit_bias=req.logit_bias,
-        grammar=grammar,
-    )
-
-
-def grammar_of(req: Sampled, tools: ToolUse | None, fmt: ToolFormat | None) -> GrammarSpec | None:
-    """What the output must follow: the tools' calls (or the answer), else the request's own.
-
-    Under tool_choice auto without a response_format, the calls' grammar
-    applies from where the model starts one. (A trigger inside a thinking
-    model's reasoning would start it there too; llama.cpp's server shares
-    that limit.)
-    """
-    if tools is None or fmt is None:
-        return grammar_spec(req)
-    return tools.grammar(fmt, req.schema, lazy=not tools.forced and req.schema is None)
-
-
-async def check_request(worker: Worker, req: Sampled, spec: GrammarSpec | None) -> Grammar | None:
-    """What only the loaded model can tell: token ids in range; the grammar compiled.
-
-    Called once the caller has passed its limits' first check: compiling
-    takes time and memory (bounded), off the event loop.
-    """
-    assert worker.model is not None
-    model = worker.model
-    if any(t >= model.n_vocab for t in req.logit_bias):
-        raise InvalidRequest(
-            f"'logit_bias': token ids must be below the vocabulary size {model.n_vocab}",
-            param="logit_bias",
-        )
-    if spec is None:
-        return None
-
-    def compiled() -> Grammar:
-        specials = model.special_tokens(spec.markers)
-        return compile_grammar(model.grammar_tokenizer(), spec, specials)
-
-    return await asyncio.to_thread(compiled)
-
-
-def thinking_for(req: ChatRequest, assistant: Assistant) -> bool | None:
-    """enable_thinking for the template: the request's, else off if the assistant says so.
-
-    A grammar from the first token on (structured output, forced tool calls)
-    leaves no room to think first, so it turns thinking off too.
-    """
-    if req.schema is not None or (req.tools is not None and req.tools.forced):
-        return False
-    if req.enable_thinking is None and assistant.disable_think:
-        return False
-    return req.enable_thinking
-
-
-async def start(
-    worker: Worker | Remote,
-    sessions: Sessions,
-    gate: Gate,
-    req: ChatRequest,
-    session_id: str | None,
-) -> Generation:
-    """Prepare the prompt and submit the job; the caller enters the Generation."""
-    if isinstance(worker, Remote):
-        from vergeai.api.remote import start_remote  # it builds on this module
-
-        return await start_remote(worker, sessions, gate, req, session_id)
-    assistant = worker.assistant
-    user = gate.caller.user.name
-    assert worker.template is not None
-    fmt = worker.template.tool_format
-    tools = req.tools
-    grammar = await check_request(worker, req, grammar_of(req, tools, fmt))
-    max_tokens = req.max_tokens or assistant.max_tokens or DEFAULT_MAX_TOKENS
-    thinking = thinking_for(req, assistant)
-    lease, turns = await sessions.open(assistant, user, session_id)
-    try:
-        prepared = await asyncio.to_thread(
-            prepare,
-            worker,
-            assistant.system_prompt,
-            turns,
-            req.messages,
-            thinking,
-            max_tokens,
-            lease is not None,
-            tools.tools if tools else None,
-            req.continue_final,
-        )
-        worker.check_prompt(prepared.rendered.tokens)
-        memory = Memory(sessions, lease, prepared, req.messages) if lease else None
-
-        def answer() -> Answer:
-            calls = ToolCallParser(fmt.syntax, fmt.new_id, tools.parallel) if tools else None
-            opens_think = prepared.rendered.opens_think
-            return Answer(req.raw_reasoning, opens_think, req.top_logprobs is not None, calls)
-
-        legacy = bool(tools and tools.legacy)
-        return launch(
-            worker, req, [prepared.rendered.tokens], max_tokens, answer, gate, grammar, memory,
-            legacy, prepared.public,
-        )  # fmt: skip
-    except BaseException:
-        if lease is not None:
-            lease.release()
-        raise
-
-
-def launch(
-    worker: Worker,
-    req: Sampled,
-    prompts: list[list[int]],
-    max_tokens: int,
-    answer: Callable[[], Answer],
-    gate: Gate,
-    grammar: Grammar | None = None,
-    memory: Memory | None = None,
-    legacy_calls: bool = False,
-    public: int = 0,
-) -> Generation:
-    """Submit n choices of each prompt (choice p*n + j is prompt p's j-th); its Generation.
-
-    Choices are submitted in groups of at most the worker's share of slots,
-    each group's choices sharing one evaluation of its prompt (see
-    :class:`Rollout`); every choice counts against max_concurrent. The
-    caller's limits are checked with the prompts' tokens first and the
-    request admitted once submitted, with nothing awaited in between. On any
-    failure to submit, what was submitted is cancelled (the lease, if any, is
-    the caller's to release).
-    """
-    prompt_tokens = sum(len(tokens) for tokens in prompts)
-    places = len(prompts) * req.n  # every answer counts against max_concurrent
-    salt = "" if req.cache_salt is None else f"\x00salt\x00{req.cache_salt}"
-    scope = gate.scope + salt
-    gate.check(prompt_tokens, places)
-    queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-    loop = asyncio.get_running_loop()
-    share = worker.share
-    leaders = []
-    for p, tokens in enumerate(prompts):
-        jobs = [
-            Job(
-                tokens=tokens,
-                sampling=sampling_for(req, worker.assistant, p * req.n + j, grammar),
-                max_tokens=max_tokens,
-                stop=req.stop,
-                loop=loop,
-                top_logprobs=req.top_logprobs,
-                choice=p * req.n + j,
-                queue=queue,
-                scope=scope,
-                public=public,
-            )
-            for j in range(req.n)
-        ]
-        for g in range(0, req.n, share):
-            jobs[g].followers = jobs[g + 1 : g + share]
-            leaders.append(jobs[g])
-    answers = [answer() for _ in range(places)]
-    rollout = Rollout(worker, deque(leaders), share)
-    try:
-        rollout.submit()
-        ticket = gate.admit(prompt_tokens, places, reserve=max_tokens * places)
-    except BaseException:
-        for leader in leaders:
-            leader.cancel()
-        raise
-    heads = tuple(p * req.n for p in range(len(prompts)))
-    return Generation(
-        worker.assistant, answers, leaders, memory, ticket, legacy_calls, rollout, heads
-    )

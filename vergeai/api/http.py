@@ -11,9 +11,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from vergeai.api.record import record_of
 from vergeai.auth import Caller
 from vergeai.errors import (
-    AuthenticationError,
     BodyTooLarge,
     InvalidRequest,
     RequestTimeout,
@@ -56,7 +56,7 @@ async def read_json(request: Request, limit: int = MAX_BODY) -> Any:
     value = parse_json(bytes(body))
     if isinstance(value, dict) and isinstance(value.get("model"), str):
         # the log and the usage record name the assistant even if the request is refused
-        request.state.assistant = value["model"]
+        record_of(request).assistant = value["model"]
     return value
 
 
@@ -188,28 +188,6 @@ def sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
-def authenticated(request: Request, authorization: str | None = None) -> Caller:
-    """The caller of a request (its Authorization header, unless given), noted for the log.
-
-    The user's and the key's names go to ``request.state`` for the access log
-    and the usage record; the token never does.
-    """
-    service: Service = request.app.state.service
-    if authorization is None:
-        authorization = request.headers.get("authorization")
-    try:
-        caller = service.authenticate(authorization)
-    except AuthenticationError as exc:
-        request.state.refused = exc.reason
-        if exc.key is not None:
-            request.state.refused_key = f"{exc.user}/{exc.key}"
-        raise
-    request.state.user = caller.user.name
-    request.state.key = caller.key.name
-    request.state.caller = caller  # whose x-ratelimit-* headers the response carries
-    return caller
-
-
 def gate(request: Request, caller: Caller) -> Gate:
     """The caller's way through its limits, for a request that runs a model.
 
@@ -223,5 +201,5 @@ def gate(request: Request, caller: Caller) -> Gate:
         scope += "\x00" + caller.key.hash
     passage = Gate(service.limits, caller, scope=scope)
     passage.check()
-    request.state.gate = passage  # the access log records what its ticket counted
+    record_of(request).gate = passage  # the access log records what its ticket counted
     return passage

@@ -10,10 +10,9 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
-from vergeai.api.http import authenticated
+from vergeai.api.record import caller_of
 from vergeai.errors import PermissionDenied
 from vergeai.service import Service
-from vergeai.upstream.replicas import Remote, ReplicaState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -43,7 +42,7 @@ class PoolCollector(Collector):
             processing.add_metric([name], worker.busy)
             deferred.add_metric([name], worker.queued)
             load.add_metric([name], worker.load_seconds)
-            online.add_metric([name], 1.0 if worker.status == "online" else 0.0)
+            online.add_metric([name], 1.0 if worker.state == "online" else 0.0)
         yield from (processing, deferred, load, online)
         yield from self._upstreams()
         limited = CounterMetricFamily(
@@ -77,17 +76,15 @@ class PoolCollector(Collector):
             "Failed requests and health checks of the upstream.",
             labels=labels,
         )
-        for name, worker in sorted(self.service.pool.workers.items()):
-            if not isinstance(worker, Remote):
-                continue
-            for r in worker.replicas:
-                key = [name, r.url]
-                healthy.add_metric(key, 1.0 if r.state == ReplicaState.HEALTHY else 0.0)
-                in_flight.add_metric(key, r.in_flight)
-                if r.last_latency is not None:
-                    latency.add_metric(key, r.last_latency)
-                requests.add_metric(key, r.requests)
-                failures.add_metric(key, r.failures)
+        for name, engine in sorted(self.service.pool.workers.items()):
+            for r in engine.stats().get("replicas", ()):  # an upstream's; see Replica.stats
+                key = [name, r["url"]]
+                healthy.add_metric(key, 1.0 if r["state"] == "healthy" else 0.0)
+                in_flight.add_metric(key, r["in_flight"])
+                if r["last_latency_ms"] is not None:
+                    latency.add_metric(key, r["last_latency_ms"] / 1000)
+                requests.add_metric(key, r["requests"])
+                failures.add_metric(key, r["failures"])
         yield from (healthy, in_flight, latency, requests, failures)
 
 
@@ -140,9 +137,7 @@ class Metrics:
 
 
 async def metrics(request: Request) -> Response:
-    if not request.app.state.metrics_public:
-        caller = authenticated(request)
-        if caller.user.role != "admin":
-            raise PermissionDenied("/metrics needs an admin user's key")
+    if not request.app.state.metrics_public and caller_of(request).user.role != "admin":
+        raise PermissionDenied("/metrics needs an admin user's key")
     data = generate_latest(request.app.state.metrics.registry)
     return Response(data, media_type=CONTENT_TYPE)

@@ -7,7 +7,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from vergeai.api.http import authenticated
+from vergeai.api.record import caller_of
 from vergeai.auth import check_assistant
 from vergeai.service import Service
 from vergeai.state.records import Assistant
@@ -15,19 +15,20 @@ from vergeai.state.records import Assistant
 
 def model_entry(service: Service, assistant: Assistant) -> dict[str, Any]:
     """OpenAI's model object, with what clients look for: kind, context, llama-server's meta."""
-    worker = service.pool.get(assistant.name)
+    engine = service.pool.get(assistant.name)
+    facts = engine.facts if engine is not None else None
     entry: dict[str, Any] = {
         "id": assistant.name,
         "object": "model",
         "created": int(assistant.created.timestamp()),
         "owned_by": "vergeai",
         "model": assistant.display_model,
-        "status": service.pool.status(assistant),
+        "status": service.pool.state_of(assistant),
         "kind": "embedding" if assistant.embedding else "chat",
-        "context_length": worker.n_ctx if worker else assistant.ctx,
+        "context_length": facts.n_ctx if facts is not None else assistant.ctx,
     }
-    model = worker.model if worker else None
-    if model is not None:
+    if facts is not None:
+        model = facts.model
         entry["meta"] = {
             "n_ctx_train": model.n_ctx_train,
             "n_params": model.n_params,
@@ -40,7 +41,7 @@ def model_entry(service: Service, assistant: Assistant) -> dict[str, Any]:
 
 async def list_models(request: Request) -> JSONResponse:
     service: Service = request.app.state.service
-    caller = authenticated(request)
+    caller = caller_of(request)
     data = [
         model_entry(service, a)
         for name, a in sorted(service.state.assistants.items())
@@ -51,7 +52,7 @@ async def list_models(request: Request) -> JSONResponse:
 
 async def get_model(request: Request) -> JSONResponse:
     service: Service = request.app.state.service
-    caller = authenticated(request)
+    caller = caller_of(request)
     name = request.path_params["name"]
     check_assistant(caller, name, service.state)
     return JSONResponse(model_entry(service, service.state.assistants[name]))

@@ -18,7 +18,7 @@ async def health(request: Request) -> JSONResponse:
     """
     service: Service = request.app.state.service
     assistants = {
-        name: service.pool.status(a) for name, a in sorted(service.state.assistants.items())
+        name: service.pool.state_of(a) for name, a in sorted(service.state.assistants.items())
     }
     states = {n: assistants[n] for n, a in service.state.assistants.items() if a.online}
     serving = [n for n, s in states.items() if s == WorkerState.ONLINE]

@@ -12,21 +12,17 @@ import asyncio
 from typing import Any
 
 from vergeai.api.conversation import Sessions, fit_remote
+from vergeai.api.defaults import max_tokens_for, sampling_for
 from vergeai.api.fields import DEFAULT_REPEAT_LAST_N
-from vergeai.api.generation import (
-    DEFAULT_MAX_TOKENS,
-    Answer,
-    Generation,
-    Memory,
-    sampling_for,
-    thinking_for,
-)
+from vergeai.api.generation import Generation, Memory
+from vergeai.api.outputs import Answer
+from vergeai.api.policy import thinking_for
 from vergeai.api.schemas import ChatRequest
 from vergeai.api.tools import ToolUse
 from vergeai.limits import Gate
+from vergeai.runtime.engine import Engine
 from vergeai.runtime.prompt import Message
 from vergeai.state.records import Assistant
-from vergeai.upstream.replicas import Remote
 from vergeai.upstream.stream import RemoteJob
 
 
@@ -93,12 +89,12 @@ def tool_fields(tools: ToolUse) -> dict[str, Any]:
 
 
 async def start_remote(
-    remote: Remote, sessions: Sessions, gate: Gate, req: ChatRequest, session_id: str | None
+    remote: Engine, sessions: Sessions, gate: Gate, req: ChatRequest, session_id: str | None
 ) -> Generation:
     """Fit the history, admit the request, and send it upstream; the caller enters it."""
     assistant = remote.assistant
     user = gate.caller.user.name
-    max_tokens = req.max_tokens or assistant.max_tokens or DEFAULT_MAX_TOKENS
+    max_tokens = max_tokens_for(req, assistant)
     lease, turns = await sessions.open(assistant, user, session_id)
     try:
         messages, estimate, fitted = fit_remote(
@@ -124,7 +120,7 @@ async def start_remote(
             hold=not req.stream,
         )
         ticket = gate.admit(estimate, req.n, reserve=max_tokens * req.n)
-        job.run(remote)
+        remote.submit(job)
         logprobs = req.top_logprobs is not None
         answers = [Answer(req.raw_reasoning, False, logprobs, None) for _ in range(req.n)]
         memory = Memory(sessions, lease, fitted, req.messages) if lease else None

@@ -6,7 +6,7 @@ import secrets
 import time
 from typing import Any
 
-from vergeai.api.generation import Choice, Done, Piece
+from vergeai.api.outputs import Choice, Done, Piece
 from vergeai.runtime.toolcalls import CallDelta
 
 

@@ -71,6 +71,7 @@ class Engine(Protocol):
     name: str
     restarts: int  # how many engines of this assistant died before this one
     ended_at: float  # time.monotonic() when its thread ended; 0 while it runs
+    load_seconds: float  # how long the model took to load (0 for an upstream)
 
     @property
     def state(self) -> WorkerState: ...
@@ -80,6 +81,12 @@ class Engine(Protocol):
     def crashed(self) -> bool: ...  # its thread died while it should be serving
     @property
     def facts(self) -> ModelFacts | None: ...  # None: the model is not here (upstream)
+    @property
+    def share(self) -> int: ...  # the most slots one request may hold at once
+    @property
+    def busy(self) -> int: ...  # requests being answered now
+    @property
+    def queued(self) -> int: ...  # requests waiting for a slot
 
     def start(self) -> None: ...
     def stop(self) -> None: ...

@@ -20,10 +20,9 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
-from vergeai.errors import ContextOverflow, QueueFull, Unavailable
+from vergeai.errors import QueueFull, Unavailable
 from vergeai.gguf import GgufError, check_gguf
 from vergeai.runtime.context import Context
 from vergeai.runtime.engine import ModelFacts, WorkerState
@@ -34,21 +33,13 @@ from vergeai.runtime.job import (
     hold_events,
 )
 from vergeai.runtime.llama import Model, shared_models
-from vergeai.runtime.prompt import ChatTemplate, Message
-from vergeai.runtime.reasoning import close_open_think, prompt_opens_think
+from vergeai.runtime.prompt import ChatTemplate
 from vergeai.runtime.runner import Runner, Served
 from vergeai.runtime.scheduler import Scheduler
 from vergeai.runtime.templating import build_template
 from vergeai.state.records import Assistant
 
 log = logging.getLogger("vergeai.worker")
-
-
-@dataclass
-class Rendered:
-    text: str
-    tokens: list[int]
-    opens_think: bool  # the prompt leaves a <think> block open: output starts as reasoning
 
 
 RESTART_RETRY_AFTER = 2
@@ -180,40 +171,6 @@ class Worker:
         }
 
     # called from the event loop
-
-    def check_prompt(self, tokens: list[int], param: str = "messages") -> None:
-        if len(tokens) >= self.n_ctx:
-            raise ContextOverflow(
-                f"the request has {len(tokens)} prompt tokens, more than the assistant's "
-                f"context of {self.n_ctx} tokens allows",
-                param=param,
-                extra={"n_prompt_tokens": len(tokens), "n_ctx": self.n_ctx},
-            )
-
-    def tokenize(self, text: str) -> list[int]:
-        assert self.model is not None
-        return self.model.tokenize(text)
-
-    def render(
-        self,
-        messages: list[Message],
-        enable_thinking: bool | None,
-        tools: list[dict[str, Any]] | None = None,
-        continue_final: bool = False,
-    ) -> Rendered:
-        """Messages (and tools) to prompt tokens, thinking switched as asked where it can be.
-
-        A template without an enable_thinking switch that opens a think block
-        itself gets that block closed empty when thinking is off.
-        ``continue_final``: the final assistant message is continued, not closed.
-        """
-        assert self.template is not None and self.model is not None
-        text = self.template.render(
-            messages, enable_thinking=enable_thinking, tools=tools, continue_final=continue_final
-        )
-        if enable_thinking is False and not self.template.supports_thinking:
-            text = close_open_think(text)
-        return Rendered(text, self.model.tokenize(text), prompt_opens_think(text))
 
     def submit(self, job: Job) -> None:
         with self.cond:

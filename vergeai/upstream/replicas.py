@@ -19,7 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import httpx
 
@@ -27,6 +27,9 @@ from vergeai.errors import Unavailable
 from vergeai.runtime.engine import WorkerState
 from vergeai.state.records import Assistant
 from vergeai.upstream.secrets import upstream_key
+
+if TYPE_CHECKING:
+    from vergeai.runtime.job import Job
 
 log = logging.getLogger("vergeai.upstream")
 
@@ -115,6 +118,14 @@ class Replica:
         }
 
 
+@runtime_checkable
+class Upstreamed(Protocol):
+    """A job that knows how to run against replicas
+    (:class:`vergeai.upstream.stream.RemoteJob`, which imports this module)."""
+
+    def run(self, remote: Remote) -> None: ...
+
+
 class Remote:
     """An online remote assistant: its replicas, the health thread, the HTTP client."""
 
@@ -188,6 +199,16 @@ class Remote:
     @property
     def busy(self) -> int:
         return sum(r.in_flight for r in self.replicas)
+
+    @property
+    def share(self) -> int:
+        return 1  # a request's choices go upstream as one request: one job
+
+    def submit(self, job: Job) -> None:
+        """Send the job upstream: it runs as a task on the event loop, trying replicas."""
+        if not isinstance(job, Upstreamed):
+            raise TypeError(f"assistant {self.name!r} takes upstream jobs only")
+        job.run(self)
 
     def stats(self) -> dict[str, Any]:
         a = self.assistant
