@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 
 from vergeai.auth import Caller
 from vergeai.errors import QuotaExceeded, RateLimited, VergeError
-from vergeai.state.records import LIMITS, ApiKey, Limited, User
+from vergeai.state.accounts import LIMITS, ApiKey, Limited, User
 
 WINDOW = 60.0
 REASONS = ("requests", "tokens", "concurrency", "daily_quota", "monthly_quota")

@@ -11,8 +11,10 @@ import typer
 from vergeai.auth import display_prefix, hash_token, new_token
 from vergeai.cli.common import StateDirOption, fail, failures, say, store_for
 from vergeai.logs import setup_logging
+from vergeai.state.accounts import ApiKey, User
+from vergeai.state.assistants import Assistant
 from vergeai.state.config import LOG_FORMATS, LOG_LEVELS, load_config
-from vergeai.state.records import ApiKey, Assistant, User, now
+from vergeai.state.schema import now
 from vergeai.state.store import Store
 
 DEMO_ASSISTANT = "gemma3-270m"
