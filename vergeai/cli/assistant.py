@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from vergeai.cli import settings
+import vergeai.cli.settings as settings
 from vergeai.cli.common import (
     JsonOption,
     StateDirOption,

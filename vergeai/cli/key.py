@@ -10,8 +10,8 @@ from typing import Annotated, Any
 
 import typer
 
+import vergeai.cli.settings as settings
 from vergeai.auth import display_prefix, hash_token, new_token
-from vergeai.cli import settings
 from vergeai.cli.common import (
     JsonOption,
     StateDirOption,

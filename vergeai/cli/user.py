@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from vergeai.cli import settings
+import vergeai.cli.settings as settings
 from vergeai.cli.common import (
     JsonOption,
     StateDirOption,
