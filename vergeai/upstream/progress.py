@@ -79,6 +79,7 @@ def within(
 
 
 def text_of(value: Any) -> str:
+    """A JSON field that should be text: itself, or "" for anything else."""
     return value if isinstance(value, str) else ""
 
 
@@ -97,6 +98,7 @@ def _int(value: Any, fallback: int) -> int:
 
 
 def call_deltas(value: Any) -> tuple[CallDelta, ...]:
+    """A delta's tool_calls; items of the wrong shape are skipped."""
     if not isinstance(value, list):
         return ()
     calls = []
