@@ -27,9 +27,9 @@ from typer.testing import CliRunner
 from vergeai.cli import app
 from vergeai.runtime.llama import gpu_offload
 from vergeai.runtime.templates import BUILTIN
+from vergeai.state.assistants import Assistant
 from vergeai.state.history import History, SessionKey
 from vergeai.state.ledger import Filter, Ledger, Record
-from vergeai.state.records import Assistant
 from vergeai.state.responses import Responses
 from vergeai.state.usage import KeyUsage
 
@@ -932,7 +932,7 @@ def test_assistant_edit_none_clears_an_optional_setting(state: Path, model_path:
 
 
 def test_assistant_options_come_from_the_record_table() -> None:
-    from vergeai.state.records import setting_of
+    from vergeai.state.schema import setting_of
 
     def run_help(*args: str) -> str:
         return CliRunner().invoke(app, [*args, "--help"]).stdout
@@ -1106,7 +1106,7 @@ def test_version_and_help(state: Path) -> None:
 
 
 def test_chat_format_choices_are_the_builtin_templates() -> None:
-    from vergeai.state.records import CHAT_FORMATS
+    from vergeai.state.assistants import CHAT_FORMATS
 
     assert tuple(BUILTIN) == CHAT_FORMATS
 

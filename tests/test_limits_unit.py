@@ -9,7 +9,7 @@ import pytest
 from vergeai.auth import Caller
 from vergeai.errors import QuotaExceeded, RateLimited, VergeError
 from vergeai.limits import Limits, duration, effective_limits, limits_text
-from vergeai.state.records import ApiKey, User
+from vergeai.state.accounts import ApiKey, User
 
 
 class Clock:

@@ -298,7 +298,8 @@ def test_assistant_option_ranges_match_the_record_table() -> None:
     """Each assistant option's entry states the range its field declares."""
     import dataclasses
 
-    from vergeai.state.records import Assistant, setting_of
+    from vergeai.state.assistants import Assistant
+    from vergeai.state.schema import setting_of
 
     text = PAGE.read_text(encoding="utf-8")
     section = text.split(".SS Assistant options", 1)[1].split("\n.SS ", 1)[0]

@@ -24,7 +24,9 @@ from helpers import cli_ok, run_cli
 
 from vergeai.cli import app
 from vergeai.errors import StateError
-from vergeai.state.records import ApiKey, Assistant, RecordError, User, check_name
+from vergeai.state.accounts import ApiKey, User
+from vergeai.state.assistants import Assistant
+from vergeai.state.schema import RecordError, check_name
 from vergeai.state.store import ASSISTANTS, FILES, KEYS, USERS, Store, default_state_dir
 from vergeai.state.usage import KeyUsage
 
@@ -292,7 +294,7 @@ def test_failed_write_keeps_the_old_file_and_no_temp_file(
 KILLED_WRITER = """
 import os, sys, time
 from pathlib import Path
-from vergeai.state.records import User
+from vergeai.state.accounts import User
 from vergeai.state.store import Store
 
 os.replace = lambda *args: time.sleep(60)  # stop between writing the temp file and renaming it

@@ -44,7 +44,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from vergeai.upstream.stream import CHARS_PER_TOKEN
+from vergeai.upstream.progress import CHARS_PER_TOKEN
 
 UPSTREAM_KEY = "sk-upstream-3f9a1c77e0b24d5e"  # what the upstreams accept; never in vergeai's files
 LLAMA_KEY = "sk-llama-8d02b6f1c9a34e70"

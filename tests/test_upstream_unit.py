@@ -20,18 +20,12 @@ from vergeai.api.outputs import Answer
 from vergeai.errors import Unavailable
 from vergeai.runtime.job import Delta
 from vergeai.runtime.sampling import Sampling
-from vergeai.state.records import Assistant
+from vergeai.state.assistants import Assistant
+from vergeai.upstream.failure import Failure, error_message
+from vergeai.upstream.progress import CHARS_PER_TOKEN, Progress, token_count
 from vergeai.upstream.replicas import MAX_BACKOFF, Remote, ReplicaState, base_of
 from vergeai.upstream.secrets import upstream_key
-from vergeai.upstream.stream import (
-    CHARS_PER_TOKEN,
-    Failure,
-    Progress,
-    RemoteJob,
-    _count,
-    _message,
-    _read,
-)
+from vergeai.upstream.stream import RemoteJob, _read
 
 
 def remote(*urls: str) -> Remote:
@@ -182,10 +176,10 @@ def test_an_upstreams_wild_counts_are_held_to_what_the_request_could_use(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     remote = Remote(Assistant(name="r", upstream=["http://a"], upstream_model="m"))
-    assert _count(12, 0, 64, "completion_tokens", remote) == 12
-    assert _count(None, 7, 64, "completion_tokens", remote) == 7  # none reported: our count
-    assert _count(10**30, 0, 64, "completion_tokens", remote) == 64
-    assert _count(-5, 0, 64, "prompt_tokens", remote) == 0  # would credit quotas
+    assert token_count(12, 0, 64, "completion_tokens", remote) == 12
+    assert token_count(None, 7, 64, "completion_tokens", remote) == 7  # none reported: our count
+    assert token_count(10**30, 0, 64, "completion_tokens", remote) == 64
+    assert token_count(-5, 0, 64, "prompt_tokens", remote) == 0  # would credit quotas
     assert "reported completion_tokens 1000000000000000000000000000000" in caplog.text
 
 
@@ -205,7 +199,7 @@ def test_a_choice_not_asked_for_is_a_failure() -> None:
     ],
 )
 def test_the_message_of_any_error_body(body: bytes, message: str) -> None:
-    assert _message(body) == message
+    assert error_message(body) == message
 
 
 def test_the_key_comes_from_the_environment_else_a_private_secrets_file(

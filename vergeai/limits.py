@@ -23,11 +23,12 @@ from datetime import UTC, datetime, timedelta
 
 from vergeai.auth import Caller
 from vergeai.errors import QuotaExceeded, RateLimited, VergeError
-from vergeai.state.records import LIMITS, ApiKey, Limited, User
+from vergeai.state.accounts import LIMITS, ApiKey, Limited, User
 
 WINDOW = 60.0
 REASONS = ("requests", "tokens", "concurrency", "daily_quota", "monthly_quota")
 Subject = tuple[str, ...]  # ("user", name) or ("key", user, name)
+Refusal = tuple[str, VergeError]  # the reason (one of REASONS) and the 429 to answer
 
 
 def effective_limits(user: User, key: ApiKey) -> dict[str, int]:
@@ -186,74 +187,15 @@ class Limits:
 
     def _refusal(
         self, who: str, limited: Limited, usage: Usage, prompt: int, places: int
-    ) -> tuple[str, VergeError] | None:
+    ) -> Refusal | None:
+        """The first limit the request would pass, and the error to answer; None if none."""
         t = self.clock()
         now = self.calendar()
-        for reason, quota, used, renews in (
-            ("monthly_quota", limited.monthly_tokens, usage.month_tokens, _next_month(now)),
-            ("daily_quota", limited.daily_tokens, usage.day_tokens, _next_day(now)),
-        ):
-            if quota is not None and used + usage.reserved + prompt > quota:
-                period = reason.split("_")[0]
-                wait = (renews - now).total_seconds()
-                if used + prompt <= quota:  # requests in flight may use the rest
-                    return reason, QuotaExceeded(
-                        f"{who} has used {used} of its {period} quota of {quota} tokens and "
-                        f"requests in flight may use {usage.reserved} more; try again when "
-                        "they have finished",
-                        retry_after=1,
-                    )
-                return reason, QuotaExceeded(
-                    f"{who} has used {used} of its {period} quota of {quota} tokens"
-                    + (f" and this prompt needs {prompt}" if used < quota else "")
-                    + f"; it renews at {renews:%Y-%m-%d %H:%M} UTC",
-                    retry_after=math.ceil(wait),
-                )
-        if limited.max_concurrent is not None and places > limited.max_concurrent:
-            return "concurrency", RateLimited(
-                f"{who} may have {limited.max_concurrent} requests in flight, and this one "
-                f"asks for {places} answers at once, which count as {places}; ask for fewer",
-                retry_after=None,
-            )
-        if limited.max_concurrent is not None and usage.in_flight + places > limited.max_concurrent:
-            return "concurrency", RateLimited(
-                f"{who} has {usage.in_flight} requests in flight, its limit"
-                + (f" for this one, which counts as {places}" if places > 1 else "")
-                + "; try again when one has finished",
-                retry_after=1.0,
-            )
-        if limited.rpm is not None and len(usage.requests) >= limited.rpm:
-            wait = usage.requests[0] + WINDOW - t
-            return "requests", RateLimited(
-                f"Rate limit reached for {who} on requests per minute (RPM): "
-                f"limit {limited.rpm}, used {len(usage.requests)}. "
-                f"Please try again in {duration(wait)}.",
-                retry_after=wait,
-            )
-        if limited.tpm is not None:
-            used = usage.minute_tokens()
-            if prompt > limited.tpm:
-                return "tokens", RateLimited(
-                    f"Request too large for {who} on tokens per minute (TPM): "
-                    f"limit {limited.tpm}, requested {prompt}. Shorten the prompt.",
-                    retry_after=None,
-                )
-            if used + usage.reserved + prompt > limited.tpm:
-                wait = _tokens_free_in(usage, used + prompt - limited.tpm, t)
-                if used + prompt <= limited.tpm:  # requests in flight may use the rest
-                    wait = 1.0
-                return "tokens", RateLimited(
-                    f"Rate limit reached for {who} on tokens per minute (TPM): "
-                    f"limit {limited.tpm}, used {used}, requested {prompt}"
-                    + (
-                        f", reserved by requests in flight {usage.reserved}"
-                        if usage.reserved
-                        else ""
-                    )
-                    + f". Please try again in {duration(wait)}.",
-                    retry_after=wait,
-                )
-        return None
+        return (
+            _quota_refusal(who, limited, usage, prompt, now)
+            or _concurrency_refusal(who, limited, usage, places)
+            or _rate_refusal(who, limited, usage, prompt, t)
+        )
 
     def headers(self, caller: Caller) -> dict[str, str]:
         """OpenAI's x-ratelimit-* for the binding per-minute limits, when the caller has any."""
@@ -275,6 +217,88 @@ class Limits:
             out["x-ratelimit-remaining-tokens"] = str(max(0, remaining))
             out["x-ratelimit-reset-tokens"] = duration(reset)
         return out
+
+
+def _quota_refusal(
+    who: str, limited: Limited, usage: Usage, prompt: int, now: datetime
+) -> Refusal | None:
+    """The monthly, then the daily token quota (prompt and reserved completion tokens)."""
+    for reason, quota, used, renews in (
+        ("monthly_quota", limited.monthly_tokens, usage.month_tokens, _next_month(now)),
+        ("daily_quota", limited.daily_tokens, usage.day_tokens, _next_day(now)),
+    ):
+        if quota is not None and used + usage.reserved + prompt > quota:
+            period = reason.split("_")[0]
+            wait = (renews - now).total_seconds()
+            if used + prompt <= quota:  # requests in flight may use the rest
+                return reason, QuotaExceeded(
+                    f"{who} has used {used} of its {period} quota of {quota} tokens and "
+                    f"requests in flight may use {usage.reserved} more; try again when "
+                    "they have finished",
+                    retry_after=1,
+                )
+            return reason, QuotaExceeded(
+                f"{who} has used {used} of its {period} quota of {quota} tokens"
+                + (f" and this prompt needs {prompt}" if used < quota else "")
+                + f"; it renews at {renews:%Y-%m-%d %H:%M} UTC",
+                retry_after=math.ceil(wait),
+            )
+    return None
+
+
+def _concurrency_refusal(who: str, limited: Limited, usage: Usage, places: int) -> Refusal | None:
+    """Requests in flight; n choices count as n."""
+    if limited.max_concurrent is None:
+        return None
+    if places > limited.max_concurrent:
+        return "concurrency", RateLimited(
+            f"{who} may have {limited.max_concurrent} requests in flight, and this one "
+            f"asks for {places} answers at once, which count as {places}; ask for fewer",
+            retry_after=None,
+        )
+    if usage.in_flight + places > limited.max_concurrent:
+        return "concurrency", RateLimited(
+            f"{who} has {usage.in_flight} requests in flight, its limit"
+            + (f" for this one, which counts as {places}" if places > 1 else "")
+            + "; try again when one has finished",
+            retry_after=1.0,
+        )
+    return None
+
+
+def _rate_refusal(
+    who: str, limited: Limited, usage: Usage, prompt: int, t: float
+) -> Refusal | None:
+    """Requests per minute, then tokens per minute."""
+    if limited.rpm is not None and len(usage.requests) >= limited.rpm:
+        wait = usage.requests[0] + WINDOW - t
+        return "requests", RateLimited(
+            f"Rate limit reached for {who} on requests per minute (RPM): "
+            f"limit {limited.rpm}, used {len(usage.requests)}. "
+            f"Please try again in {duration(wait)}.",
+            retry_after=wait,
+        )
+    if limited.tpm is None:
+        return None
+    used = usage.minute_tokens()
+    if prompt > limited.tpm:
+        return "tokens", RateLimited(
+            f"Request too large for {who} on tokens per minute (TPM): "
+            f"limit {limited.tpm}, requested {prompt}. Shorten the prompt.",
+            retry_after=None,
+        )
+    if used + usage.reserved + prompt <= limited.tpm:
+        return None
+    wait = _tokens_free_in(usage, used + prompt - limited.tpm, t)
+    if used + prompt <= limited.tpm:  # requests in flight may use the rest
+        wait = 1.0
+    reserved = f", reserved by requests in flight {usage.reserved}" if usage.reserved else ""
+    return "tokens", RateLimited(
+        f"Rate limit reached for {who} on tokens per minute (TPM): "
+        f"limit {limited.tpm}, used {used}, requested {prompt}{reserved}. "
+        f"Please try again in {duration(wait)}.",
+        retry_after=wait,
+    )
 
 
 def _tokens_free_in(usage: Usage, needed: int, t: float) -> float:

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from vergeai.cli import settings
+import vergeai.cli.settings as settings
 from vergeai.cli.common import (
     JsonOption,
     StateDirOption,
@@ -26,7 +26,8 @@ from vergeai.cli.common import (
 )
 from vergeai.gguf import GgufError, check_gguf
 from vergeai.runtime.templates import BUILTIN
-from vergeai.state.records import Assistant, RecordError, check_name, check_upstream_url
+from vergeai.state.assistants import Assistant, check_upstream_url
+from vergeai.state.schema import RecordError, check_name
 
 app = typer.Typer(
     help="Manage assistants: the names clients send as 'model'.", no_args_is_help=True

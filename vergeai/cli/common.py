@@ -18,7 +18,7 @@ from rich.console import Console, RenderableType
 from rich.table import Table
 
 from vergeai.errors import VergeError
-from vergeai.state.records import RecordError
+from vergeai.state.schema import RecordError
 from vergeai.state.store import Store, default_state_dir
 
 out = Console(highlight=False, soft_wrap=True)

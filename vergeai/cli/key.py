@@ -10,8 +10,8 @@ from typing import Annotated, Any
 
 import typer
 
+import vergeai.cli.settings as settings
 from vergeai.auth import display_prefix, hash_token, new_token
-from vergeai.cli import settings
 from vergeai.cli.common import (
     JsonOption,
     StateDirOption,
@@ -23,7 +23,8 @@ from vergeai.cli.common import (
 )
 from vergeai.cli.user import FORCE, check_assistants_exist, parse_assistants
 from vergeai.limits import effective_limits, limits_text
-from vergeai.state.records import LIMITS, ApiKey, check_name, now
+from vergeai.state.accounts import LIMITS, ApiKey
+from vergeai.state.schema import check_name, now
 from vergeai.state.store import State
 from vergeai.state.usage import KeyUsage
 

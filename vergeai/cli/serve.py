@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from vergeai.auth import display_prefix, hash_token, new_token
 from vergeai.cli.common import StateDirOption, fail, failures, say, store_for
 from vergeai.logs import setup_logging
-from vergeai.state.config import LOG_FORMATS, LOG_LEVELS, load_config
-from vergeai.state.records import ApiKey, Assistant, User, now
+from vergeai.state.accounts import ApiKey, User
+from vergeai.state.assistants import Assistant
+from vergeai.state.config import LOG_FORMATS, LOG_LEVELS, ServerConfig, load_config
+from vergeai.state.schema import now
 from vergeai.state.store import Store
 
 DEMO_ASSISTANT = "gemma3-270m"
@@ -95,6 +97,29 @@ def serve(
 
     Settings come from config.toml in the state dir; flags override them.
     """
+    _check_flags(certfile, keyfile, log_level, log_format)
+    store = store_for(state_dir)
+    opts = _server_config(
+        store,
+        {
+            "host": host,
+            "port": port,
+            "certfile": str(certfile) if certfile else None,
+            "keyfile": str(keyfile) if keyfile else None,
+            "log_level": log_level,
+            "log_format": log_format,
+            "metrics_public": metrics_public,
+            "grace_seconds": grace_seconds,
+        },
+    )
+    setup_logging(opts.log_level, opts.log_format, capture_native=True)
+    _run(store, opts, demo)
+
+
+def _check_flags(
+    certfile: Path | None, keyfile: Path | None, log_level: str | None, log_format: str | None
+) -> None:
+    """What Typer cannot check alone: the TLS pair, and the choices config.toml shares."""
     if (certfile is None) != (keyfile is None):
         raise typer.BadParameter("--certfile and --keyfile go together")
     if log_level is not None and log_level not in LOG_LEVELS:
@@ -103,26 +128,28 @@ def serve(
     if log_format is not None and log_format not in LOG_FORMATS:
         choices = ", ".join(LOG_FORMATS)
         raise typer.BadParameter(f"must be one of {choices}", param_hint="--log-format")
-    store = store_for(state_dir)
+
+
+def _server_config(store: Store, flags: dict[str, Any]) -> ServerConfig:
+    """config.toml with the flags given over it; the TLS files must be there to read."""
     with failures():
         store.ensure()
-        opts = load_config(
-            store.root,
-            {
-                "host": host,
-                "port": port,
-                "certfile": str(certfile) if certfile else None,
-                "keyfile": str(keyfile) if keyfile else None,
-                "log_level": log_level,
-                "log_format": log_format,
-                "metrics_public": metrics_public,
-                "grace_seconds": grace_seconds,
-            },
-        )
+        opts = load_config(store.root, flags)
     for path in (opts.certfile, opts.keyfile):
         if path is not None and not Path(path).is_file():
             fail(f"{path} is not a readable file")
-    setup_logging(opts.log_level, opts.log_format, capture_native=True)
+    return opts
+
+
+def _base_url(opts: ServerConfig) -> str:
+    """Where a client on this host reaches the server, for the demo's example."""
+    scheme = "https" if opts.certfile else "http"
+    shown = "localhost" if opts.host in ("127.0.0.1", "0.0.0.0", "::") else opts.host
+    return f"{scheme}://{shown}:{opts.port}"
+
+
+def _run(store: Store, opts: ServerConfig, demo: bool) -> None:
+    """Serve until stopped (the demo set up first, when asked for)."""
     # imported here so that the other commands start without llama.cpp and the web stack
     from vergeai.api.admin import AdminSocketBusy
     from vergeai.server import run
@@ -130,9 +157,7 @@ def serve(
 
     with failures():
         if demo:
-            scheme = "https" if opts.certfile else "http"
-            shown = "localhost" if opts.host in ("127.0.0.1", "0.0.0.0", "::") else opts.host
-            setup_demo(store, f"{scheme}://{shown}:{opts.port}")
+            setup_demo(store, _base_url(opts))
         store.load()
         try:
             asyncio.run(run(Service(store), opts))

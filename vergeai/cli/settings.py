@@ -1,6 +1,6 @@
 """CLI options made from a record's field table, so that create and edit share one declaration.
 
-Each field with a :class:`~vergeai.state.records.Setting` becomes an option
+Each field with a :class:`~vergeai.state.schema.Setting` becomes an option
 (``top_p`` → ``--top-p``, booleans a ``--flag/--off-flag`` pair) with the
 field's help, choices and range; a value out of range is a usage error
 (exit 2). On ``edit``, an optional setting takes ``none`` to clear it.
@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from vergeai.cli.common import fail
-from vergeai.state.records import (
+from vergeai.state.schema import (
     KINDS,
     RecordError,
     Setting,

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from vergeai.cli import settings
+import vergeai.cli.settings as settings
 from vergeai.cli.common import (
     JsonOption,
     StateDirOption,
@@ -22,10 +22,11 @@ from vergeai.cli.common import (
     store_for,
 )
 from vergeai.limits import limits_text
+from vergeai.state.accounts import User
 from vergeai.state.history import History
 from vergeai.state.ledger import Ledger
-from vergeai.state.records import User, check_name, now
 from vergeai.state.responses import Responses
+from vergeai.state.schema import check_name, now
 from vergeai.state.store import State
 
 app = typer.Typer(help="Manage users: who may call which assistants.", no_args_is_help=True)

@@ -20,7 +20,9 @@ from typing import Any
 import tomli_w
 
 from vergeai.errors import StateError
-from vergeai.state.records import ApiKey, Assistant, RecordError, User
+from vergeai.state.accounts import ApiKey, User
+from vergeai.state.assistants import Assistant
+from vergeai.state.schema import RecordError
 
 USERS = "users.toml"
 KEYS = "keys.toml"
