@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from vergeai.runtime.job import Delta, Job, hand_over, hold_events
+from vergeai.runtime.job import Delta, Generate, Job, hand_over, hold_events
 from vergeai.runtime.sampling import Sampling
 
 SAMPLING = Sampling(
@@ -15,7 +15,7 @@ SAMPLING = Sampling(
 
 
 def job(loop: asyncio.AbstractEventLoop, choice: int = 0) -> Job:
-    return Job(tokens=[2], sampling=SAMPLING, max_tokens=4, stop=[], loop=loop, choice=choice)
+    return Job(tokens=[2], loop=loop, generate=Generate(SAMPLING, 4, []), choice=choice)
 
 
 def drain(j: Job) -> list[tuple[int, str]]:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from vergeai.runtime.job import Job
+from vergeai.runtime.job import Generate, Job
 from vergeai.runtime.prefix import KEEP_MIN, MIN_SHARED
 from vergeai.runtime.sampling import Sampling
 from vergeai.runtime.scheduler import MAX_DRAFTING, PREFILL_CHUNK, PROMPTING_DRAFT, Scheduler
@@ -81,8 +81,8 @@ def job(
     max_tokens: int = 100,
 ) -> Job:
     def one(choice: int) -> Job:
-        return Job(list(tokens), SAMPLING, max_tokens, [], loop, scope=scope, public=public,
-                   choice=choice)  # fmt: skip
+        return Job(tokens=list(tokens), loop=loop, generate=Generate(SAMPLING, max_tokens, []),
+                   scope=scope, public=public, choice=choice)  # fmt: skip
 
     leader = one(0)
     leader.followers = [one(i) for i in range(1, choices)]
@@ -283,9 +283,9 @@ def test_draft_budgets(loop: Loop) -> None:
 def test_draft_room(loop: Loop) -> None:
     sched, cache, _ = setup(8)
     (alone,) = drafting(sched, cache, loop, 1)
-    assert alone.job is not None
+    assert alone.job is not None and alone.job.generate is not None
     room = sched.draft_room(alone, reliable=False)
-    assert room == alone.job.max_tokens - alone.job.n_generated - 1
+    assert room == alone.job.generate.max_tokens - alone.job.n_generated - 1
     sched, cache, _ = setup(8)
     slots = drafting(sched, cache, loop, 2)
     assert sched.draft_room(slots[0], reliable=False) is None  # unreliable beside another

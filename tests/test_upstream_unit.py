@@ -19,7 +19,6 @@ import pytest
 from vergeai.api.outputs import Answer
 from vergeai.errors import Unavailable
 from vergeai.runtime.job import Delta
-from vergeai.runtime.sampling import Sampling
 from vergeai.state.assistants import Assistant
 from vergeai.upstream.failure import Failure, error_message
 from vergeai.upstream.progress import CHARS_PER_TOKEN, Progress, token_count
@@ -98,10 +97,7 @@ def test_states_for_the_pool_and_health() -> None:
 
 
 def job(n: int = 1, hold: bool = False) -> RemoteJob:
-    loop = asyncio.new_event_loop()
-    sampling = Sampling(0.8, 0.95, 40, 0.05, None, 0.0, 0.0, 1.0, 64, {})
-    return RemoteJob(tokens=[], sampling=sampling, max_tokens=8, stop=[], loop=loop,
-                     choices=n, hold=hold)  # fmt: skip
+    return RemoteJob(max_tokens=8, choices=n, hold=hold)
 
 
 def chunk(index: int = 0, finish: str | None = None, **delta: Any) -> dict[str, Any]:
@@ -257,9 +253,7 @@ def test_a_kept_alive_connection_the_upstream_closed_is_retried_on_a_new_one() -
         r = remote(f"http://127.0.0.1:{port}")
         results = []
         for _ in range(3):
-            j = RemoteJob(tokens=[], sampling=Sampling(0.8, 0.95, 40, 0.05, None, 0.0, 0.0,
-                          1.0, 64, {}), max_tokens=8, stop=[], loop=asyncio.get_running_loop(),
-                          body={"model": "m"})  # fmt: skip
+            j = RemoteJob(max_tokens=8, body={"model": "m"})
             j.run(r)
             assert j.task is not None
             await j.task

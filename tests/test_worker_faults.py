@@ -19,7 +19,7 @@ from helpers import NO_EOS
 from vergeai.pool import Pool
 from vergeai.runtime import runner
 from vergeai.runtime.engine import WorkerState
-from vergeai.runtime.job import Delta, Event, Failed, Finished, Job
+from vergeai.runtime.job import Delta, Event, Failed, Finished, Generate, Job
 from vergeai.runtime.sampling import Sampling
 from vergeai.runtime.sequence import Sequence
 from vergeai.runtime.worker import Worker
@@ -60,7 +60,7 @@ def wait_online(pool: Pool, timeout: float = 30) -> Worker:
 
 
 async def generate(worker: Worker, tokens: list[int], max_tokens: int = 12) -> list[Event]:
-    job = Job(tokens=tokens, sampling=sampling(), max_tokens=max_tokens, stop=[],
+    job = Job(tokens=tokens, generate=Generate(sampling(), max_tokens, []),
               loop=asyncio.get_running_loop())  # fmt: skip
     worker.submit(job)
     events: list[Event] = []
@@ -181,7 +181,7 @@ async def two_choices(worker: Worker, tokens: list[int]) -> list[tuple[int, Even
     """A request for two choices: its events until it fails (marked) or both finish."""
     loop = asyncio.get_running_loop()
     leader, follower = (
-        Job(tokens=tokens, sampling=sampling(), max_tokens=6, stop=[], loop=loop, choice=i)
+        Job(tokens=tokens, generate=Generate(sampling(), 6, []), loop=loop, choice=i)
         for i in range(2)
     )
     leader.followers = [follower]

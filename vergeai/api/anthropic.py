@@ -210,7 +210,7 @@ async def _messages(request: Request) -> Response:
     passage = gate(request, caller)
     online = online_engine(service, req.model)
     gen = await dispatch.start(online, request.app.state.sessions, passage, req, None)
-    reply = MessageReply(online.engine.assistant.name, len(gen.jobs[0].tokens))
+    reply = MessageReply(online.engine.assistant.name, gen.jobs[0].prompt_tokens)
     if req.stream:
         return await stream_reply(request, gen, reply)
     done = await read_whole(request, gen)

@@ -25,7 +25,6 @@ from vergeai.auth import check_assistant
 from vergeai.errors import InvalidRequest
 from vergeai.runtime.engine import Engine
 from vergeai.runtime.job import Embedded, Event, Failed, Finished, Job
-from vergeai.runtime.sampling import Sampling
 from vergeai.service import Service
 
 MAX_INPUTS = 2048  # OpenAI's
@@ -34,19 +33,6 @@ EMBEDDING_FIELDS: tuple[FieldSpec, ...] = (
     *field_specs("ignored", "user"),
 )
 FIELDS_BY_NAME = {f.name: f for f in EMBEDDING_FIELDS}
-# an embedding samples nothing; a Job still carries a Sampling
-NO_SAMPLING = Sampling(
-    temperature=0.0,
-    top_p=1.0,
-    top_k=0,
-    min_p=0.0,
-    seed=None,
-    presence_penalty=0.0,
-    frequency_penalty=0.0,
-    repeat_penalty=1.0,
-    repeat_last_n=0,
-    logit_bias={},
-)
 
 
 def _is_tokens(value: Any) -> bool:
@@ -95,8 +81,7 @@ async def embed_all(engine: Engine, inputs: list[list[int]]) -> list[Any]:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
     jobs = [
-        Job(tokens=t, sampling=NO_SAMPLING, max_tokens=0, stop=[], loop=loop, embed=True,
-            choice=i, queue=queue)
+        Job(tokens=t, loop=loop, generate=None, choice=i, queue=queue)
         for i, t in enumerate(inputs)
     ]  # fmt: skip
     window = 2 * engine.assistant.parallel

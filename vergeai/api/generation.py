@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -22,7 +22,7 @@ from vergeai.api.conversation import Fitted, Lease, Sessions
 from vergeai.api.outputs import Answer, Choice, Done, GenerationFailed, Piece, failure
 from vergeai.limits import Ticket
 from vergeai.runtime.engine import Engine
-from vergeai.runtime.job import Delta, Failed, Finished, FinishReason, Job
+from vergeai.runtime.job import Delta, Failed, Finished, FinishReason, Job, Task
 from vergeai.state.records import Assistant
 
 log = logging.getLogger("vergeai.generation")
@@ -87,7 +87,7 @@ class Generation:
         self,
         assistant: Assistant,
         answers: list[Answer],
-        jobs: list[Job],
+        jobs: Sequence[Task],
         memory: Memory | None,
         ticket: Ticket,
         legacy_calls: bool = False,
@@ -103,7 +103,7 @@ class Generation:
         self.memory = memory
         self.ticket = ticket  # the caller's place under its limits
         self.rollout = rollout  # the groups still to submit, if any
-        self._every_job = [job for leader in jobs for job in (leader, *leader.followers)]
+        self._every_job = [job for leader in jobs for job in leader.group()]
         self._closed = False
 
     async def __aenter__(self) -> Generation:

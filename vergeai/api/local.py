@@ -19,7 +19,7 @@ from vergeai.api.schemas import ChatRequest
 from vergeai.limits import Gate
 from vergeai.runtime.constraint import Grammar
 from vergeai.runtime.engine import Engine
-from vergeai.runtime.job import Event, Job
+from vergeai.runtime.job import Event, Generate, Job
 from vergeai.runtime.toolcalls import ToolCallParser
 
 
@@ -130,11 +130,13 @@ def _leaders(engine: Engine, gate: Gate, plan: Launch) -> list[Job]:
         jobs = [
             Job(
                 tokens=tokens,
-                sampling=sampling_for(req, engine.assistant, p * req.n + j, plan.grammar),
-                max_tokens=plan.max_tokens,
-                stop=req.stop,
                 loop=loop,
-                top_logprobs=req.top_logprobs,
+                generate=Generate(
+                    sampling_for(req, engine.assistant, p * req.n + j, plan.grammar),
+                    plan.max_tokens,
+                    req.stop,
+                    req.top_logprobs,
+                ),
                 choice=p * req.n + j,
                 queue=queue,
                 scope=gate.scope + salt,

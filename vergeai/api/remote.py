@@ -8,11 +8,10 @@ built from the checked request, asked to stream and to report its usage.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from vergeai.api.conversation import Sessions, fit_remote
-from vergeai.api.defaults import max_tokens_for, sampling_for
+from vergeai.api.defaults import max_tokens_for
 from vergeai.api.fields import DEFAULT_REPEAT_LAST_N
 from vergeai.api.generation import Generation, Memory
 from vergeai.api.outputs import Answer
@@ -108,11 +107,7 @@ async def start_remote(
         thinking = thinking_for(req, assistant)
         gate.check(estimate, req.n)
         job = RemoteJob(
-            tokens=[],
-            sampling=sampling_for(req, assistant),
             max_tokens=max_tokens,
-            stop=req.stop,
-            loop=asyncio.get_running_loop(),
             body=upstream_body(assistant, req, messages, thinking, max_tokens),
             session=(user, session_id) if session_id else None,
             prompt_estimate=estimate,

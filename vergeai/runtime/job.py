@@ -91,39 +91,78 @@ class Failed:
 Event = Delta | Embedded | Finished | Failed
 
 
-@dataclass
-class Job:
-    """One choice of a request; a request for n choices is a leader with n-1 followers.
+@dataclass(kw_only=True, eq=False)
+class Task:
+    """What every engine's job has: where its events go (``(choice, event)`` on
+    ``queue``), whether its client left, and how far it got."""
 
-    The followers share the leader's prompt: the worker evaluates it once and
-    copies its KV cache to their sequences. Every choice reports on the same
-    queue, as ``(choice, event)``.
-    """
+    choice: int = 0
+    queue: asyncio.Queue[tuple[int, Event]] = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    t_created: float = field(default_factory=time.perf_counter)
+    # filled in by the engine
+    n_generated: int = 0
+    t_start: float = 0.0
+    t_first: float = 0.0
 
-    tokens: list[int]
+    def emit(self, event: Event) -> None:
+        raise NotImplementedError
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def group(self) -> list[Task]:
+        """This job and those that share its prompt (a leader's followers)."""
+        return [self]
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Its prompt's tokens, as far as they are known before it runs."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Generate:
+    """What a generation asks of the local model: how to sample, how much, when to stop."""
+
     sampling: Sampling
     max_tokens: int
     stop: list[str]
-    loop: asyncio.AbstractEventLoop
     top_logprobs: int | None = None  # None: no logprobs; else how many alternatives
-    embed: bool = False  # an embedding of the tokens, not a generation
+
+
+@dataclass(kw_only=True, eq=False)
+class Job(Task):
+    """Tokens for a local model worker: one choice of a generation, or an embedding of
+    the tokens (``generate`` None). A request for n choices is a leader with n-1
+    followers: they share the leader's prompt, which the worker evaluates once and
+    copies to their sequences.
+    """
+
+    tokens: list[int]
+    loop: asyncio.AbstractEventLoop  # where the events go, from the worker thread
+    generate: Generate | None
     # Whose prompt it is, for the prefix cache: past its first ``public`` tokens (the
     # assistant's system prompt, which every caller shares) a cached prefix is reused
     # only within one scope, so that no caller learns what another asked.
     scope: str = ""
     public: int = 0
-    choice: int = 0
     followers: list[Job] = field(default_factory=list)
-    queue: asyncio.Queue[tuple[int, Event]] = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    t_created: float = field(default_factory=time.perf_counter)
     # filled in by the worker thread
     cache_n: int = 0
-    n_generated: int = 0
     draft_n: int = 0  # tokens proposed by speculation and checked
     draft_accepted: int = 0  # of those, the ones the sampler picked
-    t_start: float = 0.0
-    t_first: float = 0.0
+
+    @property
+    def embed(self) -> bool:
+        return self.generate is None
+
+    def group(self) -> list[Task]:
+        return [self, *self.followers]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.tokens)
 
     def emit(self, event: Event) -> None:
         held: list[tuple[Job, Event]] | None = getattr(_held, "events", None)
@@ -133,7 +172,7 @@ class Job:
             _send(self.loop, [(self, event)])
 
     def cancel(self) -> None:
-        self.cancelled.set()
+        super().cancel()
         for follower in self.followers:
             follower.cancelled.set()
 

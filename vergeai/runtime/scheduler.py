@@ -224,7 +224,7 @@ class Scheduler:
         than the steps they might save, unless its drafts mostly hold.
         """
         job = slot.job
-        assert job is not None
+        assert job is not None and job.generate is not None
         others = sum(
             s is not slot and s.job is not None and s.job.n_generated > 0 for s in self.slots
         )
@@ -233,7 +233,8 @@ class Scheduler:
             return None
         # the draft must not end the context earlier than its tokens would
         return min(
-            job.max_tokens - job.n_generated - 1, self.cache.n_ctx_seq - len(slot.tokens) - 3
+            job.generate.max_tokens - job.n_generated - 1,
+            self.cache.n_ctx_seq - len(slot.tokens) - 3,
         )
 
     def generate(self, slot: Slot, token: int, draft: list[int]) -> None:

@@ -26,19 +26,21 @@ class Sequence:
         self.job = job
         self.model = model
         self.n_ctx_seq = n_ctx_seq
-        generating = not job.embed
-        grammar = job.sampling.grammar
-        self.constraint = grammar.start() if generating and grammar is not None else None
-        self.sampler = build_sampler(model, job.sampling, n_ctx_seq) if generating else None
+        gen = job.generate
+        grammar = gen.sampling.grammar if gen is not None else None
+        self.constraint = grammar.start() if grammar is not None else None
+        self.sampler = build_sampler(model, gen.sampling, n_ctx_seq) if gen is not None else None
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.stops = StopMatcher(job.stop)
-        self.drafter = Drafter() if generating and speculate else None
+        self.stops = StopMatcher(gen.stop if gen is not None else [])
+        self.drafter = Drafter() if gen is not None and speculate else None
+        self.top_logprobs = gen.top_logprobs if gen is not None else None
+        self.max_tokens = gen.max_tokens if gen is not None else 0
 
     def sample(self, ctx: Context, at: int) -> tuple[int, npt.NDArray[np.float64] | None]:
         """The next token from batch output ``at``, and the distribution it came from if
         log-probabilities are asked for (the model's own, before the grammar's mask)."""
         assert self.sampler is not None
-        logprobs = log_softmax(ctx.logits(at)) if self.job.top_logprobs is not None else None
+        logprobs = log_softmax(ctx.logits(at)) if self.top_logprobs is not None else None
         if self.constraint is not None:
             self.constraint.mask(ctx.logits(at))
         return ctx.sample(self.sampler, at), logprobs
@@ -59,13 +61,13 @@ class Sequence:
             self.constraint.accept(token, piece.decode("utf-8", "replace"))
         text = self.stops.feed(self.decoder.decode(piece))
         if distribution is not None:
-            assert job.top_logprobs is not None
-            job.emit(Delta(text, [entry(self.model, distribution, token, job.top_logprobs)]))
+            assert self.top_logprobs is not None
+            job.emit(Delta(text, [entry(self.model, distribution, token, self.top_logprobs)]))
         elif text:
             job.emit(Delta(text))
         if self.stops.stopped or (self.constraint is not None and self.constraint.finished):
             return "stop"
-        if job.n_generated >= job.max_tokens or cached + 1 >= self.n_ctx_seq:
+        if job.n_generated >= self.max_tokens or cached + 1 >= self.n_ctx_seq:
             return "length"
         return None
 

@@ -29,6 +29,7 @@ from vergeai.runtime.engine import ModelFacts, WorkerState
 from vergeai.runtime.job import (
     Failed,
     Job,
+    Task,
     hand_over,
     hold_events,
 )
@@ -172,7 +173,9 @@ class Worker:
 
     # called from the event loop
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Task) -> None:
+        if not isinstance(job, Job):
+            raise TypeError(f"assistant {self.name!r} takes local model jobs only")
         with self.cond:
             if self.stopping or self.status != WorkerState.ONLINE:
                 raise Unavailable(f"assistant {self.name!r} is going offline", retry_after=5)

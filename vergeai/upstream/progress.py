@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from vergeai.runtime.job import Delta, FinishReason, Job, Timings
+from vergeai.runtime.job import Delta, FinishReason, Task, Timings
 from vergeai.runtime.toolcalls import CallDelta
 from vergeai.upstream.replicas import Remote
 
@@ -51,7 +51,7 @@ class Progress:
 
 
 def within(
-    job: Job,
+    max_tokens: int,
     progress: Progress,
     index: int,
     text: str,
@@ -62,10 +62,10 @@ def within(
     if not (text or reasoning or calls):
         return text, reasoning, calls
     pieces = progress.pieces[index] = progress.pieces.get(index, 0) + 1
-    room = job.max_tokens * CHARS_PER_TOKEN - progress.chars.get(index, 0)
+    room = max_tokens * CHARS_PER_TOKEN - progress.chars.get(index, 0)
     size = len(text) + len(reasoning) + sum(len(c.arguments) for c in calls)
     progress.chars[index] = progress.chars.get(index, 0) + size
-    if pieces > job.max_tokens:
+    if pieces > max_tokens:
         text, reasoning, calls = "", "", ()
     elif size > room:
         reasoning = reasoning[:room]
@@ -117,7 +117,7 @@ def call_deltas(value: Any) -> tuple[CallDelta, ...]:
     return tuple(calls)
 
 
-def answer_timings(job: Job, progress: Progress, prompt: int, completion: int) -> Timings:
+def answer_timings(job: Task, progress: Progress, prompt: int, completion: int) -> Timings:
     """The upstream's timings when it sends them (llama-server, vergeai), else measured here."""
     t = progress.timings or {}
     end = time.perf_counter()

@@ -29,7 +29,7 @@ from vergeai.state.records import Assistant
 from vergeai.upstream.secrets import upstream_key
 
 if TYPE_CHECKING:
-    from vergeai.runtime.job import Job
+    from vergeai.runtime.job import Task
 
 log = logging.getLogger("vergeai.upstream")
 
@@ -204,7 +204,7 @@ class Remote:
     def share(self) -> int:
         return 1  # a request's choices go upstream as one request: one job
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Task) -> None:
         """Send the job upstream: it runs as a task on the event loop, trying replicas."""
         if not isinstance(job, Upstreamed):
             raise TypeError(f"assistant {self.name!r} takes upstream jobs only")

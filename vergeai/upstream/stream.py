@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vergeai.errors import VergeError
-from vergeai.runtime.job import Delta, Failed, Finished, Job
+from vergeai.runtime.job import Delta, Failed, Finished, Task
 from vergeai.upstream.failure import Failure, failed
 from vergeai.upstream.progress import (
     MAX_PROMPT,
@@ -36,16 +36,21 @@ log = logging.getLogger("vergeai.upstream")
 ATTEMPTS = 2  # the first replica, then one other
 
 
-@dataclass(eq=False)
-class RemoteJob(Job):
+@dataclass(kw_only=True, eq=False)
+class RemoteJob(Task):
     """A request's choices as one upstream request; the task reports on the job's queue."""
 
+    max_tokens: int  # per choice: the upstream's output is held to it
     body: dict[str, Any] = field(default_factory=dict)
     session: tuple[str, str] | None = None  # (user, session id): the replica it sticks to
     prompt_estimate: int = 0  # until the upstream reports its count
     choices: int = 1  # n: the upstream answers them all in one stream
     hold: bool = False  # the client takes the answer whole: keep it until it is, so retry
     task: asyncio.Task[None] | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.prompt_estimate  # until the upstream reports its count
 
     def emit(self, event: Any) -> None:  # on the event loop already
         self.emit_as(self.choice, event)
@@ -164,7 +169,7 @@ def _read(job: RemoteJob, chunk: dict[str, Any], progress: Progress) -> None:
         text = text_of(delta.get("content"))
         reasoning = text_of(delta.get("reasoning_content")) or text_of(delta.get("reasoning"))
         calls = call_deltas(delta.get("tool_calls"))
-        text, reasoning, calls = within(job, progress, index, text, reasoning, calls)
+        text, reasoning, calls = within(job.max_tokens, progress, index, text, reasoning, calls)
         logprobs = (choice.get("logprobs") or {}).get("content") or None
         if text or reasoning or calls or logprobs:
             if not progress.chunks:
