@@ -31,7 +31,7 @@ from helpers import (
 
 from vergeai.api.defaults import sampling_for
 from vergeai.api.schemas import CHAT_FIELDS, parse_chat_request
-from vergeai.state.records import Assistant
+from vergeai.state.assistants import Assistant
 
 PARTS = [{"type": "text", "text": "Hi"}, {"type": "text", "text": "!"}]
 TOOL: Any = {

@@ -23,7 +23,7 @@ from vergeai.runtime.job import Delta, Event, Failed, Finished, Generate, Job
 from vergeai.runtime.sampling import Sampling
 from vergeai.runtime.sequence import Sequence
 from vergeai.runtime.worker import Worker
-from vergeai.state.records import Assistant
+from vergeai.state.assistants import Assistant
 
 MARKER = 9999  # a token id that only the faulty request's prompt holds
 BAN_EOS = {int(token): float(bias) for token, bias in NO_EOS.items()}  # as Sampling takes it

@@ -13,7 +13,8 @@ import secrets
 from dataclasses import dataclass
 
 from vergeai.errors import AuthenticationError, ModelNotFound, PermissionDenied
-from vergeai.state.records import ApiKey, User, now
+from vergeai.state.accounts import ApiKey, User
+from vergeai.state.schema import now
 from vergeai.state.store import State
 
 TOKEN_PREFIX = "vai-"

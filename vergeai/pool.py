@@ -9,7 +9,7 @@ from pathlib import Path
 
 from vergeai.runtime.engine import Engine, WorkerState
 from vergeai.runtime.worker import Worker
-from vergeai.state.records import Assistant
+from vergeai.state.assistants import Assistant
 from vergeai.upstream.replicas import Remote
 
 log = logging.getLogger("vergeai.pool")

@@ -18,8 +18,8 @@ from vergeai.limits import Limits
 from vergeai.pool import Pool
 from vergeai.state.history import History
 from vergeai.state.ledger import Ledger, Record
-from vergeai.state.records import now
 from vergeai.state.responses import Responses
+from vergeai.state.schema import now
 from vergeai.state.store import State, Store
 from vergeai.state.usage import KeyUsage
 

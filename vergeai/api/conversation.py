@@ -18,8 +18,8 @@ from vergeai.api.prompting import Rendered, render
 from vergeai.runtime.engine import ModelFacts
 from vergeai.runtime.prefix import common_prefix
 from vergeai.runtime.prompt import Message, with_system_prompt
+from vergeai.state.assistants import Assistant
 from vergeai.state.history import PER_USER, History, SessionKey, Turn
-from vergeai.state.records import Assistant
 
 T = TypeVar("T")
 

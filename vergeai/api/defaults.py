@@ -5,7 +5,7 @@ from __future__ import annotations
 from vergeai.api.fields import Sampled
 from vergeai.runtime.constraint import Grammar
 from vergeai.runtime.sampling import Sampling
-from vergeai.state.records import Assistant
+from vergeai.state.assistants import Assistant
 
 # llama-server's sampling defaults, used when neither request nor assistant sets one
 DEFAULT_TEMPERATURE = 0.8

@@ -23,7 +23,7 @@ from vergeai.api.outputs import Answer, Choice, Done, GenerationFailed, Piece, f
 from vergeai.limits import Ticket
 from vergeai.runtime.engine import Engine
 from vergeai.runtime.job import Delta, Failed, Finished, FinishReason, Job, Task
-from vergeai.state.records import Assistant
+from vergeai.state.assistants import Assistant
 
 log = logging.getLogger("vergeai.generation")
 

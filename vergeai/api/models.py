@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse
 from vergeai.api.record import caller_of
 from vergeai.auth import check_assistant
 from vergeai.service import Service
-from vergeai.state.records import Assistant
+from vergeai.state.assistants import Assistant
 
 
 def model_entry(service: Service, assistant: Assistant) -> dict[str, Any]:

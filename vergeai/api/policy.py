@@ -7,7 +7,7 @@ from vergeai.api.schemas import ChatRequest
 from vergeai.api.tools import ToolUse
 from vergeai.runtime.constraint import GrammarSpec
 from vergeai.runtime.toolformats import ToolFormat
-from vergeai.state.records import Assistant
+from vergeai.state.assistants import Assistant
 
 
 def grammar_of(req: Sampled, tools: ToolUse | None, fmt: ToolFormat | None) -> GrammarSpec | None:

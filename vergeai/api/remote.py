@@ -21,7 +21,7 @@ from vergeai.api.tools import ToolUse
 from vergeai.limits import Gate
 from vergeai.runtime.engine import Engine
 from vergeai.runtime.prompt import Message
-from vergeai.state.records import Assistant
+from vergeai.state.assistants import Assistant
 from vergeai.upstream.stream import RemoteJob
 
 

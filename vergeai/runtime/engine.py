@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     from vergeai.runtime.job import Task
     from vergeai.runtime.prompt import ChatTemplate
-    from vergeai.state.records import Assistant
+    from vergeai.state.assistants import Assistant
 
 
 class WorkerState(StrEnum):

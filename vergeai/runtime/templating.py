@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from vergeai.runtime.llama import LoadError, Model, read_chat_template
 from vergeai.runtime.prompt import ChatTemplate
 from vergeai.runtime.templates import BUILTIN
-from vergeai.state.records import Assistant
+from vergeai.state.assistants import Assistant
 
 
 @dataclass

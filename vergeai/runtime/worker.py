@@ -38,7 +38,7 @@ from vergeai.runtime.prompt import ChatTemplate
 from vergeai.runtime.runner import Runner, Served
 from vergeai.runtime.scheduler import Scheduler
 from vergeai.runtime.templating import build_template
-from vergeai.state.records import Assistant
+from vergeai.state.assistants import Assistant
 
 log = logging.getLogger("vergeai.worker")
 

@@ -25,7 +25,7 @@ import httpx
 
 from vergeai.errors import Unavailable
 from vergeai.runtime.engine import WorkerState
-from vergeai.state.records import Assistant
+from vergeai.state.assistants import Assistant
 from vergeai.upstream.secrets import upstream_key
 
 if TYPE_CHECKING:
