@@ -1,16 +1,15 @@
-"""One online assistant: a llama.cpp context with N slots, decoded by one thread.
+"""One online assistant's model worker: a llama.cpp context with N slots, and its thread.
 
-The thread is the context's only user. Requests wait in a bounded FIFO
-queue; each step it moves waiting jobs into free slots (the slot whose
-cached tokens share the longest prefix with the prompt; a prefix another
-slot holds, or is decoding, is copied from it), then decodes one batch
-holding every active slot's next tokens (continuous batching), and samples
-each slot with its own sampler chain.
+The thread loads the model, then loops: under the lock it admits waiting
+jobs (its :class:`~vergeai.runtime.scheduler.Scheduler` decides which slot
+and what cached prefix each starts on), then its
+:class:`~vergeai.runtime.runner.Runner` decodes the step the scheduler
+plans and reports each job's events. Requests wait in a bounded FIFO queue.
 
-Whatever goes wrong with one request (its sampler, a failed decode of its
-tokens, an exception while sampling it) fails that request alone and frees
-its slot; the other slots keep generating. Anything else that escapes the
-loop ends the thread in state ``restarting``, and the pool starts a new one.
+The thread is the context's only user (the context checks it). Whatever
+goes wrong with one request fails that request alone; anything else that
+escapes the loop ends the thread in state ``restarting``, and the pool
+starts a new one.
 """
 
 from __future__ import annotations
@@ -26,13 +25,7 @@ from vergeai.errors import QueueFull, Unavailable
 from vergeai.gguf import GgufError, check_gguf
 from vergeai.runtime.context import Context
 from vergeai.runtime.engine import ModelFacts, WorkerState
-from vergeai.runtime.job import (
-    Failed,
-    Job,
-    Task,
-    hand_over,
-    hold_events,
-)
+from vergeai.runtime.job import Failed, Job, Task, hand_over, hold_events
 from vergeai.runtime.llama import Model, shared_models
 from vergeai.runtime.prompt import ChatTemplate
 from vergeai.runtime.runner import Runner, Served
@@ -44,9 +37,8 @@ log = logging.getLogger("vergeai.worker")
 
 
 RESTART_RETRY_AFTER = 2
-STEP_BOUND = (
-    60.0  # seconds one step (decode, masks, sampling) may take before the worker is degraded
-)
+# seconds one step (decode, masks, sampling) may take before the worker is degraded
+STEP_BOUND = 60.0
 
 
 class Worker:
