@@ -19,6 +19,21 @@ its defaults otherwise), interleaved workload by workload:
   at c=1 and c=4 (where speculation pays), and ``normal``: a short prompt
   for a story, 128 tokens out, at c=1 (where it must not cost).
 
+The demo model copies its prompt and repeats itself on several of those, which
+flatters speculation. These workloads give it nothing to copy (see texts.py):
+
+- ``unique``: 1,500 different English words in random order (~1,900 tokens),
+  64 tokens out, at c=1, 4 and 8: time to the first and the last token,
+  total tok/s and p99 inter-token latency;
+- ``prose``: the same on ~1,500 words of real prose (~2,100 tokens);
+- ``system-unique``: the ``system`` workload with questions of unique words;
+- ``copy-prose``: the ``copy`` workload on three prose texts other than the
+  passage (compare with ``--llama-server-ngram``).
+
+By default vergeai runs twice, with its n-gram speculation and with
+``--speculate off`` (``--speculation on|off`` for one), beside llama-server;
+``--llama-server-ngram`` adds llama-server with ``--spec-type ngram-simple``.
+
     python tests/bench/long.py --llama-server PATH [--workloads long,mixed] [--json out.json]
 
 Every stream bans end-of-generation tokens, so it runs to its max_tokens.
@@ -36,6 +51,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +66,7 @@ from servers import (
     llama_server,
     vergeai_cli,
 )
+from texts import copy_prompt, prose, unique_words
 from workload import STORY, end_of_generation_tokens
 
 WORDS = [
@@ -91,7 +108,8 @@ WORDS = [
     "tunnel",
 ]
 WORKLOADS = (
-    "long", "mixed", "conversation", "system", "system-long", "repeat", "copy", "normal"
+    "long", "unique", "prose", "mixed", "conversation", "system", "system-unique",
+    "system-long", "repeat", "copy", "copy-prose", "normal",
 )  # fmt: skip
 PASSAGE = (
     "The harbor town woke slowly on winter mornings. Fishermen walked down to the boats "
@@ -214,22 +232,40 @@ def errors(streams: list[Stream]) -> list[str]:
     return [s.error for s in streams if s.error]
 
 
-async def w_long(c: Client, tag: str) -> dict[str, Any]:
+async def long_prompts(
+    c: Client, make: Callable[[int, int], str], levels: tuple[int, ...]
+) -> dict[str, Any]:
+    """At each concurrency level, that many long prompts at once, 64 tokens out each."""
     out: dict[str, Any] = {}
-    for n in (1, 4):
+    for n in levels:
         t0 = time.perf_counter()
-        prompts = [passage(f"{tag}-long-{n}-{i}", 1500) for i in range(n)]
-        streams = await asyncio.gather(*(c.stream([user(p)], 64) for p in prompts))
+        streams = await asyncio.gather(*(c.stream([user(make(n, i))], 64) for i in range(n)))
         wall = max(s.times[-1] if s.times else t0 for s in streams) - t0
         out[f"c{n}"] = {
             "total_tps": sum(len(s.times) for s in streams) / wall,
             "decode_tps": statistics.mean(s.decode_tps for s in streams),
             "ttft_s": statistics.mean(s.ttft for s in streams),
             "done_s": statistics.mean(s.times[-1] - s.t_send for s in streams if s.times),
+            "itl_p99_ms": pct([g for s in streams for g in s.gaps()], 0.99) * 1000,
             "prompt_tokens": statistics.mean(s.usage.get("prompt_tokens", 0) for s in streams),
             "errors": errors(list(streams)),
         }
     return out
+
+
+async def w_long(c: Client, tag: str) -> dict[str, Any]:
+    return await long_prompts(c, lambda n, i: passage(f"{tag}-long-{n}-{i}", 1500), (1, 4))
+
+
+async def w_unique(c: Client, tag: str) -> dict[str, Any]:
+    return await long_prompts(c, lambda n, i: unique_words(f"{tag}-{n}-{i}", 1500), (1, 4, 8))
+
+
+async def w_prose(c: Client, tag: str) -> dict[str, Any]:
+    def make(n: int, i: int) -> str:
+        return f"({tag}-{n}-{i}) {prose(i, 1500)}\n\nSummarize the text above in one sentence."
+
+    return await long_prompts(c, make, (1, 4, 8))
 
 
 async def w_mixed(c: Client, tag: str) -> dict[str, Any]:
@@ -286,15 +322,21 @@ async def w_conversation(c: Client, tag: str) -> dict[str, Any]:
 SYSTEM = passage("system prompt of the support assistant", 750)
 
 
-async def w_system(c: Client, tag: str) -> dict[str, Any]:
+async def w_system(c: Client, tag: str, unique: bool = False) -> dict[str, Any]:
     """16 users' questions at c=4 to an assistant with a ~1,000-token system prompt (on
     vergeai, each with its own user's key). What they share is the system prompt: each
     question starts with its user (the round's tag, ~28 tokens, would be a prefix that
-    different users never share, and that vergeai does not share between them)."""
+    different users never share, and that vergeai does not share between them).
+    ``unique``: each question is 40 words it has alone, which no answer can copy."""
     system = [] if c.target.system_in_server else [{"role": "system", "content": SYSTEM}]
     keys = c.target.users or [{}]
-    queue = [(user(f"user {i} ({tag}): what should I do about my order number {i}?"),
-              keys[i % len(keys)]) for i in range(16)]  # fmt: skip
+
+    def question(i: int) -> str:
+        if unique:
+            return f"user {i}: {unique_words(f'{tag}-q{i}', 40)}"
+        return f"user {i} ({tag}): what should I do about my order number {i}?"
+
+    queue = [(user(question(i)), keys[i % len(keys)]) for i in range(16)]
     streams: list[Stream] = []
 
     async def worker() -> None:
@@ -312,6 +354,10 @@ async def w_system(c: Client, tag: str) -> dict[str, Any]:
         "prompt_n": statistics.mean(s.timings.get("prompt_n", 0) for s in streams),
         "errors": errors(streams),
     }
+
+
+async def w_system_unique(c: Client, tag: str) -> dict[str, Any]:
+    return await w_system(c, tag, unique=True)
 
 
 async def w_system_long(c: Client, tag: str) -> dict[str, Any]:
@@ -342,10 +388,22 @@ async def w_repeat(c: Client, tag: str) -> dict[str, Any]:
 
 
 async def w_copy(c: Client, tag: str) -> dict[str, Any]:
+    return await copies(c, lambda i: f"({tag} {i}) {COPY}")
+
+
+async def w_copy_prose(c: Client, tag: str) -> dict[str, Any]:
+    """Three texts that are not the passage, each at c=1 and c=4."""
+    out: dict[str, Any] = {}
+    for text in range(3):
+        out[f"text{text}"] = await copies(c, partial(copy_prompt, text, tag))
+    return out
+
+
+async def copies(c: Client, make: Callable[[int], str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for n in (1, 4):
         t0 = time.perf_counter()
-        prompts = [f"({tag} {i}) {COPY}" for i in range(n)]
+        prompts = [make(i) for i in range(n)]
         streams = await asyncio.gather(*(c.stream([user(p)], 128) for p in prompts))
         wall = max(s.times[-1] if s.times else t0 for s in streams) - t0
         out[f"c{n}"] = {
@@ -369,8 +427,10 @@ async def w_normal(c: Client, tag: str) -> dict[str, Any]:
 
 
 RUNNERS: dict[str, Callable[[Client, str], Awaitable[dict[str, Any]]]] = {
-    "long": w_long, "mixed": w_mixed, "conversation": w_conversation, "system": w_system,
-    "system-long": w_system_long, "repeat": w_repeat, "copy": w_copy, "normal": w_normal,
+    "long": w_long, "unique": w_unique, "prose": w_prose, "mixed": w_mixed,
+    "conversation": w_conversation, "system": w_system, "system-unique": w_system_unique,
+    "system-long": w_system_long, "repeat": w_repeat, "copy": w_copy,
+    "copy-prose": w_copy_prose, "normal": w_normal,
 }  # fmt: skip
 
 
@@ -378,8 +438,8 @@ def user(text: str) -> dict[str, str]:
     return {"role": "user", "content": text}
 
 
-def make_vergeai(s: Settings, extra: list[str]) -> Target:
-    state = s.work_dir / "vergeai-long-state"
+def make_vergeai(s: Settings, extra: list[str], name: str = "vergeai") -> Target:
+    state = s.work_dir / f"{name}-long-state"
     vergeai_cli(state, "user", "create", "bench", "--role", "admin")
     token = vergeai_cli(state, "key", "create", "--user", "bench", "--name", "bench").strip()
     common = ["--model", s.model, "--chat-format", "gemma", "--threads", str(s.threads),
@@ -391,14 +451,14 @@ def make_vergeai(s: Settings, extra: list[str]) -> Target:
     port = free_port()
     argv = [sys.executable, "-m", "vergeai", "serve", "--port", str(port), "--state-dir",
             str(state)]  # fmt: skip
-    server = Server("vergeai", argv, port, s.work_dir / "vergeai-long.log", "/health",
+    server = Server(name, argv, port, s.work_dir / f"{name}-long.log", "/health",
                     {"Authorization": f"Bearer {token}"})  # fmt: skip
     users = []
     for i in range(16):
         vergeai_cli(state, "user", "create", f"user{i}")
         key = vergeai_cli(state, "key", "create", "--user", f"user{i}", "--name", "k").strip()
         users.append({"Authorization": f"Bearer {key}"})
-    return Target("vergeai", server, lambda a: a, True, True, users)
+    return Target(name, server, lambda a: a, True, True, users)
 
 
 def main() -> int:
@@ -414,17 +474,38 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--skip-llama-server", action="store_true")
+    p.add_argument(
+        "--speculation",
+        choices=("both", "on", "off"),
+        default="both",
+        help="vergeai with its n-gram speculation, with --speculate off, or both (default)",
+    )
+    p.add_argument(
+        "--llama-server-ngram",
+        action="store_true",
+        help="also llama-server with --spec-type ngram-simple (for the copy workloads)",
+    )
     p.add_argument("--json", type=Path, default=Path("bench-long.json"))
     args = p.parse_args()
     model = demo_model()
     work = Path(tempfile.mkdtemp(prefix="vergeai-bench-long-"))
     s = Settings(model, args.ctx, args.slots, args.threads, work)
     banned = end_of_generation_tokens(model)
-    targets = [make_vergeai(s, args.vergeai_args.split())]
+    extra = args.vergeai_args.split()
+    targets = []
+    if args.speculation != "off":
+        targets.append(make_vergeai(s, extra))
+    if args.speculation != "on":
+        targets.append(make_vergeai(s, [*extra, "--speculate", "off"], "vergeai-nospec"))
     if not args.skip_llama_server:
         binary = args.llama_server or build_llama_server(DEFAULT_BUILD_SCRIPT)
-        ls = llama_server(binary, s, args.llama_server_args.split())
-        targets.append(Target("llama-server", ls, lambda a: MODEL_NAME, False, False))
+        for name, flags in (
+            ("llama-server", []),
+            ("llama-server-ngram", ["--spec-type", "ngram-simple"]),
+        ):
+            if name == "llama-server" or args.llama_server_ngram:
+                ls = llama_server(binary, s, [*args.llama_server_args.split(), *flags], name)
+                targets.append(Target(name, ls, lambda a: MODEL_NAME, False, False))
     results: dict[str, dict[str, list[dict[str, Any]]]] = {t.name: {} for t in targets}
     try:
         for t in targets:
@@ -465,19 +546,30 @@ def fmt(result: dict[str, Any]) -> str:
 
 
 def report(results: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
-    """Each metric per workload: every server's rounds, and vergeai ÷ llama-server."""
+    """Each metric per workload: every server's rounds, and each vergeai ÷ llama-server."""
     names = list(results)
-    print(f"\n{'workload':14}{'metric':26}" + "".join(f"{n:>24}" for n in names) + "   ratio")
+    mine = [n for n in names if n.startswith("vergeai")]
+    peer = "llama-server" if "llama-server" in names else None
+    ratios = [f"{m.removeprefix('vergeai') or 'ratio'}÷" for m in mine] if peer else []
+    print(
+        f"\n{'workload':14}{'metric':26}"
+        + "".join(f"{n:>24}" for n in names)
+        + "".join(f"{r:>10}" for r in ratios)
+    )
     for workload, rounds in results[names[0]].items():
         for metric in flatten(rounds[0]):
-            cells, means = [], []
+            cells, means = [], {}
             for n in names:
                 values = [flatten(r).get(metric) for r in results[n].get(workload, [])]
                 values = [v for v in values if isinstance(v, (int, float))]
                 cells.append(" / ".join(f"{v:.1f}" for v in values))
-                means.append(statistics.mean(values) if values else float("nan"))
-            ratio = f"{means[0] / means[1]:.2f}x" if len(means) > 1 and means[1] else ""
-            print(f"{workload:14}{metric:26}" + "".join(f"{c:>24}" for c in cells) + f"   {ratio}")
+                means[n] = statistics.mean(values) if values else float("nan")
+            shown = [f"{means[m] / means[peer]:.2f}x" if peer and means[peer] else "" for m in mine]
+            print(
+                f"{workload:14}{metric:26}"
+                + "".join(f"{c:>24}" for c in cells)
+                + "".join(f"{r:>10}" for r in (shown if peer else []))
+            )
 
 
 def flatten(result: dict[str, Any], prefix: str = "") -> dict[str, Any]:

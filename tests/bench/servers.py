@@ -177,7 +177,7 @@ def build_llama_server(script: Path) -> str:
     return out.strip().splitlines()[-1]
 
 
-def llama_server(binary: str, s: Settings, extra: list[str]) -> Server:
+def llama_server(binary: str, s: Settings, extra: list[str], name: str = LLAMA_SERVER) -> Server:
     port = free_port()
     argv = [
         binary,
@@ -193,7 +193,7 @@ def llama_server(binary: str, s: Settings, extra: list[str]) -> Server:
         "--port", str(port),
         *extra,
     ]  # fmt: skip
-    return Server(LLAMA_SERVER, argv, port, s.work_dir / "llama-server.log", "/health")
+    return Server(name, argv, port, s.work_dir / f"{name}.log", "/health")
 
 
 def llama_cpp_python(s: Settings) -> Server:
