@@ -1,4 +1,4 @@
-"""A generation request as the worker thread sees it, and what it reports back."""
+"""What an engine is asked to do (a job), and what it reports back (events)."""
 
 from __future__ import annotations
 
