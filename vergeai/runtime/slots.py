@@ -56,10 +56,6 @@ class Slot:
     run: Sequence | None = None  # the worker's side of the job (set when it starts)
 
     @property
-    def busy(self) -> bool:
-        return self.job is not None
-
-    @property
     def decoding(self) -> bool:
         """It has tokens for the next batch."""
         return self.state in (SlotState.PROMPTING, SlotState.GENERATING)
