@@ -171,9 +171,10 @@ class Target:
 
 
 class Client:
-    def __init__(self, target: Target, banned: tuple[int, ...]) -> None:
+    def __init__(self, target: Target, banned: tuple[int, ...], temperature: float = 0.0) -> None:
         self.target = target
         self.banned = banned
+        self.temperature = temperature
         # no keep-alive: a server that closes idle connections would fail the next request
         self.http = httpx.AsyncClient(
             timeout=httpx.Timeout(600.0, connect=10.0),
@@ -192,7 +193,8 @@ class Client:
             "messages": messages,
             "stream": True,
             "stream_options": {"include_usage": True},
-            "temperature": 0,
+            "temperature": self.temperature,
+            "seed": 1234,  # each server's sampled answers are the same run after run
             "max_tokens": max_tokens,
             "logit_bias": {str(t): -100 for t in self.banned},
         }
@@ -473,6 +475,13 @@ def main() -> int:
     p.add_argument("--slots", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sampling temperature of every stream (at 0 the demo model loops, which speculation "
+        "copies; 0.8 gives answers it cannot copy)",
+    )
     p.add_argument("--skip-llama-server", action="store_true")
     p.add_argument(
         "--speculation",
@@ -514,7 +523,7 @@ def main() -> int:
             for r in range(args.rounds):
                 for t in targets:
                     tag = f"{name}-{r}-{t.name}-{time.time_ns()}"
-                    result = asyncio.run(run_one(t, banned, name, tag))
+                    result = asyncio.run(run_one(t, banned, name, tag, args.temperature))
                     results[t.name].setdefault(name, []).append(result)
                     print(f"{t.name:12} {name:12} round {r}: {fmt(result)}", file=sys.stderr)
     finally:
@@ -526,8 +535,10 @@ def main() -> int:
     return 0
 
 
-async def run_one(t: Target, banned: tuple[int, ...], name: str, tag: str) -> dict[str, Any]:
-    c = Client(t, banned)
+async def run_one(
+    t: Target, banned: tuple[int, ...], name: str, tag: str, temperature: float
+) -> dict[str, Any]:
+    c = Client(t, banned, temperature)
     try:
         return await RUNNERS[name](c, tag)
     finally:
