@@ -51,7 +51,6 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -397,7 +396,11 @@ async def w_copy_prose(c: Client, tag: str) -> dict[str, Any]:
     """Three texts that are not the passage, each at c=1 and c=4."""
     out: dict[str, Any] = {}
     for text in range(3):
-        out[f"text{text}"] = await copies(c, partial(copy_prompt, text, tag))
+
+        def make(i: int, text: int = text) -> str:
+            return copy_prompt(text, f"{tag} {i}")
+
+        out[f"text{text}"] = await copies(c, make)
     return out
 
 
