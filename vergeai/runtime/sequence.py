@@ -12,11 +12,12 @@ import time
 import numpy as np
 import numpy.typing as npt
 
+from vergeai.runtime.constraint import Constraint
 from vergeai.runtime.context import Context
 from vergeai.runtime.job import Delta, Finished, FinishReason, Job, Timings
 from vergeai.runtime.llama import Model
 from vergeai.runtime.logprobs import entry, log_softmax
-from vergeai.runtime.sampler import build_sampler, free_sampler
+from vergeai.runtime.sampler import Sampler, build_sampler, free_sampler
 from vergeai.runtime.speculate import Drafter
 from vergeai.runtime.stops import StopMatcher
 
@@ -26,15 +27,22 @@ class Sequence:
         self.job = job
         self.model = model
         self.n_ctx_seq = n_ctx_seq
-        gen = job.generate
-        grammar = gen.sampling.grammar if gen is not None else None
-        self.constraint = grammar.start() if grammar is not None else None
-        self.sampler = build_sampler(model, gen.sampling, n_ctx_seq) if gen is not None else None
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.constraint: Constraint | None = None
+        self.sampler: Sampler | None = None
+        self.drafter: Drafter | None = None
+        self.top_logprobs: int | None = None
+        self.max_tokens = 0
+        gen = job.generate
         self.stops = StopMatcher(gen.stop if gen is not None else [])
-        self.drafter = Drafter() if gen is not None and speculate else None
-        self.top_logprobs = gen.top_logprobs if gen is not None else None
-        self.max_tokens = gen.max_tokens if gen is not None else 0
+        if gen is None:
+            return  # an embedding: nothing to sample, only its end to report
+        grammar = gen.sampling.grammar
+        self.constraint = grammar.start() if grammar is not None else None
+        self.sampler = build_sampler(model, gen.sampling, n_ctx_seq)
+        self.drafter = Drafter() if speculate else None
+        self.top_logprobs = gen.top_logprobs
+        self.max_tokens = gen.max_tokens
 
     def sample(self, ctx: Context, at: int) -> tuple[int, npt.NDArray[np.float64] | None]:
         """The next token from batch output ``at``, and the distribution it came from if

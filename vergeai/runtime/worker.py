@@ -27,7 +27,6 @@ from vergeai.runtime.context import Context
 from vergeai.runtime.engine import ModelFacts, WorkerState
 from vergeai.runtime.job import Failed, Job, Task, hand_over, hold_events
 from vergeai.runtime.llama import Model, shared_models
-from vergeai.runtime.prompt import ChatTemplate
 from vergeai.runtime.runner import Runner, Served
 from vergeai.runtime.scheduler import Scheduler
 from vergeai.runtime.templating import build_template
@@ -49,7 +48,6 @@ class Worker:
         self.error: str | None = None
         self.model: Model | None = None
         self.ctx: Context | None = None
-        self.template: ChatTemplate | None = None
         self._facts: ModelFacts | None = None
         self.sched: Scheduler | None = None  # once loaded
         self.waiting: deque[Job] = deque()
@@ -229,15 +227,16 @@ class Worker:
         check_gguf(a.model)
         self.model = model = shared_models.acquire(a.model, a.gpu_layers)
         keeper = model.n_swa > 0 and not a.embedding  # see Prefixes.keeper
+        template = None
         if a.embedding:
             ctx = Context(model, a.ctx, a.parallel, a.threads, model.pooling())
         else:
-            self.template = build_template(a, model)
+            template = build_template(a, model)
             ctx = Context(model, a.ctx, a.parallel + keeper, a.threads)
         self.ctx = ctx
         self.sched = Scheduler(ctx, a.parallel, keeper)
         self.load_seconds = time.perf_counter() - t0
-        self._facts = ModelFacts(ctx.n_ctx_seq, model, self.template, a.embedding)
+        self._facts = ModelFacts(ctx.n_ctx_seq, model, template, a.embedding)
         return Runner(self.name, model, ctx, self.sched, a.speculate == "ngram", self.served)
 
     def _set_status(self, status: WorkerState) -> None:
