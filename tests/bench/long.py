@@ -61,6 +61,7 @@ from servers import (
     Server,
     Settings,
     build_llama_server,
+    checkout_env,
     free_port,
     llama_server,
     vergeai_cli,
@@ -443,25 +444,31 @@ def user(text: str) -> dict[str, str]:
     return {"role": "user", "content": text}
 
 
-def make_vergeai(s: Settings, extra: list[str], name: str = "vergeai") -> Target:
+def make_vergeai(
+    s: Settings, extra: list[str], name: str = "vergeai", tree: Path | None = None
+) -> Target:
+    """vergeai, from this checkout or from ``tree`` (another one)."""
     state = s.work_dir / f"{name}-long-state"
-    vergeai_cli(state, "user", "create", "bench", "--role", "admin")
-    token = vergeai_cli(state, "key", "create", "--user", "bench", "--name", "bench").strip()
+
+    def cli(*args: str) -> str:
+        return vergeai_cli(state, *args, tree=tree)
+
+    cli("user", "create", "bench", "--role", "admin")
+    token = cli("key", "create", "--user", "bench", "--name", "bench").strip()
     common = ["--model", s.model, "--chat-format", "gemma", "--threads", str(s.threads),
               "--ctx", str(s.ctx), "--parallel", str(s.slots), *extra]  # fmt: skip
-    vergeai_cli(state, "assistant", "create", MODEL_NAME, *common)
-    vergeai_cli(state, "assistant", "create", "chat", *common, "--chat-history",
-                "--history-turns", "100")  # fmt: skip
-    vergeai_cli(state, "assistant", "create", "sys", *common, "--system-prompt", SYSTEM)
+    cli("assistant", "create", MODEL_NAME, *common)
+    cli("assistant", "create", "chat", *common, "--chat-history", "--history-turns", "100")
+    cli("assistant", "create", "sys", *common, "--system-prompt", SYSTEM)
     port = free_port()
     argv = [sys.executable, "-m", "vergeai", "serve", "--port", str(port), "--state-dir",
             str(state)]  # fmt: skip
     server = Server(name, argv, port, s.work_dir / f"{name}-long.log", "/health",
-                    {"Authorization": f"Bearer {token}"})  # fmt: skip
+                    {"Authorization": f"Bearer {token}"}, tree, checkout_env(tree))  # fmt: skip
     users = []
     for i in range(16):
-        vergeai_cli(state, "user", "create", f"user{i}")
-        key = vergeai_cli(state, "key", "create", "--user", f"user{i}", "--name", "k").strip()
+        cli("user", "create", f"user{i}")
+        key = cli("key", "create", "--user", f"user{i}", "--name", "k").strip()
         users.append({"Authorization": f"Bearer {key}"})
     return Target(name, server, lambda a: a, True, True, users)
 
@@ -497,6 +504,12 @@ def main() -> int:
         action="store_true",
         help="also llama-server with --spec-type ngram-simple (for the copy workloads)",
     )
+    p.add_argument(
+        "--base",
+        type=Path,
+        help="also vergeai from this checkout (e.g. a git worktree of the commit before a "
+        "change), as vergeai-base, in the same run",
+    )
     p.add_argument("--json", type=Path, default=Path("bench-long.json"))
     args = p.parse_args()
     model = demo_model()
@@ -505,10 +518,14 @@ def main() -> int:
     banned = end_of_generation_tokens(model)
     extra = args.vergeai_args.split()
     targets = []
-    if args.speculation != "off":
-        targets.append(make_vergeai(s, extra))
-    if args.speculation != "on":
-        targets.append(make_vergeai(s, [*extra, "--speculate", "off"], "vergeai-nospec"))
+    for tree, prefix in ((None, "vergeai"), (args.base, "vergeai-base")):
+        if prefix == "vergeai-base" and tree is None:
+            continue
+        if args.speculation != "off":
+            targets.append(make_vergeai(s, extra, prefix, tree))
+        if args.speculation != "on":
+            nospec = [*extra, "--speculate", "off"]
+            targets.append(make_vergeai(s, nospec, f"{prefix}-nospec", tree))
     if not args.skip_llama_server:
         binary = args.llama_server or build_llama_server(DEFAULT_BUILD_SCRIPT)
         for name, flags in (

@@ -41,6 +41,8 @@ class Server:
     log_path: Path
     health_path: str
     headers: dict[str, str] = field(default_factory=dict)
+    cwd: Path | None = None  # another checkout's, to run its vergeai (with env from checkout_env)
+    env: dict[str, str] | None = None
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -54,6 +56,8 @@ class Server:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                cwd=self.cwd,
+                env=self.env,
                 start_new_session=True,  # Ctrl-C reaches us, not it; we stop it ourselves
             )
         self._wait_ready(timeout)
@@ -214,9 +218,17 @@ def llama_cpp_python(s: Settings) -> Server:
     return Server(LLAMA_CPP_PYTHON, argv, port, s.work_dir / "llama-cpp-python.log", "/v1/models")
 
 
-def vergeai_cli(state_dir: Path, *args: str) -> str:
+def checkout_env(tree: Path | None) -> dict[str, str] | None:
+    """An environment in which ``python -m vergeai``, run in ``tree``, runs that checkout's
+    package (``-m`` puts the working directory first on the path)."""
+    if tree is None:
+        return None
+    return {**os.environ, "PYTHONPATH": str(tree.resolve())}
+
+
+def vergeai_cli(state_dir: Path, *args: str, tree: Path | None = None) -> str:
     argv = [sys.executable, "-m", "vergeai", *args, "--state-dir", str(state_dir)]
-    done = subprocess.run(argv, capture_output=True, text=True)
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=tree, env=checkout_env(tree))
     if done.returncode != 0:
         raise RuntimeError(f"vergeai {' '.join(args)} failed ({done.returncode}): {done.stderr}")
     return done.stdout
