@@ -21,9 +21,10 @@ import pytest
 from vergeai.runtime.job import Generate, Job
 from vergeai.runtime.prefix import KEEP_MIN, MIN_SHARED
 from vergeai.runtime.sampling import Sampling
-from vergeai.runtime.scheduler import MAX_DRAFTING, PREFILL_CHUNK, PROMPTING_DRAFT, Scheduler
+from vergeai.runtime.scheduler import LONG_PROMPT, MAX_DRAFTING, PROMPTING_DRAFT, Scheduler
 from vergeai.runtime.slots import Slot, SlotState
 from vergeai.runtime.speculate import MAX_DRAFT
+from vergeai.runtime.stepcost import FIRST_CHUNK, MIN_CHUNK, STEP_TARGET
 
 
 class FakeCache:
@@ -237,7 +238,31 @@ def test_a_long_prompt_goes_in_chunks_beside_a_generating_sequence(loop: Loop) -
     waiting.append(job(loop, prompt(5000, 1000)))
     sched.admit(waiting)
     batch = sched.plan()
-    assert [len(take) for _, take in batch] == [1, PREFILL_CHUNK]
+    assert [len(take) for _, take in batch] == [1, FIRST_CHUNK]  # nothing measured yet
+
+
+def beside_one_generating(loop: Loop, per_token: float, per_output: float) -> list[int]:
+    """The tokens of a step with one sequence generating and a long prompt, after steps
+    that cost ``per_token`` seconds a prompt token and ``per_output`` an output."""
+    sched, cache, waiting = setup(2)
+    waiting.append(job(loop, prompt(0, 10)))
+    sched.admit(waiting)
+    step(sched, cache)
+    sched.cost.record(0, 1, per_output)  # a step of the generating sequence alone
+    sched.cost.record(200, 1, 200 * per_token + per_output)  # one with a prompt beside it
+    waiting.append(job(loop, prompt(5000, 1000)))
+    sched.admit(waiting)
+    return [len(take) for _, take in sched.plan()]
+
+
+def test_a_prompt_chunk_takes_the_step_time_its_tokens_cost(loop: Loop) -> None:
+    # a small model on a CPU: the chunk fills the target step time, less the output's
+    chunk = int((STEP_TARGET - 0.02) / 0.002)
+    assert FIRST_CHUNK < chunk < 512
+    assert beside_one_generating(loop, 0.002, 0.02) == [1, chunk]
+    # a fast one (a GPU): the whole batch; a slow one: a short chunk, never under the floor
+    assert beside_one_generating(loop, 0.0001, 0.002) == [1, 511]
+    assert beside_one_generating(loop, 0.05, 0.5) == [1, MIN_CHUNK]
 
 
 def test_alone_a_prompt_fills_the_batch(loop: Loop) -> None:
@@ -272,7 +297,7 @@ def test_draft_budgets(loop: Loop) -> None:
     assert [s.drafted for s, _ in sched.plan()] == [0, 0, 0]
     sched, cache, waiting = setup(8)
     drafting(sched, cache, loop, 2)
-    waiting.append(job(loop, prompt(9000, 2 * PREFILL_CHUNK)))  # a long one: a few
+    waiting.append(job(loop, prompt(9000, 2 * LONG_PROMPT)))  # a long one: a few
     sched.admit(waiting)
     assert sum(s.drafted for s, _ in sched.plan()) == PROMPTING_DRAFT
     sched, cache, _ = setup(8)

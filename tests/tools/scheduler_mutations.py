@@ -2,7 +2,7 @@
 
     python tests/tools/scheduler_mutations.py
 
-Each mutation replaces one line of vergeai/runtime/scheduler.py or prefix.py,
+Each mutation replaces one line of vergeai/runtime/scheduler.py, prefix.py or stepcost.py,
 runs the unit tests (a few seconds) and restores the file, whatever happens.
 Prints CAUGHT or MISSED per policy; exits 1 if any is missed.
 """
@@ -58,8 +58,20 @@ MUTATIONS = [
     (
         "chunking",
         "vergeai/runtime/scheduler.py",
-        "budget = min(budget, PREFILL_CHUNK)",
+        "budget = min(budget, self.cost.chunk(outputs, budget))",
         "budget = budget",
+    ),
+    (
+        "chunk from the step's cost",
+        "vergeai/runtime/stepcost.py",
+        "room = STEP_TARGET - outputs * (self.per_output or 0.0)",
+        "room = FIRST_CHUNK * self.per_token",
+    ),
+    (
+        "outputs priced apart",
+        "vergeai/runtime/stepcost.py",
+        "prompt_seconds = seconds - outputs * (self.per_output or 0.0)",
+        "prompt_seconds = seconds",
     ),
     (
         "drafts beside a prompt",

@@ -71,8 +71,11 @@ class Runner:
         self.sched.end_waits()
         batch = self.sched.plan()
         hand_over()  # the last step's events go out while this one decodes
-        status = self.ctx.decode(self.sched.entries(batch))
+        entries = self.sched.entries(batch)
+        started = time.perf_counter()
+        status = self.ctx.decode(entries)
         if status == 0:
+            self.sched.measured(batch, time.perf_counter() - started)
             self._sample_all(self.sched.advance(batch))
             return
         log.warning(

@@ -8,7 +8,8 @@ decisions out against the llama.cpp context and samples. Each step:
    prompt, copies it from another slot or awaits a slot decoding it
    (:class:`~vergeai.runtime.prefix.Prefixes` owns those rules);
 2. :meth:`Scheduler.plan` lays out one batch: every generating slot's next
-   token (and draft), then prompt chunks;
+   token (and draft), then prompt chunks, sized beside generating slots from
+   what steps have cost (:class:`~vergeai.runtime.stepcost.StepCost`);
 3. after the decode, :meth:`Scheduler.advance` records what each slot now
    caches and says which outputs to sample.
 
@@ -26,8 +27,9 @@ from vergeai.runtime.job import Job
 from vergeai.runtime.prefix import KvCache, Prefixes
 from vergeai.runtime.slots import Slot, SlotState
 from vergeai.runtime.speculate import MAX_DRAFT
+from vergeai.runtime.stepcost import StepCost
 
-PREFILL_CHUNK = 128  # prompt tokens per step while other sequences generate
+LONG_PROMPT = 128  # prompt tokens still to decode beside which a step may carry a few drafts
 MAX_DRAFTING = 4  # generating sequences beyond which a step carries no drafts
 PROMPTING_DRAFT = 16  # draft tokens, all slots together, in a step that decodes a long prompt
 
@@ -51,6 +53,7 @@ class Scheduler:
         self.slots = [Slot(seq=i) for i in range(n_slots)]
         keeper_slot = Slot(seq=n_slots, state=SlotState.KEEPER) if keeper else None
         self.prefixes = Prefixes(cache, self.slots, keeper_slot)
+        self.cost = StepCost()
 
     @property
     def free(self) -> int:
@@ -118,16 +121,19 @@ class Scheduler:
         """One batch: each generating slot's next token (and draft), then prompt chunks."""
         budget = self.cache.n_batch
         active = sorted((s for s in self.slots if s.decoding), key=lambda s: s.prefilling)
-        # While other sequences are generating, a prompt goes in smaller chunks:
-        # each step gives every one of them its next token, so a long prompt
-        # arriving stalls them for a short step at a time, not a long one.
+        # While other sequences are generating, prompts go in chunks: each step
+        # gives every one of them its next token, so a long prompt arriving
+        # pauses them for one step's time at a time, not for the whole prompt.
         generating = sum(not s.prefilling for s in active)
         drafts = self._draft_budget(active, generating)
         batch: Batch = []
+        chunked = False
         for slot in active:
             assert slot.job is not None
-            if slot.prefilling and generating:
-                budget = min(budget, PREFILL_CHUNK)
+            if slot.prefilling and generating and not chunked:
+                outputs = self.cache.n_batch - budget  # the generating slots' tokens
+                budget = min(budget, self.cost.chunk(outputs, budget))
+                chunked = True
             if budget <= 0:
                 break
             if slot.job.embed and len(slot.pending) > budget:
@@ -156,7 +162,7 @@ class Scheduler:
             return 0
         if not any(s.prefilling for s in active):
             return MAX_DRAFT
-        long_prompt = any(s.prefilling and len(s.pending) >= PREFILL_CHUNK for s in active)
+        long_prompt = any(s.prefilling and len(s.pending) >= LONG_PROMPT for s in active)
         return PROMPTING_DRAFT if long_prompt else 0
 
     @staticmethod
@@ -173,6 +179,12 @@ class Scheduler:
                 for i, token in enumerate(take)
             ]
         return out
+
+    def measured(self, batch: Batch, seconds: float) -> None:
+        """A planned batch took ``seconds`` to decode (before :meth:`advance`)."""
+        prompt = sum(len(take) for slot, take in batch if slot.prefilling)
+        outputs = sum(len(take) for slot, take in batch if not slot.prefilling)
+        self.cost.record(prompt, outputs, seconds)
 
     def advance(self, batch: Batch) -> list[Ready]:
         """Record a decoded batch; the outputs to sample, in order (n choices: each
