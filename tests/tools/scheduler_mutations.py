@@ -64,26 +64,14 @@ MUTATIONS = [
     (
         "chunk from the step's cost",
         "vergeai/runtime/stepcost.py",
-        "room = STEP_TARGET - self.outputs(outputs)",
+        "room = STEP_TARGET - outputs * (self.per_output or 0.0)",
         "room = FIRST_CHUNK * self.per_token",
     ),
     (
         "outputs priced apart",
         "vergeai/runtime/stepcost.py",
-        "prompt_seconds = seconds - self.outputs(outputs)",
+        "prompt_seconds = seconds - outputs * (self.per_output or 0.0)",
         "prompt_seconds = seconds",
-    ),
-    (
-        "draft length from the cost",
-        "vergeai/runtime/scheduler.py",
-        "            self.cost.longest_draft(),\n",
-        "",
-    ),
-    (
-        "draft length rule",
-        "vergeai/runtime/stepcost.py",
-        "return round(fixed / (FIXED_SHARE * per_output)) - 1",
-        "return round(fixed / per_output) - 1",
     ),
     (
         "drafts beside a prompt",

@@ -243,12 +243,10 @@ class Scheduler:
         # beyond MAX_DRAFTING generating, plan would drop the draft anyway
         if others >= MAX_DRAFTING or (others and not reliable):
             return None
-        # the draft must not end the context earlier than its tokens would, nor be
-        # longer than this machine makes worth its cost
+        # the draft must not end the context earlier than its tokens would
         return min(
             job.generate.max_tokens - job.n_generated - 1,
             self.cache.n_ctx_seq - len(slot.tokens) - 3,
-            self.cost.longest_draft(),
         )
 
     def generate(self, slot: Slot, token: int, draft: list[int]) -> None:

@@ -11,10 +11,7 @@ rewriting a passage with one change, JSON that repeats its keys.
 
 On a CPU a step costs about as much more as it decodes more tokens (two
 tokens cost twice one, nine about four and a half times), so a draft pays
-only when most of it is kept, and a long one gains little over a medium
-one: a draft is never longer than the worker's measured step costs make
-worth it (:meth:`~vergeai.runtime.stepcost.StepCost.longest_draft`, about
-10 tokens for the demo model on two cores), never shorter than four, a
+only when most of it is kept: drafts are never shorter than four tokens, a
 request whose drafts keep missing stops drafting for a while (longer each
 time), and while other sequences decode in the same steps (where a draft's
 tokens cost the whole batch) only a request whose drafts have mostly been
