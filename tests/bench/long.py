@@ -250,9 +250,17 @@ async def long_prompts(
             "done_s": statistics.mean(s.times[-1] - s.t_send for s in streams if s.times),
             "itl_p99_ms": pct([g for s in streams for g in s.gaps()], 0.99) * 1000,
             "prompt_tokens": statistics.mean(s.usage.get("prompt_tokens", 0) for s in streams),
+            **drafts(list(streams)),
             "errors": errors(list(streams)),
         }
     return out
+
+
+def drafts(streams: list[Stream]) -> dict[str, float]:
+    """Draft tokens checked per stream, and the share kept (where the server reports them)."""
+    n = sum(s.timings.get("draft_n", 0) for s in streams)
+    kept = sum(s.timings.get("draft_n_accepted", 0) for s in streams)
+    return {"drafted": n / len(streams), "kept": kept / n} if n else {}
 
 
 async def w_long(c: Client, tag: str) -> dict[str, Any]:
