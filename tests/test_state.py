@@ -27,7 +27,8 @@ from vergeai.errors import StateError
 from vergeai.state.accounts import ApiKey, User
 from vergeai.state.assistants import Assistant
 from vergeai.state.schema import RecordError, check_name
-from vergeai.state.store import ASSISTANTS, FILES, KEYS, USERS, Store, default_state_dir
+from vergeai.state.models import ModelRecord
+from vergeai.state.store import ASSISTANTS, FILES, KEYS, MODELS, USERS, Store, default_state_dir
 from vergeai.state.usage import KeyUsage
 
 HASH = "ab" * 32
@@ -62,7 +63,8 @@ def fill(store: Store) -> None:
     with store.transaction() as state:
         state.users["alice"] = User(name="alice")
         state.keys.append(key("k1"))
-        state.assistants["gemma"] = Assistant(name="gemma", model="/models/gemma.gguf")
+        state.models["gemma"] = ModelRecord(name="gemma", file="/models/gemma.gguf")
+        state.assistants["gemma"] = Assistant(name="gemma", model="gemma")
 
 
 def test_empty_store_loads_empty_and_a_no_op_transaction_writes_nothing(store: Store) -> None:
@@ -72,7 +74,7 @@ def test_empty_store_loads_empty_and_a_no_op_transaction_writes_nothing(store: S
     with store.transaction():
         pass
     assert {p.name for p in store.root.iterdir()} == {".lock"}
-    assert store.fingerprint() == (None, None, None)
+    assert store.fingerprint() == (None, None, None, None)
 
 
 def test_transaction_saves_only_changed_files(store: Store) -> None:
@@ -95,10 +97,18 @@ def test_transaction_saves_only_changed_files(store: Store) -> None:
     assert again[USERS] == after[USERS] and again[ASSISTANTS] == after[ASSISTANTS]
 
     with store.transaction() as state:
-        state.assistants["gemma"].ctx = 1024
+        state.assistants["gemma"].system_prompt = "Be brief."
     last = marks(store.root)
     assert last[ASSISTANTS] != again[ASSISTANTS]
     assert last[USERS] == again[USERS] and last[KEYS] == again[KEYS]
+    assert last[MODELS] == again[MODELS]
+
+    with store.transaction() as state:
+        state.models["gemma"].ctx = 1024
+    models = marks(store.root)
+    assert models[MODELS] != last[MODELS]
+    assert models[ASSISTANTS] == last[ASSISTANTS]
+    last = models
 
     with store.transaction() as state:  # reading, or setting a value to what it is
         state.users["bob"].role = "admin"
@@ -112,7 +122,7 @@ def test_transaction_that_raises_writes_nothing(store: Store) -> None:
     with pytest.raises(RuntimeError), store.transaction() as state:
         state.users.clear()
         state.keys.clear()
-        state.assistants["x"] = Assistant(name="x", model="/m.gguf")
+        state.assistants["x"] = Assistant(name="x", model="gemma")
         raise RuntimeError("changed my mind")
     assert snapshot(store.root) == before
     assert set(store.load().users) == {"alice"}
@@ -141,7 +151,7 @@ def test_round_trip_of_every_field(store: Store) -> None:
     bare_key = key("bare")
     assistant = Assistant(
         name="qwen",
-        model='/models/Qwen3 14B/Q6_K "x".gguf',
+        model="qwen3-14b",
         model_name="Qwen3-14B-Q6_K",
         system_prompt='You are helpful.\n\tBe "brief".\n\x01 ✓',
         disable_think=True,
@@ -151,17 +161,27 @@ def test_round_trip_of_every_field(store: Store) -> None:
         temperature=0.25,
         top_p=0.5,
         max_tokens=512,
-        ctx=8192,
-        threads=8,
-        gpu_layers=-1,
-        chat_format="chatml",
-        parallel=4,
-        embedding=True,
-        max_queue=0,
-        speculate="off",
         online=False,
         created=created,
     )
+    model = ModelRecord(
+        name="qwen3-14b",
+        file='/models/Qwen3 14B/Q6_K "x".gguf',
+        ctx=8192,
+        parallel=4,
+        threads=8,
+        gpu_layers=-1,
+        chat_format="chatml",
+        embedding=True,
+        speculate="off",
+        max_queue=0,
+        kv_type="q8_0",
+        flash_attn="on",
+        load="always",
+        keep_alive=60.0,
+        created=created,
+    )
+    plain_model = ModelRecord(name="plain", file="/m.gguf")
     remote = Assistant(
         name="vllm",
         upstream=["http://gpu-1:8000/v1", "https://gpu-2.internal"],
@@ -169,10 +189,12 @@ def test_round_trip_of_every_field(store: Store) -> None:
         upstream_key_env="VLLM_API_KEY",
         health_interval=2.5,
         upstream_timeout=30.0,
+        ctx=32768,
     )
-    defaults = Assistant(name="defaults", model="/m.gguf")
+    defaults = Assistant(name="defaults", model="plain")
     # each field differs from the default record's, so the round trip shows it is kept
-    for record, default in ((user, plain), (api_key, bare_key), (assistant, defaults)):
+    pairs = ((user, plain), (api_key, bare_key), (assistant, defaults), (model, plain_model))
+    for record, default in pairs:
         for f in dataclasses.fields(record):
             if f.name not in Assistant.REMOTE_ONLY:
                 assert getattr(record, f.name) != getattr(default, f.name), f.name
@@ -182,11 +204,13 @@ def test_round_trip_of_every_field(store: Store) -> None:
         state.users = {u.name: u for u in (user, plain)}
         state.keys = [api_key, bare_key]
         state.assistants = {a.name: a for a in (assistant, defaults, remote)}
+        state.models = {m.name: m for m in (model, plain_model)}
 
     loaded = Store(store.root).load()
     assert loaded.users == {"Alice.B_c-9": user, "plain": plain}
     assert loaded.keys == [api_key, bare_key]
     assert loaded.assistants == {"qwen": assistant, "defaults": defaults, "vllm": remote}
+    assert loaded.models == {"qwen3-14b": model, "plain": plain_model}
     assert loaded.keys[0].expires == datetime(2099, 1, 1, 8, 30, tzinfo=UTC)
     assert loaded.keys[1].expires is None and loaded.keys[1].revoked is None
     assert loaded.assistants["defaults"].temperature is None
@@ -197,6 +221,7 @@ def test_round_trip_of_every_field(store: Store) -> None:
     assert '[users."Alice.B_c-9"]' in users_text and 'role = "admin"' in users_text
     assert "[[keys]]" in (store.root / KEYS).read_text()
     assert "[assistants.qwen]" in (store.root / ASSISTANTS).read_text()
+    assert "[models.qwen3-14b]" in (store.root / MODELS).read_text()
     # None values are left out, not written as strings
     bare = tomllib.loads((store.root / KEYS).read_text())["keys"][1]
     assert "expires" not in bare and "revoked" not in bare
@@ -204,7 +229,7 @@ def test_round_trip_of_every_field(store: Store) -> None:
 
 def test_fingerprint_changes_on_write(store: Store) -> None:
     empty = store.fingerprint()
-    assert empty == (None, None, None)
+    assert empty == (None, None, None, None)
     fill(store)
     filled = store.fingerprint()
     assert all(m is not None for m in filled)
@@ -288,7 +313,7 @@ def test_failed_write_keeps_the_old_file_and_no_temp_file(
     assert "No space left" in info.value.message
     monkeypatch.undo()
     assert snapshot(store.root) == before
-    assert {p.name for p in store.root.iterdir()} == {".lock", USERS, KEYS, ASSISTANTS}
+    assert {p.name for p in store.root.iterdir()} == {".lock", USERS, KEYS, ASSISTANTS, MODELS}
 
 
 KILLED_WRITER = """
@@ -399,29 +424,45 @@ def test_record_validation() -> None:
         ("temperature", 2.5),
         ("top_p", 0.0),
         ("max_tokens", 0),
+        ("model", ""),
+    ]:
+        assistant = Assistant(name="a", model="m")
+        setattr(assistant, field, value)
+        with pytest.raises(RecordError) as info:
+            assistant.validate()
+        assert info.value.field_name == field
+    for field, value in [
         ("ctx", 15),
         ("threads", 0),
         ("gpu_layers", -2),
         ("parallel", 65),
         ("max_queue", -1),
-        ("model", ""),
+        ("file", ""),
+        ("kv_type", "q5_1"),
+        ("flash_attn", "maybe"),
+        ("load", "lazy"),
+        ("keep_alive", -1.0),
+        ("name", "m.gguf"),
+        ("name", "a/b"),
     ]:
-        assistant = Assistant(name="a", model="/m.gguf")
-        setattr(assistant, field, value)
+        model = ModelRecord(name="m", file="/m.gguf")
+        setattr(model, field, value)
         with pytest.raises(RecordError) as info:
-            assistant.validate()
+            model.validate()
         assert info.value.field_name == field
+    with pytest.raises(RecordError, match="needs flash attention") as info:
+        ModelRecord(name="m", file="/m.gguf", kv_type="q4_0", flash_attn="off").validate()
 
 
 def test_from_toml_types() -> None:
     # an integer where a float is expected is fine; a boolean where a number is expected is not
-    assert Assistant.from_toml("a", {"model": "/m.gguf", "temperature": 1}).temperature == 1.0
+    assert Assistant.from_toml("a", {"model": "m", "temperature": 1}).temperature == 1.0
     with pytest.raises(RecordError, match="ctx"):
-        Assistant.from_toml("a", {"model": "/m.gguf", "ctx": True})
+        ModelRecord.from_toml("m", {"file": "/m.gguf", "ctx": True})
     with pytest.raises(RecordError, match="temperature"):
-        Assistant.from_toml("a", {"model": "/m.gguf", "temperature": "hot"})
+        Assistant.from_toml("a", {"model": "m", "temperature": "hot"})
     with pytest.raises(RecordError, match="unknown setting"):
-        Assistant.from_toml("a", {"model": "/m.gguf", "temprature": 0.5})
+        Assistant.from_toml("a", {"model": "m", "temprature": 0.5})
     with pytest.raises(RecordError, match="enabled"):
         User.from_toml("a", {"enabled": 1})
     with pytest.raises(RecordError, match="rol: unknown"):

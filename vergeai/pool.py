@@ -1,4 +1,10 @@
-"""The set of model workers, kept in step with the assistants in the state dir."""
+"""The engines: one model worker per loaded model, shared by every assistant on it, and
+the replicas of each remote assistant; kept in step with the state dir.
+
+A model loads as its record says: ``always`` at start (and kept), ``on-demand``
+at its first request (and unloaded after ``keep_alive`` seconds idle), or
+never (``offline``).
+"""
 
 from __future__ import annotations
 
@@ -6,103 +12,222 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from vergeai.runtime.engine import Engine, WorkerState
 from vergeai.runtime.worker import Worker
 from vergeai.state.assistants import Assistant
+from vergeai.state.models import ModelRecord
+from vergeai.state.store import State
 from vergeai.upstream.replicas import Remote
 
 log = logging.getLogger("vergeai.pool")
 
 
 MAX_RESTART_DELAY = 60.0
+FAILED_RETRY_DELAY = 30.0  # seconds before a request loads an on-demand model that failed again
 
 
 class Pool:
     def __init__(self, root: Path | None = None) -> None:
         self.root = root  # the state dir: remote assistants' keys may be in its secrets.toml
-        self.workers: dict[str, Engine] = {}
-        self.restarts: dict[str, int] = {}
+        self.models: dict[str, Worker] = {}  # by model name
+        self.remotes: dict[str, Remote] = {}  # by assistant name
+        self.state = State()  # as last reconciled
+        self.used: dict[str, float] = {}  # model name: time.monotonic() of its last request
+        self.load_timeout = 300.0  # seconds a request waits for its model to load
         self._retiring: list[Engine] = []
         self._lock = threading.Lock()
 
-    def get(self, name: str) -> Engine | None:
-        return self.workers.get(name)
+    # what the API asks
+
+    def engine_for(self, assistant: Assistant) -> Engine | None:
+        """The engine that answers for the assistant; an on-demand model starts loading.
+        None: there is none (a model offline or not defined)."""
+        if assistant.remote:
+            return self.remotes.get(assistant.name)
+        spec = self.state.models.get(assistant.model)
+        if spec is None:
+            return None
+        with self._lock:
+            self.used[spec.name] = time.monotonic()
+            worker = self.models.get(spec.name)
+            if spec.load == "on-demand" and self._should_load(worker):
+                if worker is not None:
+                    self._retire_model(spec.name)
+                log.info("loading model %s on demand", spec.name)
+                worker = self._start_model(spec)
+            return worker
+
+    @staticmethod
+    def _should_load(worker: Worker | None) -> bool:
+        if worker is None:
+            return True
+        failed = worker.state == WorkerState.ERROR
+        return failed and time.monotonic() - worker.ended_at >= FAILED_RETRY_DELAY
+
+    def engine_of(self, assistant: Assistant) -> Engine | None:
+        """The assistant's engine if there is one now (loading nothing)."""
+        if assistant.remote:
+            return self.remotes.get(assistant.name)
+        return self.models.get(assistant.model)
 
     def state_of(self, assistant: Assistant) -> WorkerState:
-        worker = self.workers.get(assistant.name)
-        return WorkerState.OFFLINE if worker is None else worker.state
+        """What serving the assistant takes now: its engine's state, or unloaded (an
+        on-demand model loads at the first request) or offline."""
+        if not assistant.online:
+            return WorkerState.OFFLINE
+        engine = self.engine_of(assistant)
+        spec = self.state.model_of(assistant)
+        if engine is None and spec is not None and spec.load == "on-demand":
+            return WorkerState.UNLOADED
+        return WorkerState.OFFLINE if engine is None else engine.state
 
-    def error(self, name: str) -> str:
-        worker = self.workers.get(name)
-        if worker is None:
+    def error(self, assistant: Assistant) -> str:
+        if not assistant.remote and assistant.model not in self.state.models:
+            return f"its model {assistant.model!r} is not defined"
+        engine = self.engine_of(assistant)
+        if engine is None:
             return "not loaded"
-        return worker.problem or str(self.state_of(worker.assistant))
+        return engine.problem or str(engine.state)
+
+    def model_state(self, name: str) -> str:
+        """unloaded, loading, loaded, busy, unloading, failed, offline (or restarting,
+        degraded): what ``vergeai model list`` and the workers view show."""
+        worker = self.models.get(name)
+        spec = self.state.models.get(name)
+        if worker is None:
+            if any(w.name == name and isinstance(w, Worker) for w in self._retiring):
+                return "unloading"
+            return "offline" if spec is None or spec.load == "offline" else "unloaded"
+        state = worker.state
+        if state == WorkerState.ERROR:
+            return "failed"
+        if state == WorkerState.ONLINE:
+            return "busy" if worker.busy or worker.queued else "loaded"
+        return str(state)
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Each engine's figures, a model worker's with the assistants on it."""
+        out = []
+        for name, worker in sorted(self.models.items()):
+            out.append({**worker.stats(), "assistants": self.assistants_on(name)})
+        return out + [remote.stats() for _, remote in sorted(self.remotes.items())]
+
+    def assistants_on(self, model: str) -> list[str]:
+        return sorted(
+            n for n, a in self.state.assistants.items() if not a.remote and a.model == model
+        )
+
+    # kept in step
 
     def heal(self) -> None:
-        """Replace workers whose thread died, with a growing delay if they keep dying."""
+        """Replace engines whose thread died, with a growing delay if they keep dying;
+        unload on-demand models idle past their keep-alive."""
         with self._lock:
-            for name, worker in list(self.workers.items()):
-                if not worker.crashed:
-                    continue
-                count = self.restarts.get(name, 0)
-                delay = min(MAX_RESTART_DELAY, 0.5 * 2**count)
-                if time.monotonic() - worker.ended_at < delay:
-                    continue
-                log.warning("restarting assistant %s (restart %d)", name, count + 1)
-                self.restarts[name] = count + 1
-                self._start(worker.assistant)
-
-    def reconcile(self, assistants: dict[str, Assistant], retry_failed: bool = False) -> None:
-        """Start workers for online assistants, retire those gone offline or changed.
-
-        A retired worker refuses new jobs at once and frees its context when
-        its in-flight jobs are done; its successor loads alongside. A worker
-        that failed to load is retried when its assistant changes, or when
-        asked (SIGHUP).
-        """
-        with self._lock:
-            for name, worker in list(self.workers.items()):
-                wanted = assistants.get(name)
-                if (
-                    wanted is None
-                    or not wanted.online
-                    or wanted.load_key() != worker.assistant.load_key()
-                    or (
-                        worker.state == WorkerState.ERROR
-                        and (retry_failed or wanted != worker.assistant)
-                    )
-                ):
-                    self._retire(name)
-                else:
-                    worker.assistant = wanted
-            for name, wanted in assistants.items():
-                if wanted.online and name not in self.workers:
-                    where = ", ".join(wanted.upstream) if wanted.remote else wanted.model
-                    log.info("loading assistant %s (%s)", name, where)
-                    self.restarts.pop(name, None)
-                    self._start(wanted)
+            for name, worker in list(self.models.items()):
+                spec = self.state.models.get(name)
+                if worker.crashed and spec is not None and _due(worker):
+                    log.warning("restarting model %s (restart %d)", name, worker.restarts + 1)
+                    self._start_model(spec, worker.restarts + 1)
+                elif spec is not None and spec.load == "on-demand" and self._idle(name, spec):
+                    log.info("unloading model %s: idle for %g s", name, spec.keep_alive)
+                    self._retire_model(name)
+            for remote in list(self.remotes.values()):
+                if remote.crashed and _due(remote):
+                    self._start_remote(remote.assistant, remote.restarts + 1)
             self._retiring = [w for w in self._retiring if w.alive()]
 
-    def _start(self, assistant: Assistant) -> None:
-        worker: Engine = Remote(assistant, self.root) if assistant.remote else Worker(assistant)
-        worker.restarts = self.restarts.get(assistant.name, 0)
-        self.workers[assistant.name] = worker
-        worker.start()
+    def _idle(self, name: str, spec: ModelRecord) -> bool:
+        worker = self.models[name]
+        if worker.state != WorkerState.ONLINE or worker.busy or worker.queued:
+            return False
+        return time.monotonic() - self.used.get(name, 0.0) >= spec.keep_alive
 
-    def _retire(self, name: str) -> None:
-        worker = self.workers.pop(name)
-        log.info("unloading assistant %s", name)
+    def reconcile(self, state: State, retry_failed: bool = False) -> None:
+        """Load ``always`` models, unload models gone offline or changed (and
+        remote assistants' replicas likewise).
+
+        A retired engine refuses new jobs at once and frees its context when
+        its in-flight jobs are done; its successor loads alongside. A model
+        that failed to load is retried when its record changes, or when asked
+        (SIGHUP).
+        """
+        with self._lock:
+            self.state = state
+            for name, worker in list(self.models.items()):
+                spec = state.models.get(name)
+                failed = worker.state == WorkerState.ERROR
+                if (
+                    spec is None
+                    or spec.load == "offline"
+                    or spec.load_key() != worker.spec.load_key()
+                    or (failed and (retry_failed or spec != worker.spec))
+                ):
+                    self._retire_model(name)
+                else:
+                    worker.update(spec)
+            for name, spec in state.models.items():
+                if spec.load == "always" and name not in self.models:
+                    log.info("loading model %s (%s)", name, spec.file)
+                    self._start_model(spec)
+            self._reconcile_remotes(state, retry_failed)
+            self._retiring = [w for w in self._retiring if w.alive()]
+
+    def _reconcile_remotes(self, state: State, retry_failed: bool) -> None:
+        for name, remote in list(self.remotes.items()):
+            wanted = state.assistants.get(name)
+            if (
+                wanted is None
+                or not wanted.online
+                or not wanted.remote
+                or wanted.load_key() != remote.assistant.load_key()
+                or (remote.state == WorkerState.ERROR and retry_failed)
+            ):
+                self._retiring.append(self.remotes.pop(name))
+                self._retiring[-1].stop()
+            else:
+                remote.assistant = wanted
+        for name, wanted in state.assistants.items():
+            if wanted.remote and wanted.online and name not in self.remotes:
+                log.info("starting assistant %s (%s)", name, ", ".join(wanted.upstream))
+                self._start_remote(wanted)
+
+    def _start_model(self, spec: ModelRecord, restarts: int = 0) -> Worker:
+        worker = Worker(spec)
+        worker.restarts = restarts
+        self.models[spec.name] = worker
+        self.used.setdefault(spec.name, time.monotonic())
+        worker.start()
+        return worker
+
+    def _start_remote(self, assistant: Assistant, restarts: int = 0) -> None:
+        remote = Remote(assistant, self.root)
+        remote.restarts = restarts
+        self.remotes[assistant.name] = remote
+        remote.start()
+
+    def _retire_model(self, name: str) -> None:
+        worker = self.models.pop(name)
+        log.info("unloading model %s", name)
         worker.stop()
         self._retiring.append(worker)
 
     def close(self, timeout: float = 30.0) -> None:
         with self._lock:
-            workers = list(self.workers.values()) + self._retiring
-            self.workers.clear()
+            engines: list[Engine] = [*self.models.values(), *self.remotes.values()]
+            engines += self._retiring
+            self.models.clear()
+            self.remotes.clear()
             self._retiring = []
-        for worker in workers:
-            worker.stop()
+        for engine in engines:
+            engine.stop()
         deadline = time.monotonic() + timeout  # for them all, not each
-        for worker in workers:
-            worker.join(max(0.0, deadline - time.monotonic()))
+        for engine in engines:
+            engine.join(max(0.0, deadline - time.monotonic()))
+
+
+def _due(engine: Engine) -> bool:
+    """A dead engine's successor starts after a delay that doubles with each restart."""
+    delay = min(MAX_RESTART_DELAY, 0.5 * 2.0**engine.restarts)
+    return time.monotonic() - engine.ended_at >= delay

@@ -23,7 +23,7 @@ from hypercorn.utils import wrap_app
 
 from vergeai.api.admin import remove_socket, start_admin_server
 from vergeai.api.app import create_app
-from vergeai.errors import Unavailable, error_body
+from vergeai.errors import StateError, Unavailable, error_body
 from vergeai.runtime.llama import init_backend
 from vergeai.service import Service
 from vergeai.state.config import ServerConfig
@@ -191,6 +191,15 @@ async def every(seconds: float, job: Callable[..., Awaitable[None]], *args: Any)
         await job(*args)
 
 
+def migrate(service: Service) -> None:
+    """A state dir from before model records is written in the new form at start."""
+    try:
+        if service.store.migrate():
+            log.info("the state dir's assistants now name model records (vergeai model list)")
+    except StateError as exc:  # refresh reports it, and keeps serving what it can
+        log.error("could not migrate the state dir: %s", exc)
+
+
 def listen_url(opts: ServerConfig) -> str:
     scheme = "https" if opts.certfile else "http"
     host = f"[{opts.host}]" if ":" in opts.host else opts.host
@@ -205,6 +214,8 @@ async def run(service: Service, opts: ServerConfig) -> None:
     state_dir = service.store.root
     service.store.ensure()
     admin = await start_admin_server(service, state_dir, [listen_url(opts)])
+    migrate(service)
+    service.pool.load_timeout = opts.load_timeout
     service.refresh(force=True)
     await housekeeping(service, opts.usage_days)
     await seed_quotas(service)

@@ -136,9 +136,12 @@ class Service:
             return False
         self.state = state
         self.keys = KeyIndex(state)
-        self.pool.reconcile(state.assistants, retry_failed=force)
+        self.pool.reconcile(state, retry_failed=force)
         log.info(
-            "state dir loaded: %d assistants, %d users", len(state.assistants), len(state.users)
+            "state dir loaded: %d assistants, %d models, %d users",
+            len(state.assistants),
+            len(state.models),
+            len(state.users),
         )
         return True
 

@@ -47,7 +47,8 @@ def workers_snapshot(service: Service, listen: list[str]) -> dict[str, Any]:
             "rss_bytes": process_rss_bytes(),
             "requests_limited": service.limits.refused,
         },
-        "workers": [w.stats() for _, w in sorted(service.pool.workers.items())],
+        "workers": service.pool.stats(),
+        "models": {name: service.pool.model_state(name) for name in sorted(service.state.models)},
         "assistants": {
             name: service.pool.state_of(a) for name, a in sorted(service.state.assistants.items())
         },

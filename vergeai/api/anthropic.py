@@ -208,9 +208,9 @@ async def _messages(request: Request) -> Response:
     req = to_chat(await read_json(request))
     check_assistant(caller, req.model, service.state)
     passage = gate(request, caller)
-    online = online_engine(service, req.model)
+    online = await online_engine(service, req.model)
     gen = await dispatch.start(online, request.app.state.sessions, passage, req, None)
-    reply = MessageReply(online.engine.assistant.name, gen.jobs[0].prompt_tokens)
+    reply = MessageReply(online.assistant.name, gen.jobs[0].prompt_tokens)
     if req.stream:
         return await stream_reply(request, gen, reply)
     done = await read_whole(request, gen)
@@ -226,8 +226,8 @@ async def count_tokens(request: Request) -> Response:
         req = to_chat(await read_json(request), count_only=True)
         check_assistant(caller, req.model, service.state)
         passage = gate(request, caller)
-        local = local_engine(service, req.model, "counting tokens")
-        assistant = local.engine.assistant
+        local = await local_engine(service, req.model, "counting tokens")
+        assistant = local.assistant
         thinking = thinking_for(req, assistant)
         tools = req.tools.tools if req.tools else None
         # counting is work: it counts against requests per minute and in flight, not tokens

@@ -53,9 +53,9 @@ async def chat_completions(request: Request) -> Response:
     session_id = session_id_of(request, req)
     check_assistant(caller, req.model, service.state)
     passage = gate(request, caller)
-    online = online_engine(service, req.model)
+    online = await online_engine(service, req.model)
     gen = await dispatch.start(online, request.app.state.sessions, passage, req, session_id)
-    reply = Reply(online.engine.assistant.name, req.stream, bool(req.tools and req.tools.legacy))
+    reply = Reply(online.assistant.name, req.stream, bool(req.tools and req.tools.legacy))
     headers = {"X-Session-ID": session_id} if session_id else {}
     if req.stream:
         return await stream_reply(request, gen, reply, req.include_usage, headers)

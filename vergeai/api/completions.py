@@ -153,7 +153,7 @@ async def completions(request: Request) -> Response:
     req = parse_completion_request(await read_json(request))
     check_assistant(caller, req.model, service.state)
     passage = gate(request, caller)
-    local = local_engine(service, req.model, "/v1/completions")
+    local = await local_engine(service, req.model, "/v1/completions")
     grammar = await check_request(local.facts, req, grammar_spec(req))
     prompts = prompt_tokens(local, req)
     max_tokens = req.max_tokens or DEFAULT_MAX_TOKENS
@@ -162,9 +162,9 @@ async def completions(request: Request) -> Response:
     def answer() -> Answer:
         return Answer(True, False, logprobs, None)
 
-    gen = launch(local.engine, passage, Launch(req, prompts, max_tokens, answer, grammar))
+    gen = launch(local, passage, Launch(req, prompts, max_tokens, answer, grammar))
     echoes = [local.facts.model.detokenize(p) if req.echo else "" for p in prompts]
-    reply = CompletionReply(local.engine.assistant.name, [e for e in echoes for _ in range(req.n)])
+    reply = CompletionReply(local.assistant.name, [e for e in echoes for _ in range(req.n)])
     if req.stream:
         return await stream_reply(request, gen, reply, req.include_usage)
     done = await read_whole(request, gen)

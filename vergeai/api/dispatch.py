@@ -16,5 +16,6 @@ async def start(
 ) -> Generation:
     """Prepare the prompt and submit the job; the caller enters the Generation."""
     if online.facts is None:  # the model is not here: upstream servers answer
-        return await start_remote(online.engine, sessions, gate, req, session_id)
-    return await start_local(Local(online.engine, online.facts), sessions, gate, req, session_id)
+        return await start_remote(online, sessions, gate, req, session_id)
+    local = Local(online.assistant, online.engine, online.facts)
+    return await start_local(local, sessions, gate, req, session_id)

@@ -84,7 +84,7 @@ async def embed_all(engine: Engine, inputs: list[list[int]]) -> list[Any]:
         Job(tokens=t, loop=loop, generate=None, choice=i, queue=queue)
         for i, t in enumerate(inputs)
     ]  # fmt: skip
-    window = 2 * engine.assistant.parallel
+    window = 2 * (engine.share + 1)  # each slot busy, and its next input waiting
     vectors: list[Any] = [None] * len(jobs)
     submitted = done = 0
     try:
@@ -123,7 +123,7 @@ async def embeddings(request: Request) -> Response:
         raise bad("encoding_format", "must be float or base64")
     check_assistant(caller, model, service.state)
     passage = gate(request, caller)
-    local = local_engine(service, model, "/v1/embeddings", embedding=True)
+    local = await local_engine(service, model, "/v1/embeddings", embedding=True)
     n_embd = local.facts.model.n_embd
     dimensions = body.get("dimensions")
     if dimensions is not None and dimensions != n_embd:

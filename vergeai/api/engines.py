@@ -6,26 +6,33 @@ only. One whose model is loaded here has facts; an upstream's has none.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass
 
 from vergeai.errors import InvalidRequest, Unavailable
 from vergeai.runtime.engine import Engine, ModelFacts, WorkerState
 from vergeai.service import Service
+from vergeai.state.assistants import Assistant
+from vergeai.state.models import ModelRecord
 
 
 @dataclass(frozen=True)
 class Online:
-    """An engine ready for a request, and its model's facts, read once (so that one
-    request sees one model); facts None: the model is not here (an upstream's)."""
+    """The assistant asked for, the engine ready for its request, and its model's facts,
+    read once (so that one request sees one model); facts None: the model is not here
+    (an upstream's)."""
 
+    assistant: Assistant
     engine: Engine
     facts: ModelFacts | None
 
 
 @dataclass(frozen=True)
 class Local:
-    """An engine with its model here, and the facts of that model."""
+    """The assistant, an engine with its model here, and the facts of that model."""
 
+    assistant: Assistant
     engine: Engine
     facts: ModelFacts
 
@@ -34,40 +41,71 @@ class Local:
         return self.engine.name
 
 
-def online_engine(service: Service, name: str, embedding: bool = False) -> Online:
+async def online_engine(service: Service, name: str, embedding: bool = False) -> Online:
     """The assistant's engine, ready for this kind of request, or the error to answer.
 
-    A remote assistant's replicas are chosen per request (each attempt may
-    find one recovered), so only a local engine's state is checked here.
+    A model that is loading (an on-demand model's first request starts it) is
+    waited for, up to the server's ``load_timeout``. A remote assistant's
+    replicas are chosen per request (each attempt may find one recovered), so
+    only a local engine's state is checked here.
     """
     assistant = service.state.assistants.get(name)
-    if assistant is not None and assistant.embedding != embedding:
-        what = "an embedding" if assistant.embedding else "a chat"
-        use = "POST /v1/embeddings" if assistant.embedding else "a chat or completion endpoint"
+    if assistant is None:  # checked by the caller's authorization; gone since
+        raise Unavailable(f"assistant {name!r} is not defined", retry_after=2)
+    spec = service.state.model_of(assistant)
+    kind = spec.embedding if spec is not None else assistant.remote and False
+    if (spec is not None or assistant.remote) and kind != embedding:
+        what = "an embedding" if kind else "a chat"
+        use = "POST /v1/embeddings" if kind else "a chat or completion endpoint"
         raise InvalidRequest(
             f"assistant {name!r} is {what} assistant; call it with {use}", param="model"
         )
-    engine = service.pool.get(name)
-    if engine is None:
+    if not assistant.online:
         raise Unavailable(
             f"assistant {name!r} is offline; an admin can bring it online with "
             f"'vergeai assistant online {name}'"
         )
-    if engine.assistant.remote:
-        return Online(engine, None)
+    engine = service.pool.engine_for(assistant)
+    if engine is None:
+        raise Unavailable(_missing(name, assistant.model, spec))
+    if assistant.remote:
+        return Online(assistant, engine, None)
+    await _loaded(engine, name, service.pool.load_timeout)
     _check_state(engine, name)
     facts = engine.facts
     if facts is None:  # its thread ended since: the pool replaces it
         raise Unavailable(f"assistant {name!r} is restarting; try again shortly", retry_after=2)
-    return Online(engine, facts)
+    return Online(assistant, engine, facts)
+
+
+def _missing(name: str, model: str, spec: ModelRecord | None) -> str:
+    if spec is None:
+        return f"assistant {name!r} runs model {model!r}, which is not defined"
+    if spec.load == "offline":
+        return (
+            f"assistant {name!r} runs model {model!r}, which is offline; an admin can load it "
+            f"with 'vergeai model edit {model} --load on-demand'"
+        )
+    return f"assistant {name!r} is offline: its model {model!r} is not loaded"
+
+
+async def _loaded(engine: Engine, name: str, timeout: float) -> None:
+    """Wait while the engine loads its model, up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while engine.state == WorkerState.LOADING:
+        if time.monotonic() >= deadline:
+            raise Unavailable(
+                f"assistant {name!r} is still loading its model after {timeout:g} s; "
+                "try again shortly",
+                retry_after=5,
+            )
+        await asyncio.sleep(delay)
+        delay = min(0.1, delay * 2)
 
 
 def _check_state(engine: Engine, name: str) -> None:
     state = engine.state
-    if state == WorkerState.LOADING:
-        raise Unavailable(
-            f"assistant {name!r} is still loading its model; try again shortly", retry_after=5
-        )
     if state == WorkerState.RESTARTING:
         raise Unavailable(f"assistant {name!r} is restarting; try again shortly", retry_after=2)
     if state == WorkerState.DEGRADED:
@@ -76,13 +114,15 @@ def _check_state(engine: Engine, name: str) -> None:
         raise Unavailable(f"assistant {name!r} failed to load its model: {engine.problem}")
 
 
-def local_engine(service: Service, name: str, endpoint: str, embedding: bool = False) -> Local:
+async def local_engine(
+    service: Service, name: str, endpoint: str, embedding: bool = False
+) -> Local:
     """:func:`online_engine` for endpoints that need the model here, not an upstream's."""
-    online = online_engine(service, name, embedding)
+    online = await online_engine(service, name, embedding)
     if online.facts is None:
         raise InvalidRequest(
             f"assistant {name!r} is served by upstream servers, which get chat requests only; "
             f"{endpoint} needs an assistant on a local model",
             param="model",
         )
-    return Local(online.engine, online.facts)
+    return Local(online.assistant, online.engine, online.facts)

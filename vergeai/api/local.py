@@ -18,7 +18,6 @@ from vergeai.api.prompting import check_prompt, check_request
 from vergeai.api.schemas import ChatRequest
 from vergeai.limits import Gate
 from vergeai.runtime.constraint import Grammar
-from vergeai.runtime.engine import Engine
 from vergeai.runtime.job import Event, Generate, Job
 from vergeai.runtime.toolcalls import ToolCallParser
 
@@ -41,7 +40,7 @@ async def start_local(
     local: Local, sessions: Sessions, gate: Gate, req: ChatRequest, session_id: str | None
 ) -> Generation:
     """Prepare the prompt and submit the job; the caller enters the Generation."""
-    assistant = local.engine.assistant
+    assistant = local.assistant
     template = local.facts.template
     assert template is not None  # a chat model's facts carry its template
     fmt = template.tool_format
@@ -79,14 +78,14 @@ async def start_local(
             legacy_calls=bool(tools and tools.legacy),
             public=prepared.public,
         )
-        return launch(local.engine, gate, plan)
+        return launch(local, gate, plan)
     except BaseException:
         if lease is not None:
             lease.release()
         raise
 
 
-def launch(engine: Engine, gate: Gate, plan: Launch) -> Generation:
+def launch(local: Local, gate: Gate, plan: Launch) -> Generation:
     """Submit n choices of each prompt (choice p*n + j is prompt p's j-th); its Generation.
 
     Choices are submitted in groups of at most the engine's share of slots,
@@ -101,7 +100,8 @@ def launch(engine: Engine, gate: Gate, plan: Launch) -> Generation:
     prompt_tokens = sum(len(tokens) for tokens in plan.prompts)
     places = len(plan.prompts) * n  # every answer counts against max_concurrent
     gate.check(prompt_tokens, places)
-    leaders = _leaders(engine, gate, plan)
+    engine = local.engine
+    leaders = _leaders(local, gate, plan)
     answers = [plan.answer() for _ in range(places)]
     rollout = Rollout(engine, deque(leaders), engine.share)
     try:
@@ -113,18 +113,18 @@ def launch(engine: Engine, gate: Gate, plan: Launch) -> Generation:
         raise
     heads = tuple(p * n for p in range(len(plan.prompts)))
     return Generation(
-        engine.assistant, answers, leaders, plan.memory, ticket, plan.legacy_calls, rollout, heads
+        local.assistant, answers, leaders, plan.memory, ticket, plan.legacy_calls, rollout, heads
     )
 
 
-def _leaders(engine: Engine, gate: Gate, plan: Launch) -> list[Job]:
+def _leaders(local: Local, gate: Gate, plan: Launch) -> list[Job]:
     """Every choice's job, on one queue, grouped: each leader with the followers that
     share its prompt, at most the engine's share in a group."""
     req = plan.req
     salt = "" if req.cache_salt is None else f"\x00salt\x00{req.cache_salt}"
     queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
     loop = asyncio.get_running_loop()
-    share = engine.share
+    share = local.engine.share
     leaders = []
     for p, tokens in enumerate(plan.prompts):
         jobs = [
@@ -132,7 +132,7 @@ def _leaders(engine: Engine, gate: Gate, plan: Launch) -> list[Job]:
                 tokens=tokens,
                 loop=loop,
                 generate=Generate(
-                    sampling_for(req, engine.assistant, p * req.n + j, plan.grammar),
+                    sampling_for(req, local.assistant, p * req.n + j, plan.grammar),
                     plan.max_tokens,
                     req.stop,
                     req.top_logprobs,

@@ -26,24 +26,26 @@ class PoolCollector(Collector):
         self.service = service
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """The model workers' gauges, by model (a remote assistant's are its upstreams')."""
+        labels = ["model"]
         processing = GaugeMetricFamily(
-            "vergeai:requests_processing", "Requests being decoded.", labels=["assistant"]
+            "vergeai:requests_processing", "Requests being decoded.", labels=labels
         )
         deferred = GaugeMetricFamily(
-            "vergeai:requests_deferred", "Requests waiting in the queue.", labels=["assistant"]
+            "vergeai:requests_deferred", "Requests waiting in the queue.", labels=labels
         )
         load = GaugeMetricFamily(
-            "vergeai:model_load_seconds", "Seconds the model took to load.", labels=["assistant"]
+            "vergeai:model_load_seconds", "Seconds the model took to load.", labels=labels
         )
-        online = GaugeMetricFamily(
-            "vergeai:assistant_online", "1 when the model worker is online.", labels=["assistant"]
+        loaded = GaugeMetricFamily(
+            "vergeai:model_loaded", "1 when the model is loaded and serving.", labels=labels
         )
-        for name, worker in sorted(self.service.pool.workers.items()):
+        for name, worker in sorted(self.service.pool.models.items()):
             processing.add_metric([name], worker.busy)
             deferred.add_metric([name], worker.queued)
             load.add_metric([name], worker.load_seconds)
-            online.add_metric([name], 1.0 if worker.state == "online" else 0.0)
-        yield from (processing, deferred, load, online)
+            loaded.add_metric([name], 1.0 if worker.state == "online" else 0.0)
+        yield from (processing, deferred, load, loaded)
         yield from self._upstreams()
         limited = CounterMetricFamily(
             "vergeai:requests_limited",
@@ -76,8 +78,8 @@ class PoolCollector(Collector):
             "Failed requests and health checks of the upstream.",
             labels=labels,
         )
-        for name, engine in sorted(self.service.pool.workers.items()):
-            for r in engine.stats().get("replicas", ()):  # an upstream's; see Replica.stats
+        for name, engine in sorted(self.service.pool.remotes.items()):
+            for r in engine.stats()["replicas"]:  # see Replica.stats
                 key = [name, r["url"]]
                 healthy.add_metric(key, 1.0 if r["state"] == "healthy" else 0.0)
                 in_flight.add_metric(key, r["in_flight"])

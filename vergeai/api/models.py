@@ -11,21 +11,23 @@ from vergeai.api.record import caller_of
 from vergeai.auth import check_assistant
 from vergeai.service import Service
 from vergeai.state.assistants import Assistant
+from vergeai.state.models import ModelRecord
 
 
 def model_entry(service: Service, assistant: Assistant) -> dict[str, Any]:
     """OpenAI's model object, with what clients look for: kind, context, llama-server's meta."""
-    engine = service.pool.get(assistant.name)
+    engine = service.pool.engine_of(assistant)
     facts = engine.facts if engine is not None else None
+    spec = service.state.model_of(assistant)
     entry: dict[str, Any] = {
         "id": assistant.name,
         "object": "model",
         "created": int(assistant.created.timestamp()),
         "owned_by": "vergeai",
-        "model": assistant.display_model,
+        "model": service.state.display_model(assistant),
         "status": service.pool.state_of(assistant),
-        "kind": "embedding" if assistant.embedding else "chat",
-        "context_length": facts.n_ctx if facts is not None else assistant.ctx,
+        "kind": "embedding" if spec is not None and spec.embedding else "chat",
+        "context_length": facts.n_ctx if facts is not None else _ctx(assistant, spec),
     }
     if facts is not None:
         model = facts.model
@@ -37,6 +39,12 @@ def model_entry(service: Service, assistant: Assistant) -> dict[str, Any]:
             "n_embd": model.n_embd,
         }
     return entry
+
+
+def _ctx(assistant: Assistant, spec: ModelRecord | None) -> int:
+    if spec is None:
+        return assistant.ctx  # an upstream's
+    return spec.ctx
 
 
 async def list_models(request: Request) -> JSONResponse:

@@ -21,10 +21,10 @@ async def health(request: Request) -> JSONResponse:
         name: service.pool.state_of(a) for name, a in sorted(service.state.assistants.items())
     }
     states = {n: assistants[n] for n, a in service.state.assistants.items() if a.online}
-    serving = [n for n, s in states.items() if s == WorkerState.ONLINE]
-    failed = sorted(
-        n for n, s in states.items() if s not in (WorkerState.ONLINE, WorkerState.LOADING)
-    )
+    # an on-demand model not loaded now serves: its first request loads it
+    able = (WorkerState.ONLINE, WorkerState.UNLOADED)
+    serving = [n for n, s in states.items() if s in able]
+    failed = sorted(n for n, s in states.items() if s not in (*able, WorkerState.LOADING))
     loading = any(s == WorkerState.LOADING for s in states.values())
     if not states:
         status = "offline"
@@ -37,6 +37,7 @@ async def health(request: Request) -> JSONResponse:
     code = 200 if serving else 503
     body: dict[str, object] = {"status": status, "assistants": assistants}
     if failed:
-        body["failed"] = {n: service.pool.error(n) for n in failed}
+        records = service.state.assistants
+        body["failed"] = {n: service.pool.error(records[n]) for n in failed}
     headers = {"Retry-After": "5"} if code == 503 else None
     return JSONResponse(body, status_code=code, headers=headers)

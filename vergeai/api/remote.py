@@ -12,6 +12,7 @@ from typing import Any
 
 from vergeai.api.conversation import Sessions, fit_remote
 from vergeai.api.defaults import max_tokens_for
+from vergeai.api.engines import Online
 from vergeai.api.fields import DEFAULT_REPEAT_LAST_N
 from vergeai.api.generation import Generation, Memory
 from vergeai.api.outputs import Answer
@@ -19,7 +20,6 @@ from vergeai.api.policy import thinking_for
 from vergeai.api.schemas import ChatRequest
 from vergeai.api.tools import ToolUse
 from vergeai.limits import Gate
-from vergeai.runtime.engine import Engine
 from vergeai.runtime.prompt import Message
 from vergeai.state.assistants import Assistant
 from vergeai.upstream.stream import RemoteJob
@@ -88,10 +88,10 @@ def tool_fields(tools: ToolUse) -> dict[str, Any]:
 
 
 async def start_remote(
-    remote: Engine, sessions: Sessions, gate: Gate, req: ChatRequest, session_id: str | None
+    online: Online, sessions: Sessions, gate: Gate, req: ChatRequest, session_id: str | None
 ) -> Generation:
     """Fit the history, admit the request, and send it upstream; the caller enters it."""
-    assistant = remote.assistant
+    assistant, remote = online.assistant, online.engine
     user = gate.caller.user.name
     max_tokens = max_tokens_for(req, assistant)
     lease, turns = await sessions.open(assistant, user, session_id)

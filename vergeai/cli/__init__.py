@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from vergeai import __version__
-from vergeai.cli import assistant, history, key, serve, usage, user, workers
+from vergeai.cli import assistant, history, key, model, serve, usage, user, workers
 from vergeai.cli.common import StateDirOption, given
 
 app = typer.Typer(
@@ -20,6 +20,7 @@ app.add_typer(key.app, name="key")
 assistant.app.command("sessions")(history.sessions)
 assistant.app.command("clear-history")(history.clear_history)
 app.add_typer(assistant.app, name="assistant")
+app.add_typer(model.app, name="model")
 app.command("serve")(serve.serve)
 app.command("workers")(workers.workers)
 app.command("usage")(usage.usage)

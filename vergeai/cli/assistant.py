@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,51 +23,19 @@ from vergeai.cli.common import (
     say,
     store_for,
 )
-from vergeai.gguf import GgufError, check_gguf
-from vergeai.runtime.templates import BUILTIN
+from vergeai.cli.model import checked_file, place
 from vergeai.state.assistants import Assistant, check_upstream_url
+from vergeai.state.models import ModelRecord, is_model_file
 from vergeai.state.schema import RecordError, check_name
+from vergeai.state.store import State
 
 app = typer.Typer(
     help="Manage assistants: the names clients send as 'model'.", no_args_is_help=True
 )
 
 MAX_SYSTEM_PROMPT = 256 * 1024
-TEMPLATE_SETTINGS = ("model", "chat_format", "embedding", "upstream")  # what may need a template
-
-
-def checked_model(path: Path) -> str:
-    """The GGUF's absolute path, once the file is known to be a whole GGUF."""
-    try:
-        check_gguf(path)
-    except GgufError as exc:
-        fail(f"model file {path}: {exc.message}")
-    return os.path.abspath(path)
-
-
-def check_chat_template(assistant: Assistant) -> None:
-    """A chat assistant on a GGUF without its own chat template needs --chat-format,
-    said now rather than when the server fails to load it."""
-    if assistant.remote or assistant.embedding or assistant.chat_format:
-        return
-    try:
-        has_template = check_gguf(assistant.model).chat_template
-    except GgufError as exc:
-        fail(f"model file {assistant.model}: {exc.message}")
-    if not has_template:
-        fail(
-            f"model file {assistant.model} has no chat template: give --chat-format NAME "
-            f"(one of {', '.join(sorted(BUILTIN))}), or --embedding for an embedding model"
-        )
-
-
-def warn_without_gpu(assistant: Assistant) -> None:
-    if assistant.remote or not assistant.gpu_layers:
-        return
-    from vergeai.runtime.llama import GPU_WARNING, gpu_offload  # loads llama.cpp: only here
-
-    if not gpu_offload():
-        say("warning: " + GPU_WARNING.format(assistant.gpu_layers))
+# the model's load settings an assistant's command takes (--ctx is also an upstream's)
+MODEL_OPTIONS = tuple(s for s in ModelRecord.ASSISTANT_SETTINGS if s != "ctx")
 
 
 def read_system_prompt(text: str | None, file: Path | None) -> str | None:
@@ -106,7 +73,8 @@ PromptFileOpt = Annotated[
 
 
 def _model(text: str) -> str:
-    return checked_model(Path(text))
+    """A model's name, or a GGUF file's path (checked, made absolute)."""
+    return checked_file(text) if is_model_file(text) else text
 
 
 def _params(editing: bool) -> list[inspect.Parameter]:
@@ -114,6 +82,7 @@ def _params(editing: bool) -> list[inspect.Parameter]:
     return [
         inspect.Parameter("name", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=NameArg),
         *settings.options(Assistant, editing, parsers={"model": _model}),
+        *settings.options(ModelRecord, editing, only=MODEL_OPTIONS),
         inspect.Parameter("upstream", keyword, default=None, annotation=UpstreamOpt),
         inspect.Parameter("system_prompt_file", keyword, default=None, annotation=PromptFileOpt),
         inspect.Parameter("state_dir", keyword, default=None, annotation=StateDirOption),
@@ -144,29 +113,42 @@ def create(
     state_dir: Path | None,
     **values: Any,
 ) -> None:
-    """Create an assistant on a GGUF model, or on upstream servers (--upstream)."""
+    """Create an assistant on a model (or a GGUF file), or on upstream servers (--upstream)."""
     urls = upstream_urls(upstream, editing=False)
     if values["model"] is None and urls is None:
         raise typer.BadParameter(
-            "an assistant needs a GGUF file, or upstream servers (--upstream URL)",
+            "an assistant needs a model (or a GGUF file), or upstream servers (--upstream URL)",
             param_hint="--model",
         )
     with failures():
         check_name(name)
     values["system_prompt"] = read_system_prompt(values["system_prompt"], system_prompt_file)
+    load = _load_settings(values, remote=bool(urls))
     with failures():
         assistant = Assistant(name=name, upstream=urls or [])
         settings.apply(assistant, values)
-        assistant.validate()
-        check_chat_template(assistant)
-        warn_without_gpu(assistant)
         with store_for(state_dir).transaction() as state:
             if name in state.assistants:
                 fail(f"assistant {name!r} already exists")
-            state.assistants[name] = assistant
+            if not assistant.remote:
+                assistant.model = place(state, assistant.model, load, name)
+            state.assistants[name] = assistant.validate()
     state_word = "online" if assistant.online else "offline"
-    where = ", ".join(assistant.upstream) if assistant.remote else assistant.model
+    where = ", ".join(assistant.upstream) if assistant.remote else f"model {assistant.model}"
     say(f"created assistant {name} on {where} ({state_word})")
+
+
+def _load_settings(values: dict[str, Any], remote: bool) -> dict[str, Any]:
+    """The model's settings among the options given (taken out of ``values``); an
+    upstream's assistant takes none but --ctx."""
+    load = {k: values.pop(k) for k in MODEL_OPTIONS}
+    given = [k for k, v in load.items() if v is not None]
+    if remote and given:
+        flag = settings.flag_of(given[0])
+        raise typer.BadParameter("is a setting of models here, not of upstreams", param_hint=flag)
+    if not remote:
+        load["ctx"] = values.pop("ctx")
+    return load
 
 
 def edit(
@@ -178,18 +160,23 @@ def edit(
 ) -> None:
     """Change an assistant's settings; a running server applies them live."""
     urls = values["upstream"] = upstream_urls(upstream, editing=True)
-    if urls is not None:  # a switch of kind puts the other kind's settings back to defaults
-        others = Assistant.LOCAL_ONLY if urls else Assistant.REMOTE_ONLY
-        for setting in others:
-            if values.get(setting) is None:
-                values[setting] = settings.CLEAR
     values["system_prompt"] = read_system_prompt(values["system_prompt"], system_prompt_file)
     with failures(), store_for(state_dir).transaction() as state:
+        current = state.assistants.get(name)
+        if current is None:
+            fail(f"no assistant named {name!r}")
+        remote = bool(urls) if urls is not None else current.remote
+        load = _load_settings(values, remote)
+        if urls is not None:  # a switch of kind puts the other kind's settings back to defaults
+            for setting in Assistant.LOCAL_ONLY if urls else Assistant.REMOTE_ONLY:
+                if values.get(setting) is None:
+                    values[setting] = settings.CLEAR
+        if not remote and (values["model"] or any(v is not None for v in load.values())):
+            model = values["model"] if isinstance(values["model"], str) else current.model
+            if not model:
+                fail("an assistant on a model here needs --model (a model or a GGUF file)")
+            values["model"] = place(state, model, load, name)
         settings.edit_in(state.assistants, "assistant", name, values)
-        if any(values.get(k) is not None for k in TEMPLATE_SETTINGS):
-            check_chat_template(state.assistants[name])
-        if values.get("gpu_layers") is not None:
-            warn_without_gpu(state.assistants[name])
     say(f"updated assistant {name}")
 
 
@@ -197,9 +184,9 @@ app.command("create")(settings.command(_params(editing=False), create))
 app.command("edit")(settings.command(_params(editing=True), edit))
 
 
-def assistant_row(a: Assistant) -> dict[str, Any]:
+def assistant_row(state: State, a: Assistant) -> dict[str, Any]:
     row = dataclasses.asdict(a)
-    row["model_name"] = a.display_model
+    row["model_name"] = state.display_model(a)
     return row
 
 
@@ -208,8 +195,10 @@ def list_assistants(json_: JsonOption = False, state_dir: StateDirOption = None)
     """List assistants."""
     with failures():
         state = store_for(state_dir).load()
-    rows = [assistant_row(a) for a in sorted(state.assistants.values(), key=lambda a: a.name)]
-    columns = ["name", "model_name", "online", "ctx", "parallel", "chat_history", "disable_think"]
+    rows = [
+        assistant_row(state, a) for a in sorted(state.assistants.values(), key=lambda a: a.name)
+    ]
+    columns = ["name", "model", "model_name", "online", "chat_history", "disable_think"]
     print_rows("assistants", columns, rows, json_)
 
 
@@ -217,10 +206,11 @@ def list_assistants(json_: JsonOption = False, state_dir: StateDirOption = None)
 def show(name: str, json_: JsonOption = False, state_dir: StateDirOption = None) -> None:
     """Show every setting of one assistant."""
     with failures():
-        assistant = store_for(state_dir).load().assistants.get(name)
+        state = store_for(state_dir).load()
+    assistant = state.assistants.get(name)
     if assistant is None:
         fail(f"no assistant named {name!r}")
-    row = assistant_row(assistant)
+    row = assistant_row(state, assistant)
     if assistant.remote:
         row["chat_template"] = "the upstream's"
         row["thinking_control"] = "chat_template_kwargs.enable_thinking, sent upstream"
@@ -229,8 +219,14 @@ def show(name: str, json_: JsonOption = False, state_dir: StateDirOption = None)
     from vergeai.runtime.llama import LoadError  # loads llama.cpp: only for this command
     from vergeai.runtime.templating import inspect_template
 
+    spec = state.model_of(assistant)
+    if spec is None:
+        row["chat_template"] = row["thinking_control"] = "unknown: its model is not defined"
+        show_row(name, row, json_)
+        return
+    row["model_file"] = spec.file
     try:
-        choice = inspect_template(assistant)
+        choice = inspect_template(spec)
         row["chat_template"] = choice.origin
         row["thinking_control"] = choice.thinking_control
     except LoadError as exc:
@@ -257,13 +253,14 @@ def _set_online(name: str, online: bool, state_dir: Path | None) -> None:
 
 @app.command("online")
 def online_cmd(name: str, state_dir: StateDirOption = None) -> None:
-    """Bring an assistant online: the server loads its model."""
+    """Bring an assistant online: it answers again (its model loads as the model says)."""
     _set_online(name, True, state_dir)
 
 
 @app.command("offline")
 def offline_cmd(name: str, state_dir: StateDirOption = None) -> None:
-    """Take an assistant offline: in-flight requests finish, then the model is freed."""
+    """Take an assistant offline: it answers no more requests (its model stays, as the
+    model says)."""
     _set_online(name, False, state_dir)
 
 

@@ -14,10 +14,12 @@ from vergeai.logs import setup_logging
 from vergeai.state.accounts import ApiKey, User
 from vergeai.state.assistants import Assistant
 from vergeai.state.config import LOG_FORMATS, LOG_LEVELS, ServerConfig, load_config
+from vergeai.state.models import ModelRecord
 from vergeai.state.schema import now
 from vergeai.state.store import Store
 
 DEMO_ASSISTANT = "gemma3-270m"
+DEMO_MODEL = "gemma3-270m-q4_k_m"
 DEMO_USER = "demo"
 
 
@@ -39,12 +41,12 @@ def setup_demo(store: Store, url: str) -> None:
     with store.transaction() as state:
         if state.assistants:
             return
+        state.models.setdefault(
+            DEMO_MODEL,
+            ModelRecord(name=DEMO_MODEL, file=model, chat_format="gemma", load="always").validate(),
+        )
         state.assistants[DEMO_ASSISTANT] = Assistant(
-            name=DEMO_ASSISTANT,
-            model=model,
-            model_name="Gemma 3 270M Q4_K_M",
-            chat_format="gemma",
-            ctx=4096,
+            name=DEMO_ASSISTANT, model=DEMO_MODEL, model_name="Gemma 3 270M Q4_K_M"
         ).validate()
         state.users.setdefault(DEMO_USER, User(name=DEMO_USER))
         key_name = f"demo-{now().strftime('%Y%m%d%H%M%S')}"

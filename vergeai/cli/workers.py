@@ -57,7 +57,8 @@ def _limited(refused: dict[str, int]) -> str:
 def _worker_fields(w: dict[str, Any]) -> list[tuple[str, str]]:
     state = w["state"] if not w["error"] else f"{w['state']}: {w['error']}"
     return [
-        ("model", w["model"]),
+        ("assistants", ", ".join(w["assistants"]) or "-"),
+        ("file", w["model_path"]),
         ("state", state),
         ("context", f"{w['ctx']} tokens x {w['parallel']} slots"),
         ("CPU threads", str(w["threads"])),
@@ -95,14 +96,17 @@ def render(snapshot: dict[str, Any]) -> Group:
         helper.add_row(field, value)
     parts: list[Any] = [helper]
     if not snapshot["workers"]:
-        parts.append(Text("no model workers: no assistant is online"))
-        return Group(*parts)
+        parts.append(Text("no model workers: no model is loaded"))
     local = [w for w in snapshot["workers"] if not w.get("remote")]
     remote = [w for w in snapshot["workers"] if w.get("remote")]
     if local:
-        heads = [w["assistant"] for w in local]
+        heads = [w["model"] for w in local]
         columns = [_worker_fields(w) for w in local]
-        parts.append(_fields_across("model workers", "assistant", heads, columns))
+        parts.append(_fields_across("model workers", "model", heads, columns))
+    shown = {w["model"] for w in local}
+    idle = {n: s for n, s in snapshot.get("models", {}).items() if n not in shown}
+    if idle:
+        parts.append(Text("not loaded: " + ", ".join(f"{n} ({s})" for n, s in idle.items())))
     for w in remote:
         title = f"remote model worker {w['assistant']} ({w['model']})"
         heads = [r["url"] for r in w["replicas"]]
@@ -144,7 +148,7 @@ def workers(
     ] = 1.0,
     state_dir: StateDirOption = None,
 ) -> None:
-    """Show the AI-Helper worker (the server) and one model worker per online assistant."""
+    """Show the AI-Helper worker (the server) and one model worker per loaded model."""
     root = store_for(state_dir).root
     snapshot = ask(root, "workers")
     if snapshot is None:

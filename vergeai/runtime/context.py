@@ -20,6 +20,19 @@ from vergeai.runtime.llama import LoadError, Model, decode_lock
 from vergeai.runtime.sampler import Sampler
 
 
+# a KV cache type: its ggml type, and bytes per element (q8_0 and q4_0 hold blocks of 32)
+KV_TYPES = {
+    "f16": (llama_cpp.GGML_TYPE_F16, 2.0),
+    "q8_0": (llama_cpp.GGML_TYPE_Q8_0, 34 / 32),
+    "q4_0": (llama_cpp.GGML_TYPE_Q4_0, 18 / 32),
+}
+FLASH_ATTN = {
+    "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+
+
 class Context:
     """One llama.cpp context holding ``n_seq`` sequences of ``n_ctx_seq`` tokens each."""
 
@@ -30,6 +43,8 @@ class Context:
         n_seq: int,
         threads: int | None,
         pooling: int | None = None,
+        kv_type: str = "f16",
+        flash_attn: str = "auto",
     ) -> None:
         """``pooling`` (a llama_pooling_type) makes an embedding context, not a generating one.
 
@@ -57,6 +72,9 @@ class Context:
         params.swa_full = False
         params.kv_unified = pooling is not None
         params.no_perf = True
+        ggml_type, kv_element_bytes = KV_TYPES[kv_type]
+        params.type_k = params.type_v = ggml_type
+        params.flash_attn_type = FLASH_ATTN[flash_attn]
         ptr = llama_cpp.llama_init_from_model(model.ptr, params)
         if not ptr:
             raise LoadError("llama.cpp could not create a context (out of memory?)")
@@ -65,7 +83,8 @@ class Context:
         self.model = model
         self.n_seq = n_seq
         self.n_ctx_seq = llama_cpp.llama_n_ctx(ptr) // n_seq
-        self.kv_bytes = llama_cpp.llama_n_ctx(ptr) * model.kv_bytes_per_token()
+        f16_bytes = llama_cpp.llama_n_ctx(ptr) * model.kv_bytes_per_token()
+        self.kv_bytes = int(f16_bytes * kv_element_bytes / 2)
         self.n_batch = n_batch
         self.memory = llama_cpp.llama_get_memory(ptr)
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, n_seq)

@@ -1,4 +1,4 @@
-"""The engine contract: what the API and the pool may ask of whatever serves an assistant.
+"""The engine contract: what the API and the pool may ask of whatever serves assistants.
 
 A local model worker (:class:`vergeai.runtime.worker.Worker`) and a set of
 upstream replicas (:class:`vergeai.upstream.replicas.Remote`) both implement
@@ -18,7 +18,6 @@ if TYPE_CHECKING:
 
     from vergeai.runtime.job import Task
     from vergeai.runtime.prompt import ChatTemplate
-    from vergeai.state.assistants import Assistant
 
 
 class WorkerState(StrEnum):
@@ -28,6 +27,7 @@ class WorkerState(StrEnum):
     RESTARTING = "restarting"  # the thread died; the pool replaces the worker
     DEGRADED = "degraded"  # one step has run past its bound: wedged, or far too slow
     OFFLINE = "offline"
+    UNLOADED = "unloaded"  # an on-demand model not loaded now: its first request loads it
 
 
 class LoadedModel(Protocol):
@@ -65,11 +65,11 @@ class ModelFacts:
 
 
 class Engine(Protocol):
-    """Serves one assistant: jobs in, events out (see :mod:`vergeai.runtime.job`)."""
+    """Serves a model's assistants (or a remote assistant): jobs in, events out (see
+    :mod:`vergeai.runtime.job`)."""
 
-    assistant: Assistant
     name: str
-    restarts: int  # how many engines of this assistant died before this one
+    restarts: int  # how many engines of this model (or remote assistant) died before this one
     ended_at: float  # time.monotonic() when its thread ended; 0 while it runs
     load_seconds: float  # how long the model took to load (0 for an upstream)
 

@@ -1,4 +1,4 @@
-"""Which chat template an assistant uses, and whether it can switch thinking off."""
+"""Which chat template a model uses, and whether it can switch thinking off."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from vergeai.runtime.llama import LoadError, Model, read_chat_template
 from vergeai.runtime.prompt import ChatTemplate
 from vergeai.runtime.templates import BUILTIN
-from vergeai.state.assistants import Assistant
+from vergeai.state.models import ModelRecord
 
 
 @dataclass
@@ -26,30 +26,28 @@ class TemplateChoice:
         return "no (the template has no thinking)"
 
 
-def choose_template(assistant: Assistant, gguf_template: str | None) -> TemplateChoice:
+def choose_template(model: ModelRecord, gguf_template: str | None) -> TemplateChoice:
     """An explicit --chat-format wins; else the GGUF's own template."""
-    if assistant.chat_format:
-        return TemplateChoice(
-            BUILTIN.get(assistant.chat_format), f"chat-format {assistant.chat_format}"
-        )
+    if model.chat_format:
+        return TemplateChoice(BUILTIN.get(model.chat_format), f"chat-format {model.chat_format}")
     if gguf_template:
         return TemplateChoice(gguf_template, "gguf")
     return TemplateChoice(None, "none")
 
 
-def inspect_template(assistant: Assistant) -> TemplateChoice:
+def inspect_template(spec: ModelRecord) -> TemplateChoice:
     """For `assistant show`: reads the GGUF's metadata only, not its weights."""
-    gguf = None if assistant.chat_format else read_chat_template(assistant.model)
-    return choose_template(assistant, gguf)
+    gguf = None if spec.chat_format else read_chat_template(spec.file)
+    return choose_template(spec, gguf)
 
 
-def build_template(assistant: Assistant, model: Model) -> ChatTemplate:
-    choice = choose_template(assistant, None if assistant.chat_format else model.chat_template())
+def build_template(spec: ModelRecord, model: Model) -> ChatTemplate:
+    choice = choose_template(spec, None if spec.chat_format else model.chat_template())
     if choice.source is None:
-        if assistant.chat_format:
-            raise LoadError(f"unknown chat format {assistant.chat_format!r}")
+        if spec.chat_format:
+            raise LoadError(f"unknown chat format {spec.chat_format!r}")
         raise LoadError(
             "the GGUF has no chat template; set one with "
-            f"'vergeai assistant edit {assistant.name} --chat-format NAME'"
+            f"'vergeai model edit {spec.name} --chat-format NAME'"
         )
     return ChatTemplate(choice.source, model.token_text(model.bos), model.token_text(model.eos))

@@ -1,4 +1,5 @@
-"""One online assistant's model worker: a llama.cpp context with N slots, and its thread.
+"""A loaded model's worker: a llama.cpp context with N slots, and its thread; every
+assistant on the model shares it.
 
 The thread loads the model, then loops: under the lock it admits waiting
 jobs (its :class:`~vergeai.runtime.scheduler.Scheduler` decides which slot
@@ -30,7 +31,7 @@ from vergeai.runtime.llama import Model, shared_models
 from vergeai.runtime.runner import Runner, Served
 from vergeai.runtime.scheduler import Scheduler
 from vergeai.runtime.templating import build_template
-from vergeai.state.assistants import Assistant
+from vergeai.state.models import ModelRecord
 
 log = logging.getLogger("vergeai.worker")
 
@@ -41,9 +42,9 @@ STEP_BOUND = 60.0
 
 
 class Worker:
-    def __init__(self, assistant: Assistant) -> None:
-        self.assistant = assistant
-        self.name = assistant.name
+    def __init__(self, spec: ModelRecord) -> None:
+        self.spec = spec  # the model record it loads; the pool updates what needs no reload
+        self.name = spec.name
         self.status = WorkerState.LOADING
         self.error: str | None = None
         self.model: Model | None = None
@@ -53,13 +54,14 @@ class Worker:
         self.waiting: deque[Job] = deque()
         self.cond = threading.Condition()
         self.stopping = False
-        self.restarts = 0  # how many workers of this assistant died before this one
+        self.restarts = 0  # how many workers of this model died before this one
         self.ended_at = 0.0  # time.monotonic() when the thread ended
         self.served = Served()
         self.started_at = time.time()
         self.load_seconds = 0.0
         self.step_bound = STEP_BOUND
         self.step_since = 0.0  # time.monotonic() when the running step began; 0: none runs
+        self.runner: Runner | None = None  # once loaded
         self.thread = threading.Thread(target=self._run, name=f"worker-{self.name}", daemon=True)
 
     # lifecycle
@@ -86,7 +88,7 @@ class Worker:
 
     @property
     def crashed(self) -> bool:
-        """The thread died while the assistant should be serving."""
+        """The thread died while the model should be serving."""
         return (
             not self.stopping
             and self.ended_at > 0
@@ -126,7 +128,7 @@ class Worker:
     def share(self) -> int:
         """The most slots one request may hold at once: all but one, so that it never
         holds every slot while another request waits (all of them with one slot)."""
-        return max(1, self.assistant.parallel - 1)
+        return max(1, self.spec.parallel - 1)
 
     @property
     def queued(self) -> int:
@@ -134,14 +136,13 @@ class Worker:
 
     @property
     def n_ctx(self) -> int:
-        return self.ctx.n_ctx_seq if self.ctx else self.assistant.ctx
+        return self.ctx.n_ctx_seq if self.ctx else self.spec.ctx
 
     def stats(self) -> dict[str, Any]:
-        a = self.assistant
+        a = self.spec
         return {
-            "assistant": self.name,
-            "model": a.display_model,
-            "model_path": a.model,
+            "model": self.name,
+            "model_path": a.file,
             "state": self.state,
             "error": self.problem,
             "restarts": self.restarts,
@@ -165,17 +166,17 @@ class Worker:
 
     def submit(self, job: Task) -> None:
         if not isinstance(job, Job):
-            raise TypeError(f"assistant {self.name!r} takes local model jobs only")
+            raise TypeError(f"model {self.name!r} takes local model jobs only")
         with self.cond:
             if self.stopping or self.status != WorkerState.ONLINE:
-                raise Unavailable(f"assistant {self.name!r} is going offline", retry_after=5)
+                raise Unavailable(f"model {self.name!r} is being unloaded", retry_after=5)
             assert self.sched is not None  # loaded: it is online
             free = self.sched.free
             if any(j.cancelled.is_set() for j in self.waiting):  # their clients left
                 self.waiting = deque(j for j in self.waiting if not j.cancelled.is_set())
-            if len(self.waiting) >= self.assistant.max_queue + free:
+            if len(self.waiting) >= self.spec.max_queue + free:
                 raise QueueFull(
-                    f"assistant {self.name!r} has {len(self.waiting)} requests waiting; "
+                    f"model {self.name!r} has {len(self.waiting)} requests waiting; "
                     "try again shortly",
                     retry_after=1,
                 )
@@ -190,19 +191,19 @@ class Worker:
         except Exception as exc:  # llama.cpp reports load failures many ways
             self.error = str(exc) or type(exc).__name__
             if isinstance(exc, GgufError):
-                self.error = f"model file {self.assistant.model}: {exc}"
+                self.error = f"model file {self.spec.file}: {exc}"
             self._set_status(WorkerState.ERROR)
-            log.error("assistant %s failed to load: %s", self.name, self.error)
+            log.error("model %s failed to load: %s", self.name, self.error)
             self._release()
             return
         self._set_status(WorkerState.ONLINE)
-        log.info("assistant %s online in %.2fs", self.name, self.load_seconds)
+        log.info("model %s loaded in %.2fs", self.name, self.load_seconds)
         hold_events()
         try:
             while self._step(runner):
                 pass
         except Exception as exc:
-            log.exception("assistant %s: the worker thread died; it will be restarted", self.name)
+            log.exception("model %s: the worker thread died; it will be restarted", self.name)
             self.error = f"worker thread died: {exc}"
             self._set_status(WorkerState.RESTARTING)
             for slot in runner.sched.slots:
@@ -210,9 +211,9 @@ class Worker:
                     slot.job.emit(Failed(self.error, retry_after=RESTART_RETRY_AFTER))
         finally:
             with self.cond:
-                gone = "is restarting" if self.status == WorkerState.RESTARTING else "went offline"
+                gone = "is restarting" if self.status == WorkerState.RESTARTING else "was unloaded"
                 for job in self.waiting:
-                    job.emit(Failed(f"assistant {self.name!r} {gone}", retry_after=1))
+                    job.emit(Failed(f"model {self.name!r} {gone}", retry_after=1))
                 self.waiting.clear()
                 if self.status == WorkerState.ONLINE and self.stopping:
                     self.status = WorkerState.OFFLINE
@@ -223,21 +224,32 @@ class Worker:
     def _load(self) -> Runner:
         """Load the model (shared with other workers on its file) and make its context."""
         t0 = time.perf_counter()
-        a = self.assistant
-        check_gguf(a.model)
-        self.model = model = shared_models.acquire(a.model, a.gpu_layers)
+        a = self.spec
+        check_gguf(a.file)
+        self.model = model = shared_models.acquire(a.file, a.gpu_layers)
         keeper = model.n_swa > 0 and not a.embedding  # see Prefixes.keeper
         template = None
         if a.embedding:
-            ctx = Context(model, a.ctx, a.parallel, a.threads, model.pooling())
+            ctx = Context(
+                model, a.ctx, a.parallel, a.threads, model.pooling(), a.kv_type, a.flash_attn
+            )
         else:
             template = build_template(a, model)
-            ctx = Context(model, a.ctx, a.parallel + keeper, a.threads)
+            ctx = Context(
+                model, a.ctx, a.parallel + keeper, a.threads, None, a.kv_type, a.flash_attn
+            )
         self.ctx = ctx
         self.sched = Scheduler(ctx, a.parallel, keeper)
         self.load_seconds = time.perf_counter() - t0
         self._facts = ModelFacts(ctx.n_ctx_seq, model, template, a.embedding)
-        return Runner(self.name, model, ctx, self.sched, a.speculate == "ngram", self.served)
+        self.runner = Runner(self.name, model, ctx, self.sched, a.speculate == "ngram", self.served)
+        return self.runner
+
+    def update(self, spec: ModelRecord) -> None:
+        """Settings that need no reload (queue, speculation, when it loads) take effect."""
+        self.spec = spec
+        if self.runner is not None:
+            self.runner.speculate = spec.speculate == "ngram"
 
     def _set_status(self, status: WorkerState) -> None:
         with self.cond:
@@ -264,7 +276,7 @@ class Worker:
                     runner.finish(slot, None)
                 if self.stopping:
                     for job in self.waiting:
-                        job.emit(Failed(f"assistant {self.name!r} went offline"))
+                        job.emit(Failed(f"model {self.name!r} was unloaded"))
                     self.waiting.clear()
                 for slot in sched.admit(self.waiting):
                     runner.open(slot)

@@ -21,8 +21,6 @@ from vergeai.state.schema import (
 
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 MAX_UPSTREAMS = 32
-CHAT_FORMATS = ("gemma", "chatml", "llama-3", "mistral-instruct")
-SPECULATION = ("ngram", "off")
 
 
 def check_upstream_url(url: object) -> str:
@@ -50,7 +48,12 @@ def check_upstream_url(url: object) -> str:
 @dataclass
 class Assistant:
     name: str
-    model: str = setting("", help="Path of a GGUF model file.", metavar="FILE.gguf")
+    model: str = setting(
+        "",
+        help="The model it runs (vergeai model list), or a GGUF file's path: a model is made "
+        "for the file with the load settings given, or an alike one reused.",
+        metavar="MODEL",
+    )
     # a remote assistant: OpenAI-compatible servers answer instead of a GGUF loaded here
     upstream: list[str] = field(default_factory=list)  # the CLI's --upstream, repeatable
     upstream_model: str | None = setting(
@@ -89,40 +92,23 @@ class Assistant:
     max_tokens: int | None = setting(
         None, lo=1, hi=1_000_000, help="Default completion token limit [2048]."
     )
-    ctx: int = setting(4096, lo=16, hi=10_000_000, help="Context size in tokens, per slot.")
-    threads: int | None = setting(None, lo=1, hi=1024, help="CPU threads [all].")
-    gpu_layers: int = setting(0, lo=-1, hi=100_000, help="Layers to offload to a GPU; -1 = all.")
-    chat_format: str | None = setting(
-        None,
-        choices=CHAT_FORMATS,
-        help="Chat template for GGUFs without one [the GGUF's own].",
-        metavar="NAME",
-    )
-    parallel: int = setting(1, lo=1, hi=64, help="Requests decoded together.")
-    embedding: bool = setting(
-        False, help="Serve embeddings (/v1/embeddings) instead of chat.", off="no-embedding"
-    )
-    max_queue: int = setting(64, lo=0, hi=100_000, help="Requests that may wait; then 503.")
-    speculate: str = setting(
-        "ngram",
-        choices=SPECULATION,
-        help="Draft tokens from the prompt and output (n-gram lookup), checked in one step.",
-        metavar="MODE",
+    ctx: int = setting(
+        4096,
+        lo=16,
+        hi=10_000_000,
+        help="Context size in tokens: per slot of the model it makes or changes, or what an "
+        "upstream's model has.",
     )
     online: bool = setting(True, help="Load the model when serving.", off="offline")
     created: datetime = field(default_factory=now)
 
     REMOTE_ONLY = (
-        "upstream", "upstream_model", "upstream_key_env", "health_interval", "upstream_timeout"
+        "upstream", "upstream_model", "upstream_key_env", "health_interval", "upstream_timeout",
+        "ctx",
     )  # fmt: skip
-    LOCAL_ONLY = (
-        "model", "threads", "gpu_layers", "chat_format", "parallel", "speculate", "max_queue"
-    )  # fmt: skip
+    LOCAL_ONLY = ("model",)
     # a remote assistant's are all load settings: a change rebuilds its replicas and client
-    LOAD_SETTINGS = (
-        "model", "ctx", "threads", "gpu_layers", "chat_format", "parallel", "embedding",
-        *REMOTE_ONLY,
-    )  # fmt: skip
+    LOAD_SETTINGS = REMOTE_ONLY
 
     @property
     def remote(self) -> bool:
@@ -134,17 +120,8 @@ class Assistant:
         """The settings of the other kind (local or remote), left out of tables."""
         return self.LOCAL_ONLY if self.remote else self.REMOTE_ONLY
 
-    @property
-    def display_model(self) -> str:
-        if self.model_name:
-            return self.model_name
-        if self.remote:
-            return self.upstream_model or ""
-        base = self.model.rsplit("/", 1)[-1]
-        return base[:-5] if base.lower().endswith(".gguf") else base
-
     def load_key(self) -> tuple[Any, ...]:
-        """What, when changed, needs the model context to be rebuilt."""
+        """What, when changed, needs a remote assistant's replicas to be rebuilt."""
         return tuple(getattr(self, name) for name in self.LOAD_SETTINGS)
 
     def validate(self) -> Assistant:
@@ -153,7 +130,7 @@ class Assistant:
         if self.remote:
             self._check_remote()
         elif not self.model:
-            raise RecordError("model", "must name a GGUF file (or give upstream servers)")
+            raise RecordError("model", "must name a model (or give upstream servers)")
         defaults = {f.name: default_of(f) for f in fields(self)}
         for name in self.unused:
             if getattr(self, name) != defaults[name]:
@@ -183,8 +160,6 @@ class Assistant:
                 f"{self.upstream_key_env!r} is not an environment variable name "
                 "(letters, digits and _, not starting with a digit)",
             )
-        if self.embedding:
-            raise RecordError("embedding", "upstream servers serve chat assistants only")
 
     @classmethod
     def from_toml(cls, name: str, data: dict[str, Any]) -> Assistant:

@@ -30,6 +30,7 @@ class ServerConfig:
     usage_days: int = 400  # how long the usage record keeps a request
     cache_scope: str = "user"
     store_mb_per_user: int = 256  # of chat history, and of stored responses, each
+    load_timeout: float = 300.0  # seconds a request waits for its model to load
 
     def check(self, where: str) -> ServerConfig:
         def bad(name: str, why: str) -> StateError:
@@ -51,6 +52,8 @@ class ServerConfig:
             raise bad("cache_scope", f"must be one of {', '.join(CACHE_SCOPES)}")
         if not 1 <= self.store_mb_per_user <= 1_000_000:
             raise bad("store_mb_per_user", "must be between 1 and 1000000")
+        if not 1 <= self.load_timeout <= 86_400:
+            raise bad("load_timeout", "must be between 1 and 86400")
         if not 1 <= self.usage_days <= 36_500:
             raise bad("usage_days", "must be between 1 and 36500")
         if (self.certfile is None) != (self.keyfile is None):

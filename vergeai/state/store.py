@@ -22,12 +22,16 @@ import tomli_w
 from vergeai.errors import StateError
 from vergeai.state.accounts import ApiKey, User
 from vergeai.state.assistants import Assistant
+from vergeai.state.migration import is_v1, migrate
+from vergeai.state.models import ModelRecord
 from vergeai.state.schema import RecordError
 
 USERS = "users.toml"
 KEYS = "keys.toml"
 ASSISTANTS = "assistants.toml"
-FILES = (USERS, KEYS, ASSISTANTS)
+MODELS = "models.toml"
+FILES = (USERS, KEYS, ASSISTANTS, MODELS)
+V1_BACKUP = "assistants.toml.v1"  # assistants.toml as it was before models were records
 
 
 def default_state_dir() -> Path:
@@ -42,6 +46,20 @@ class State:
     users: dict[str, User] = field(default_factory=dict)
     keys: list[ApiKey] = field(default_factory=list)
     assistants: dict[str, Assistant] = field(default_factory=dict)
+    models: dict[str, ModelRecord] = field(default_factory=dict)
+    migrated: bool = False  # read from the form before model records: the next write updates
+
+    def model_of(self, assistant: Assistant) -> ModelRecord | None:
+        """The model a local assistant runs (None: a remote one, or a model not defined)."""
+        return None if assistant.remote else self.models.get(assistant.model)
+
+    def display_model(self, assistant: Assistant) -> str:
+        """The model's name as clients see it: the assistant's model_name, else the
+        upstream's model id or the GGUF file's name."""
+        if assistant.model_name or assistant.remote:
+            return assistant.model_name or assistant.upstream_model or ""
+        model = self.model_of(assistant)
+        return model.display if model is not None else assistant.model
 
     def keys_of(self, user: str) -> list[ApiKey]:
         return [k for k in self.keys if k.user == user]
@@ -85,12 +103,27 @@ class Store:
             raise StateError(f"{self.path(KEYS)}: 'keys' must be an array of tables")
         for i, table in enumerate(keys):
             state.keys.append(_record(self.path(KEYS), f"keys[{i}]", ApiKey.from_toml, table))
-        for name, table in self._read(ASSISTANTS).get("assistants", {}).items():
+        for name, table in self._read(MODELS).get("models", {}).items():
+            state.models[name] = _record(
+                self.path(MODELS), f"models.{name}", ModelRecord.from_toml, name, table
+            )
+        tables = self._read(ASSISTANTS).get("assistants", {})
+        if any(isinstance(t, dict) and is_v1(t) for t in tables.values()):
+            tables = self._migrate(tables, state)
+        for name, table in tables.items():
             where = f"assistants.{name}"
             state.assistants[name] = _record(
                 self.path(ASSISTANTS), where, Assistant.from_toml, name, table
             )
         return state
+
+    def _migrate(self, tables: dict[str, Any], state: State) -> dict[str, Any]:
+        try:
+            tables = migrate(tables, state.models)
+        except RecordError as exc:
+            raise StateError(f"{self.path(ASSISTANTS)}: {exc}") from exc
+        state.migrated = True
+        return tables
 
     def fingerprint(self) -> tuple[Any, ...]:
         """Changes whenever any state file is replaced; cheap enough to poll."""
@@ -121,15 +154,24 @@ class Store:
         for key, value in data.items():
             if key != table:
                 raise StateError(f"{path}: unknown table '{key}' (this file holds '{table}')")
-            if key in ("users", "assistants") and not isinstance(value, dict):
+            if key in ("users", "assistants", "models") and not isinstance(value, dict):
                 raise StateError(f"{path}: '{key}' must be a table")
-            if key in ("users", "assistants"):
+            if key in ("users", "assistants", "models"):
                 for entry, table in value.items():
                     if not isinstance(table, dict):
                         raise StateError(f"{path}: [{key}.{entry}] must be a table")
         return data
 
     # writing
+
+    def migrate(self) -> bool:
+        """Write a state dir from before model records in the new form, keeping the old
+        assistants.toml beside it; whether there was anything to migrate."""
+        if not self.load().migrated:
+            return False
+        with self.transaction():
+            pass
+        return True
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[State]:
@@ -144,11 +186,19 @@ class Store:
             before = _serialize(state)
             yield state
             after = _serialize(state)
+            if state.migrated:
+                self._keep_v1()
             for name in FILES:
-                if after[name] != before[name]:
+                if after[name] != before[name] or (state.migrated and name in (ASSISTANTS, MODELS)):
                     self._write(name, after[name])
         finally:
             os.close(fd)
+
+    def _keep_v1(self) -> None:
+        """Copy assistants.toml aside before it is first written in the new form."""
+        backup = self.path(V1_BACKUP)
+        if not backup.exists():
+            self._write(V1_BACKUP, self.path(ASSISTANTS).read_text(encoding="utf-8"))
 
     def _remove_stale_temp_files(self) -> None:
         """Temp files left by writers that died mid-write (kill -9, power loss).
@@ -156,7 +206,7 @@ class Store:
         Writers create their temp file only while holding the lock, which we
         hold now, so every temp file here belongs to a dead writer.
         """
-        for name in FILES:
+        for name in (*FILES, V1_BACKUP):
             for tmp in self.root.glob(f".{name}.*.tmp"):
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
@@ -201,4 +251,5 @@ def _serialize(state: State) -> dict[str, str]:
         ASSISTANTS: tomli_w.dumps(
             {"assistants": {n: a.to_toml() for n, a in state.assistants.items()}}
         ),
+        MODELS: tomli_w.dumps({"models": {n: m.to_toml() for n, m in state.models.items()}}),
     }

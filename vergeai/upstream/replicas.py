@@ -214,7 +214,7 @@ class Remote:
         a = self.assistant
         return {
             "assistant": self.name,
-            "model": a.display_model,
+            "model": a.model_name or a.upstream_model or "",
             "remote": True,
             "state": str(self.status),
             "error": self.error,
