@@ -30,11 +30,12 @@ from vergeai.runtime.templates import BUILTIN
 from vergeai.state.assistants import Assistant
 from vergeai.state.history import History, SessionKey
 from vergeai.state.ledger import Filter, Ledger, Record
+from vergeai.state.models import ModelRecord
 from vergeai.state.responses import Responses
 from vergeai.state.usage import KeyUsage
 
 TOKEN_RE = re.compile(r"vai-[A-Za-z0-9_-]{43}")
-STATE_FILES = {"users.toml", "keys.toml", "assistants.toml", ".lock"}
+STATE_FILES = {"users.toml", "keys.toml", "assistants.toml", "models.toml", ".lock"}
 
 
 # helpers
@@ -131,7 +132,8 @@ def new_key(state: Path, user: str, name: str, *args: str) -> str:
     return token
 
 
-ALL_SETTINGS = {f.name for f in dataclasses.fields(Assistant)}
+# an assistant's, and those of its model that its commands take
+ALL_SETTINGS = {f.name for f in dataclasses.fields(Assistant)} | set(ModelRecord.ASSISTANT_SETTINGS)
 
 
 def show(state: Path, name: str) -> dict[str, Any]:
@@ -783,12 +785,17 @@ def test_assistant_create_with_every_setting(state: Path, model_path: str) -> No
         "max_queue": 5,
         "online": False,
     }
-    defaults = dataclasses.asdict(Assistant(name="gemma", model=model_path))
+    model = Path(model_path).name.removesuffix(".gguf")
+    defaults = dataclasses.asdict(Assistant(name="gemma", model=model))
+    defaults |= {k: getattr(ModelRecord(name=model), k) for k in ModelRecord.ASSISTANT_SETTINGS}
     del defaults["created"]
     assert all(defaults[k] != v for k, v in given.items())  # each option really did something
     assert row == {**defaults, **given}
     stored = read_toml(state / "assistants.toml")["assistants"]["gemma"]
-    assert stored["model"] == model_path and stored["ctx"] == 2048 and stored["online"] is False
+    assert stored["model"] == model and stored["online"] is False
+    assert "ctx" not in stored  # the model's
+    spec = read_toml(state / "models.toml")["models"][model]
+    assert spec["file"] == model_path and spec["ctx"] == 2048 and spec["load"] == "always"
 
     table = cli_ok(state, "assistant", "show", "gemma")
     assert "Gemma 3 270M" in table and "2048" in table and "Be brief." in table
@@ -819,7 +826,8 @@ def test_assistant_model_path_is_stored_absolute(
     model = Path(model_path)
     monkeypatch.chdir(model.parent)
     cli_ok(state, "assistant", "create", "gemma", "--model", model.name)
-    assert show(state, "gemma")["model"] == str(model)
+    name = show(state, "gemma")["model"]
+    assert json.loads(cli_ok(state, "model", "show", name, "--json"))["file"] == str(model)
 
 
 def test_assistant_model_must_be_a_gguf_file(state: Path, tmp_path: Path) -> None:
@@ -1018,7 +1026,8 @@ def test_assistant_edit_changes_only_what_is_given(
     copy = tmp_path / "copy.gguf"
     copy.symlink_to(model_path)
     cli_ok(state, "assistant", "edit", "gemma", "--model", str(copy))
-    assert show(state, "gemma")["model"] == str(copy)
+    assert show(state, "gemma") == {**row, "model": "copy"}  # the model's settings kept
+    assert json.loads(cli_ok(state, "model", "show", "copy", "--json"))["file"] == str(copy)
 
 
 def test_assistant_edit_failures_change_nothing(
@@ -1106,7 +1115,7 @@ def test_version_and_help(state: Path) -> None:
 
 
 def test_chat_format_choices_are_the_builtin_templates() -> None:
-    from vergeai.state.assistants import CHAT_FORMATS
+    from vergeai.state.models import CHAT_FORMATS
 
     assert tuple(BUILTIN) == CHAT_FORMATS
 

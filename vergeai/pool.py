@@ -3,7 +3,7 @@ the replicas of each remote assistant; kept in step with the state dir.
 
 A model loads as its record says: ``always`` at start (and kept), ``on-demand``
 at its first request (and unloaded after ``keep_alive`` seconds idle), or
-never (``offline``).
+never (``offline``); and only while an online assistant runs it.
 """
 
 from __future__ import annotations
@@ -145,8 +145,8 @@ class Pool:
         return time.monotonic() - self.used.get(name, 0.0) >= spec.keep_alive
 
     def reconcile(self, state: State, retry_failed: bool = False) -> None:
-        """Load ``always`` models, unload models gone offline or changed (and
-        remote assistants' replicas likewise).
+        """Load ``always`` models, unload models gone offline, changed, or that no online
+        assistant runs (and remote assistants' replicas likewise).
 
         A retired engine refuses new jobs at once and frees its context when
         its in-flight jobs are done; its successor loads alongside. A model
@@ -155,12 +155,14 @@ class Pool:
         """
         with self._lock:
             self.state = state
+            used = {a.model for a in state.assistants.values() if a.online and not a.remote}
             for name, worker in list(self.models.items()):
                 spec = state.models.get(name)
                 failed = worker.state == WorkerState.ERROR
                 if (
                     spec is None
                     or spec.load == "offline"
+                    or name not in used
                     or spec.load_key() != worker.spec.load_key()
                     or (failed and (retry_failed or spec != worker.spec))
                 ):
@@ -168,7 +170,7 @@ class Pool:
                 else:
                     worker.update(spec)
             for name, spec in state.models.items():
-                if spec.load == "always" and name not in self.models:
+                if spec.load == "always" and name in used and name not in self.models:
                     log.info("loading model %s (%s)", name, spec.file)
                     self._start_model(spec)
             self._reconcile_remotes(state, retry_failed)

@@ -185,8 +185,12 @@ app.command("edit")(settings.command(_params(editing=True), edit))
 
 
 def assistant_row(state: State, a: Assistant) -> dict[str, Any]:
+    """Its settings, with its model's that the assistant's commands take (as before
+    models were records: what it runs with, in one place)."""
     row = dataclasses.asdict(a)
     row["model_name"] = state.display_model(a)
+    if (spec := state.model_of(a)) is not None:
+        row |= {k: getattr(spec, k) for k in ModelRecord.ASSISTANT_SETTINGS}
     return row
 
 

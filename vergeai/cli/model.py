@@ -88,12 +88,17 @@ def place(state: State, model: str, given: dict[str, Any], assistant: str) -> st
     """The model an assistant runs, from its ``--model`` (a model's name or a GGUF file's
     path) and the load settings given beside it (the form before models were records).
 
-    A path takes a model loading that file with those settings, or a new one
-    (loaded ``always``, as assistants' models were). Settings given with a name
+    A path takes a model loading that file with those settings (over those of
+    the assistant's model, if it has one), or a new one (loaded ``always``, as
+    assistants' models were). Settings given with a name
     change that model when no other assistant runs it, else make a copy.
     """
+    current = state.model_of(state.assistants[assistant]) if assistant in state.assistants else None
     if is_model_file(model):
+        # another file for an assistant keeps its model's other settings
         wanted = ModelRecord(name="new", file=model, load="always")
+        if current is not None:
+            wanted = dataclasses.replace(current, name="new", file=model)
         settings.apply(wanted, given)
         checked(wanted, {**given, "file": model})
         return find_or_add(state.models, wanted)

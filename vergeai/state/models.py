@@ -77,7 +77,8 @@ class ModelRecord:
         "on-demand",
         choices=LOAD_MODES,
         help="always: loaded at start, never unloaded; on-demand: loaded at its first request, "
-        "unloaded after keep-alive idle; offline: not loaded.",
+        "unloaded after keep-alive idle; offline: not loaded. A model no online assistant runs "
+        "is not loaded.",
         metavar="MODE",
     )
     keep_alive: float = setting(
