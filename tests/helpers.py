@@ -143,6 +143,16 @@ def relabel(
     return str(out)
 
 
+def by_assistant(workers: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The workers view's engines by the assistants they serve: a model worker under each
+    assistant on its model, a remote one under its assistant."""
+    out: dict[str, dict[str, Any]] = {}
+    for w in workers:
+        for name in w.get("assistants") or [w.get("assistant")]:
+            out[name] = w
+    return out
+
+
 def make_state(state_dir: Path, model_path: str, online: bool = True) -> tuple[str, str]:
     """An admin `root`, a user `bob` limited to `gemma`; assistants `gemma` and `other`.
 

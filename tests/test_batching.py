@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import HARBOR, NO_EOS, Server, cli_ok, free_port, run_cli
+from helpers import HARBOR, NO_EOS, Server, by_assistant, cli_ok, free_port, run_cli
 
 from vergeai.state.admin_socket import ask
 
@@ -143,7 +143,7 @@ def test_requests_really_run_in_one_batch(slots: Slots) -> None:
         while not all(s.done() for s in streams):
             snapshot = ask(slots.server.state_dir, "workers")
             assert snapshot is not None
-            par = next(w for w in snapshot["workers"] if w["assistant"] == "par")
+            par = by_assistant(snapshot["workers"])["par"]
             busy.add(par["busy_slots"])
             time.sleep(0.02)
         assert all(len(s.result()) == 64 for s in streams)
@@ -324,7 +324,7 @@ def test_full_queue_is_503_with_retry_after(slots: Slots) -> None:
         queued.start()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            par = {w["assistant"]: w for w in slots.workers()["workers"]}
+            par = by_assistant(slots.workers()["workers"])
             if par["solo"]["queue_depth"] == 1:
                 break
             time.sleep(0.05)
@@ -361,18 +361,18 @@ def test_disconnect_frees_the_only_slot_for_the_queue(slots: Slots) -> None:
 def test_two_assistants_share_one_gguf_in_memory(slots: Slots) -> None:
     before = slots.workers()
     rss_before = before["helper"]["rss_bytes"]
-    model_bytes = {w["assistant"]: w for w in before["workers"]}["par"]["model_bytes"]
+    model_bytes = by_assistant(before["workers"])["par"]["model_bytes"]
     cli_ok(slots.server.state_dir, "assistant", "online", "twin")
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            workers = {w["assistant"]: w for w in slots.workers()["workers"]}
+            workers = by_assistant(slots.workers()["workers"])
             if workers.get("twin", {}).get("state") == "online":
                 break
             time.sleep(0.1)
         slots.chat("twin", [{"role": "user", "content": "Hi"}], max_tokens=2)
         after = slots.workers()
-        twin = {w["assistant"]: w for w in after["workers"]}["twin"]
+        twin = by_assistant(after["workers"])["twin"]
         grew = after["helper"]["rss_bytes"] - rss_before
         # a second copy of the weights would add ~model_bytes; sharing adds its KV cache and less
         assert grew < model_bytes / 2, (grew, model_bytes, twin["kv_cache_bytes"])
@@ -381,7 +381,7 @@ def test_two_assistants_share_one_gguf_in_memory(slots: Slots) -> None:
 
 
 def test_parallel_setting_is_shown_and_validated(slots: Slots, tmp_path: Path) -> None:
-    par = {w["assistant"]: w for w in slots.workers()["workers"]}["par"]
+    par = by_assistant(slots.workers()["workers"])["par"]
     assert par["parallel"] == 4 and par["busy_slots"] == 0
     code, _, _ = run_cli(tmp_path, "assistant", "edit", "par", "--parallel", "0")
     assert code == 2

@@ -18,7 +18,16 @@ from typing import Any
 import httpx
 import pytest
 import trustme
-from helpers import NO_EOS, BackgroundStream, Server, cli_ok, eventually, free_port, run_cli
+from helpers import (
+    NO_EOS,
+    BackgroundStream,
+    Server,
+    by_assistant,
+    cli_ok,
+    eventually,
+    free_port,
+    run_cli,
+)
 
 from vergeai.server import EXIT_MARGIN
 
@@ -106,7 +115,7 @@ def test_workers_shows_helper_and_loaded_models(ops: Ops) -> None:
     assert helper["pid"] == ops.server.proc.pid
     assert helper["listen"] == [f"http://127.0.0.1:{ops.server.port}"]
     assert helper["rss_bytes"] > 100 * 2**20
-    workers = {w["assistant"]: w for w in snap["workers"]}
+    workers = by_assistant(snap["workers"])
     assert set(workers) == {"gemma"}, "an offline assistant has no model worker"
     gemma = workers["gemma"]
     assert gemma["state"] == "online" and gemma["error"] is None
@@ -115,10 +124,7 @@ def test_workers_shows_helper_and_loaded_models(ops: Ops) -> None:
     assert gemma["kv_cache_bytes"] > 0
     assert snap["assistants"] == {"gemma": "online", "spare": "offline"}
     ops.chat(ops.user, "gemma", logit_bias=NO_EOS)
-    after = {
-        w["assistant"]: w
-        for w in json.loads(vergeai(ops.state, "workers", "--json").stdout)["workers"]
-    }
+    after = by_assistant(json.loads(vergeai(ops.state, "workers", "--json").stdout)["workers"])
     assert after["gemma"]["requests_served"] >= 1
     assert after["gemma"]["tokens_generated"] >= 2
     assert after["gemma"]["last_predicted_per_second"] > 0
@@ -164,12 +170,14 @@ def test_metrics_count_requests_and_tokens(ops: Ops) -> None:
     text = scrape()
     assert sample(text, predicted) == sample(before, predicted) + 2
     assert sample(text, prompt) > sample(before, prompt)
+    model = json.loads(vergeai(ops.state, "assistant", "show", "gemma", "--json").stdout)["model"]
     for name in (
         'vergeai:request_duration_seconds_bucket{assistant="gemma"',
         'vergeai:time_to_first_token_seconds_count{assistant="gemma"}',
-        'vergeai:requests_processing{assistant="gemma"}',
-        'vergeai:requests_deferred{assistant="gemma"}',
-        'vergeai:model_load_seconds{assistant="gemma"}',
+        f'vergeai:requests_processing{{model="{model}"}}',
+        f'vergeai:requests_deferred{{model="{model}"}}',
+        f'vergeai:model_load_seconds{{model="{model}"}}',
+        f'vergeai:model_loaded{{model="{model}"}} 1.0',
     ):
         assert name in text, name
 
@@ -239,7 +247,7 @@ def test_live_changes_apply_without_breaking_a_stream(ops: Ops) -> None:
 
     def spare_ctx() -> int:
         snap = json.loads(vergeai(ops.state, "workers", "--json").stdout)
-        return next((w["ctx"] for w in snap["workers"] if w["assistant"] == "spare"), 0)
+        return by_assistant(snap["workers"]).get("spare", {}).get("ctx", 0)
 
     eventually(lambda: spare_ctx() == 768, timeout=30, what="spare reloaded with ctx 768")
     eventually(lambda: ops.chat(ops.admin, "spare").status_code == 200, timeout=30, what="spare ok")
@@ -253,7 +261,7 @@ def test_live_changes_apply_without_breaking_a_stream(ops: Ops) -> None:
 
     def spare_gone() -> bool:
         snap = json.loads(vergeai(ops.state, "workers", "--json").stdout)
-        return all(w["assistant"] != "spare" for w in snap["workers"])
+        return "spare" not in by_assistant(snap["workers"])
 
     eventually(spare_gone, what="spare worker freed")
 

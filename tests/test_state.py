@@ -26,8 +26,8 @@ from vergeai.cli import app
 from vergeai.errors import StateError
 from vergeai.state.accounts import ApiKey, User
 from vergeai.state.assistants import Assistant
-from vergeai.state.schema import RecordError, check_name
 from vergeai.state.models import ModelRecord
+from vergeai.state.schema import RecordError, check_name
 from vergeai.state.store import ASSISTANTS, FILES, KEYS, MODELS, USERS, Store, default_state_dir
 from vergeai.state.usage import KeyUsage
 

@@ -30,6 +30,7 @@ from helpers import (
     NO_EOS,
     BackgroundStream,
     Server,
+    by_assistant,
     cli_ok,
     error_of,
     eventually,
@@ -233,7 +234,7 @@ class Env:
 
     def workers(self) -> dict[str, Any]:
         out = cli_ok(self.state, "workers", "--json")
-        return {w["assistant"]: w for w in json.loads(out)["workers"]}
+        return by_assistant(json.loads(out)["workers"])
 
 
 def _vergeai_upstream(root: Path, name: str, model_path: str) -> Server:
@@ -302,7 +303,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator[E
     env = Env(front, state, token, metered, upstream, victim, pirate, pair, llama, flood, echo)
     try:
         eventually(
-            lambda: all(w["state"] == "online" for w in env.workers().values() if w["assistant"]),
+            lambda: all(w["state"] == "online" for w in env.workers().values() if w.get("remote")),
             20,
             "every remote assistant online",
         )

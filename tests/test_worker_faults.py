@@ -24,9 +24,14 @@ from vergeai.runtime.sampling import Sampling
 from vergeai.runtime.sequence import Sequence
 from vergeai.runtime.worker import Worker
 from vergeai.state.assistants import Assistant
+from vergeai.state.models import ModelRecord
+from vergeai.state.store import State
 
 MARKER = 9999  # a token id that only the faulty request's prompt holds
 BAN_EOS = {int(token): float(bias) for token, bias in NO_EOS.items()}  # as Sampling takes it
+
+
+ASSISTANT = Assistant(name="gemma", model="gemma")
 
 
 def sampling(seed: int = 1) -> Sampling:
@@ -38,11 +43,13 @@ def sampling(seed: int = 1) -> Sampling:
 
 @pytest.fixture(scope="module")
 def pool(model_path: str) -> Iterator[Pool]:
-    assistant = Assistant(
-        name="gemma", model=model_path, chat_format="gemma", ctx=256, parallel=2, threads=2
-    )
+    spec = ModelRecord(
+        name="gemma", file=model_path, chat_format="gemma", ctx=256, parallel=2, threads=2,
+        load="always",
+    )  # fmt: skip
+    state = State(models={"gemma": spec}, assistants={"gemma": ASSISTANT})
     pool = Pool()
-    pool.reconcile({"gemma": assistant})
+    pool.reconcile(state)
     wait_online(pool)
     yield pool
     pool.close()
@@ -52,7 +59,7 @@ def wait_online(pool: Pool, timeout: float = 30) -> Worker:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pool.heal()
-        worker = pool.get("gemma")
+        worker = pool.models.get("gemma")
         if worker is not None and worker.status == WorkerState.ONLINE and not worker.crashed:
             return worker
         time.sleep(0.05)
@@ -168,11 +175,11 @@ def test_a_dead_worker_thread_is_restarted_without_an_admin(
         assert isinstance(failed, Failed) and failed.retry_after is not None
     worker.join(10)
     assert worker.crashed
-    assert pool.state_of(worker.assistant) == WorkerState.RESTARTING
+    assert pool.state_of(ASSISTANT) == WorkerState.RESTARTING
     assert worker.stats()["state"] == "restarting"
     replacement = wait_online(pool)
     assert replacement is not worker
-    assert replacement.restarts == 1 and pool.restarts["gemma"] == 1
+    assert replacement.restarts == 1
     good, bad = asyncio.run(side_by_side(replacement))
     assert outcome(good) is Finished and outcome(bad) is Finished
 
@@ -257,7 +264,7 @@ def test_a_step_past_its_bound_shows_the_worker_degraded(
         assert wedged.wait(30)
         time.sleep(0.8)
         seen.append((worker.state, worker.problem))
-        seen.append((pool.state_of(worker.assistant), pool.error("gemma")))
+        seen.append((pool.state_of(ASSISTANT), pool.error(ASSISTANT)))
 
     watcher = threading.Thread(target=watch)
     watcher.start()

@@ -59,6 +59,33 @@ class Pool:
                 worker = self._start_model(spec)
             return worker
 
+    def load(self, name: str) -> str:
+        """An admin's load: the model's state after starting it (a failed one is tried
+        again); raises KeyError for a model not defined, ValueError for an offline one."""
+        spec = self.state.models[name]
+        if spec.load == "offline":
+            raise ValueError(f"model {name!r} is offline; 'vergeai model edit {name} --load …'")
+        with self._lock:
+            self.used[name] = time.monotonic()
+            worker = self.models.get(name)
+            if worker is not None and worker.state == WorkerState.ERROR:
+                self._retire_model(name)
+                worker = None
+            if worker is None:
+                log.info("loading model %s (asked by an admin)", name)
+                self._start_model(spec)
+        return self.model_state(name)
+
+    def unload(self, name: str) -> str:
+        """An admin's unload: in-flight requests finish, queued ones are refused; the state
+        after (KeyError for a model not defined). An ``always`` model is loaded again at
+        the next change of the state dir, or SIGHUP."""
+        self.state.models[name]
+        with self._lock:
+            if name in self.models:
+                self._retire_model(name)
+        return self.model_state(name)
+
     @staticmethod
     def _should_load(worker: Worker | None) -> bool:
         if worker is None:

@@ -55,6 +55,17 @@ def workers_snapshot(service: Service, listen: list[str]) -> dict[str, Any]:
     }
 
 
+def load_or_unload(service: Service, verb: str, name: str) -> dict[str, Any]:
+    """`vergeai model load|unload NAME`: the model's state after, or the error."""
+    if name not in service.state.models:
+        return {"error": f"no model named {name[:100]!r}"}
+    try:
+        state = service.pool.load(name) if verb == "load" else service.pool.unload(name)
+    except ValueError as exc:
+        return {"error": str(exc)}
+    return {"ok": True, "state": state}
+
+
 async def start_admin_server(
     service: Service, state_dir: Path, listen: list[str]
 ) -> asyncio.AbstractServer | None:
@@ -69,6 +80,8 @@ async def start_admin_server(
             elif command == "reload":
                 service.refresh(force=True)
                 reply = {"ok": True}
+            elif command.startswith(("load ", "unload ")):
+                reply = load_or_unload(service, *command.split(" ", 1))
             else:
                 reply = {"error": f"unknown command {command[:40]!r}"}
             writer.write(json.dumps(reply).encode() + b"\n")

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from vergeai.api import anthropic, responses
+from vergeai.api import anthropic, model_admin, responses
 from vergeai.api.access import AccessLog
 from vergeai.api.chat import chat_completions
 from vergeai.api.completions import completions
@@ -80,6 +80,9 @@ def create_app(
         ),
         Route("/v1/models", guarded(list_models), methods=["GET"]),
         Route("/v1/models/{name:path}", guarded(get_model), methods=["GET"]),
+        Route("/models", guarded(model_admin.list_models), methods=["GET"]),
+        Route("/models/load", guarded(model_admin.load_model), methods=["POST"]),
+        Route("/models/unload", guarded(model_admin.unload_model), methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", guarded(metrics, open_when=metrics_open), methods=["GET"]),
     ]

@@ -202,3 +202,27 @@ def remove(name: str, yes: YesOption = False, state_dir: StateDirOption = None) 
             fail(f"assistants run model {name!r}: {', '.join(users)}; move or delete them first")
         del state.models[name]
     say(f"removed model {name}")
+
+
+def _ask(verb: str, name: str, state_dir: Path | None) -> None:
+    from vergeai.state.admin_socket import ask
+
+    root = store_for(state_dir).root
+    reply = ask(root, f"{verb} {name}", timeout=30.0)
+    if reply is None:
+        fail(f"the server is not running (start it with: vergeai serve --state-dir {root})", 3)
+    if "error" in reply:
+        fail(str(reply["error"]))
+    say(f"model {name} is {reply['state']}")
+
+
+@app.command("load")
+def load(name: str, state_dir: StateDirOption = None) -> None:
+    """Have the running server load a model now (it answers while loading)."""
+    _ask("load", name, state_dir)
+
+
+@app.command("unload")
+def unload(name: str, state_dir: StateDirOption = None) -> None:
+    """Have the running server unload a model: requests in flight finish first."""
+    _ask("unload", name, state_dir)

@@ -19,7 +19,6 @@ import numpy.typing as npt
 from vergeai.runtime.llama import LoadError, Model, decode_lock
 from vergeai.runtime.sampler import Sampler
 
-
 # a KV cache type: its ggml type, and bytes per element (q8_0 and q4_0 hold blocks of 32)
 KV_TYPES = {
     "f16": (llama_cpp.GGML_TYPE_F16, 2.0),
