@@ -221,8 +221,9 @@ def served(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterato
            "--flash-attn", "on")  # fmt: skip
     cli_ok(state, "model", "add", "nofa", "--file", model_path, *small, "--flash-attn", "off")
     broken = root / "broken.gguf"
-    broken.write_bytes(Path(model_path).read_bytes()[: 1 << 20])  # cut short: fails to load
+    broken.write_bytes(Path(model_path).read_bytes())
     cli_ok(state, "model", "add", "broken", "--file", str(broken), *small)
+    broken.write_bytes(broken.read_bytes()[: 1 << 20])  # cut short since: it fails to load
     for name, model in [("coder", "shared"), ("reviewer", "shared"), ("lazy", "lazy"),
                         ("q8", "q8"), ("nofa", "nofa"), ("broken", "broken")]:  # fmt: skip
         cli_ok(state, "assistant", "create", name, "--model", model)
@@ -308,8 +309,10 @@ def test_a_cold_model_loads_once_for_concurrent_requests_and_answers(served: Ser
 def test_an_idle_on_demand_model_unloads_and_loads_again(served: Served) -> None:
     assert served.chat("lazy").status_code == 200
     cli_ok(served.state, "model", "edit", "lazy", "--keep-alive", "0.5")
-    eventually(lambda: "lazy" not in served.loaded(), timeout=10, what="lazy unloaded")
-    assert served.workers()["models"]["lazy"] == "unloaded"
+    eventually(lambda: "lazy" not in served.loaded(), timeout=10, what="lazy unloading")
+    eventually(
+        lambda: served.workers()["models"]["lazy"] == "unloaded", timeout=10, what="unloaded"
+    )
     assert served.loaded()["shared"]  # an always model stays
     reply = served.chat("lazy")
     assert reply.status_code == 200, reply.text

@@ -770,7 +770,7 @@ def test_edit_switches_between_local_and_remote(tmp_path: Path, model_path: str)
     cli_ok(state, "assistant", "edit", "a", "--upstream", "none", "--model", model_path,
            "--chat-format", "gemma")  # fmt: skip
     shown = json.loads(cli_ok(state, "assistant", "list", "--json"))[0]
-    assert shown["model"] == model_path and shown["upstream"] == []
+    assert shown["model"] == Path(model_path).stem and shown["upstream"] == []
     code, _, err = run_cli(state, "assistant", "edit", "a", "--upstream-model", "m")
     assert code == 1 and "upstream servers" in err
     cli_ok(state, "assistant", "edit", "a", "--upstream", "http://h:3,http://h:4",

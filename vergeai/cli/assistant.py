@@ -117,7 +117,7 @@ def create(
     urls = upstream_urls(upstream, editing=False)
     if values["model"] is None and urls is None:
         raise typer.BadParameter(
-            "an assistant needs a model (or a GGUF file), or upstream servers (--upstream URL)",
+            "an assistant needs a model or a GGUF file, or upstream servers (--upstream URL)",
             param_hint="--model",
         )
     with failures():
@@ -145,7 +145,8 @@ def _load_settings(values: dict[str, Any], remote: bool) -> dict[str, Any]:
     given = [k for k, v in load.items() if v is not None]
     if remote and given:
         flag = settings.flag_of(given[0])
-        raise typer.BadParameter("is a setting of models here, not of upstreams", param_hint=flag)
+        why = "a setting of models here; upstream servers serve chat assistants with their own"
+        raise typer.BadParameter(why, param_hint=flag)
     if not remote:
         load["ctx"] = values.pop("ctx")
     return load

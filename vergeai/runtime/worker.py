@@ -195,6 +195,7 @@ class Worker:
             self._set_status(WorkerState.ERROR)
             log.error("model %s failed to load: %s", self.name, self.error)
             self._release()
+            self.ended_at = time.monotonic()
             return
         self._set_status(WorkerState.ONLINE)
         log.info("model %s loaded in %.2fs", self.name, self.load_seconds)

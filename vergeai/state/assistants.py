@@ -130,7 +130,9 @@ class Assistant:
         if self.remote:
             self._check_remote()
         elif not self.model:
-            raise RecordError("model", "must name a model (or give upstream servers)")
+            raise RecordError(
+                "model", "must name a model or a GGUF file (or give upstream servers)"
+            )
         defaults = {f.name: default_of(f) for f in fields(self)}
         for name in self.unused:
             if getattr(self, name) != defaults[name]:
