@@ -53,7 +53,7 @@ async def online_engine(service: Service, name: str, embedding: bool = False) ->
     if assistant is None:  # checked by the caller's authorization; gone since
         raise Unavailable(f"assistant {name!r} is not defined", retry_after=2)
     spec = service.state.model_of(assistant)
-    kind = spec.embedding if spec is not None else assistant.remote and False
+    kind = spec is not None and spec.embedding  # an upstream's assistant is a chat one
     if (spec is not None or assistant.remote) and kind != embedding:
         what = "an embedding" if kind else "a chat"
         use = "POST /v1/embeddings" if kind else "a chat or completion endpoint"
