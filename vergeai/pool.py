@@ -138,13 +138,8 @@ class Pool:
         """Each engine's figures, a model worker's with the assistants on it."""
         out = []
         for name, worker in sorted(self.models.items()):
-            out.append({**worker.stats(), "assistants": self.assistants_on(name)})
+            out.append({**worker.stats(), "assistants": self.state.assistants_on(name)})
         return out + [remote.stats() for _, remote in sorted(self.remotes.items())]
-
-    def assistants_on(self, model: str) -> list[str]:
-        return sorted(
-            n for n, a in self.state.assistants.items() if not a.remote and a.model == model
-        )
 
     # kept in step
 

@@ -37,7 +37,7 @@ def model_status(service: Service, name: str) -> dict[str, Any]:
         "created": int(spec.created.timestamp()),
         "path": spec.file,
         "load": spec.load,
-        "assistants": pool.assistants_on(name),
+        "assistants": service.state.assistants_on(name),
         "status": status,
     }
 

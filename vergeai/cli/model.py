@@ -110,7 +110,7 @@ def place(state: State, model: str, given: dict[str, Any], assistant: str) -> st
     if same_settings(changed, base):
         return model
     checked(changed, given)
-    others = [n for n, a in state.assistants.items() if a.model == model and n != assistant]
+    others = [n for n in state.assistants_on(model) if n != assistant]
     if not others:
         state.models[model] = changed
         return model
@@ -157,7 +157,7 @@ app.command("edit")(settings.command(_params(editing=True), edit))
 
 def model_row(state: State, spec: ModelRecord) -> dict[str, Any]:
     row = dataclasses.asdict(spec)
-    row["assistants"] = sorted(n for n, a in state.assistants.items() if a.model == spec.name)
+    row["assistants"] = state.assistants_on(spec.name)
     return row
 
 
@@ -197,7 +197,7 @@ def remove(name: str, yes: YesOption = False, state_dir: StateDirOption = None) 
     with failures(), store.transaction() as state:
         if name not in state.models:
             fail(f"no model named {name!r}")
-        users = sorted(n for n, a in state.assistants.items() if a.model == name)
+        users = state.assistants_on(name)
         if users:
             fail(f"assistants run model {name!r}: {', '.join(users)}; move or delete them first")
         del state.models[name]

@@ -53,6 +53,10 @@ class State:
         """The model a local assistant runs (None: a remote one, or a model not defined)."""
         return None if assistant.remote else self.models.get(assistant.model)
 
+    def assistants_on(self, model: str) -> list[str]:
+        """The names of the assistants that run the model, sorted."""
+        return sorted(n for n, a in self.assistants.items() if not a.remote and a.model == model)
+
     def display_model(self, assistant: Assistant) -> str:
         """The model's name as clients see it: the assistant's model_name, else the
         upstream's model id or the GGUF file's name."""
