@@ -10,7 +10,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vergeai.errors import VergeError
 
@@ -77,6 +77,14 @@ class GgufInfo:
     expected_size: int  # where the last tensor's data ends
     size: int
     chat_template: bool = False  # whether it carries its own (tokenizer.chat_template)
+    architecture: str = ""
+    numbers: dict[str, int] = field(default_factory=dict)  # its integer metadata by key
+    n_vocab: int = 0  # entries in tokenizer.ggml.tokens
+    tensor_bytes: int = 0  # its tensors' data, padding included
+
+    def number(self, key: str, default: int = 0) -> int:
+        """The architecture's integer metadata (``block_count``: ``gemma3.block_count``)."""
+        return self.numbers.get(f"{self.architecture}.{key}", default)
 
 
 class _Reader:
@@ -173,15 +181,25 @@ def _layout(data: mmap.mmap, size: int) -> GgufInfo:
             raise GgufError("corrupt header: implausible tensor or metadata count")
         alignment = DEFAULT_ALIGNMENT
         chat_template = False
+        architecture = ""
+        numbers: dict[str, int] = {}
+        n_vocab = 0
         for _ in range(n_kv):
             key = r.string()
             kind = r.unpack("I")
             start = r.pos
+            if key == b"general.architecture" and kind == STRING:
+                architecture = r.string()[:64].decode("utf-8", "replace")
+                continue
             value = r.value(kind)
+            if value is not None:
+                numbers[key[:256].decode("utf-8", "replace")] = value
             if key == b"general.alignment" and value:
                 alignment = value
             elif key == b"tokenizer.chat_template":
                 chat_template = kind == STRING and r.pos - start > 8  # a non-empty string
+            elif key == b"tokenizer.ggml.tokens" and kind == ARRAY:
+                n_vocab = _U64.unpack_from(data, start + 4)[0]
         end = 0
         for _ in range(n_tensors):
             r.string()
@@ -200,4 +218,6 @@ def _layout(data: mmap.mmap, size: int) -> GgufInfo:
     expected = data_start + end
     if size < expected:
         raise GgufError(f"truncated: {size} of {expected} bytes")
-    return GgufInfo(version, n_tensors, n_kv, expected, size, chat_template)
+    return GgufInfo(
+        version, n_tensors, n_kv, expected, size, chat_template, architecture, numbers, n_vocab, end
+    )

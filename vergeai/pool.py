@@ -2,8 +2,17 @@
 the replicas of each remote assistant; kept in step with the state dir.
 
 A model loads as its record says: ``always`` at start (and kept), ``on-demand``
-at its first request (and unloaded after ``keep_alive`` seconds idle), or
-never (``offline``); and only while an online assistant runs it.
+at its first request (and unloaded after ``keep_alive`` seconds idle, or a
+request's own ``keep_alive``), or never (``offline``); and only while an
+online assistant runs it.
+
+Under a ``memory_budget``, a model loads when its cost (measured at its last
+load, else estimated from its GGUF; see :mod:`vergeai.runtime.memory`) fits
+beside what the loaded models hold, weights of one file counted once. To
+make room, the least recently used idle on-demand models are unloaded; a
+model with a request in flight or queued, and an ``always`` one, never are.
+When nothing can be unloaded, :class:`NoRoom` says what holds the memory,
+and the request waits for a model to become idle.
 """
 
 from __future__ import annotations
@@ -11,10 +20,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from vergeai.errors import Unavailable
+from vergeai.gguf import GgufError
 from vergeai.runtime.engine import Engine, WorkerState
+from vergeai.runtime.memory import Cost, estimate
 from vergeai.runtime.worker import Worker
 from vergeai.state.assistants import Assistant
 from vergeai.state.models import ModelRecord
@@ -26,6 +39,19 @@ log = logging.getLogger("vergeai.pool")
 
 MAX_RESTART_DELAY = 60.0
 FAILED_RETRY_DELAY = 30.0  # seconds before a request loads an on-demand model that failed again
+MiB = 1 << 20
+
+
+class NoRoom(Unavailable):
+    """A model does not fit the memory budget beside the models loaded now."""
+
+    def __init__(self, message: str, freeing: bool) -> None:
+        super().__init__(message, retry_after=5)
+        self.freeing = freeing  # models are being unloaded for it: it may fit shortly
+
+
+class TooBig(Unavailable):
+    """A model that does not fit the memory budget even alone."""
 
 
 class Pool:
@@ -35,15 +61,28 @@ class Pool:
         self.remotes: dict[str, Remote] = {}  # by assistant name
         self.state = State()  # as last reconciled
         self.used: dict[str, float] = {}  # model name: time.monotonic() of its last request
+        self.keep: dict[str, float] = {}  # model name: the last request's keep_alive, if any
         self.load_timeout = 300.0  # seconds a request waits for its model to load
+        self.memory_budget = 0  # bytes the loaded models may hold; 0: no budget
+        self.memory_wait = 60.0  # seconds a request waits for room in the budget
+        self.loads: Counter[str] = Counter()  # by model: loads since start, and unloads
+        self.unloads: Counter[str] = Counter()
+        self._known: dict[str, tuple[tuple[Any, ...], Cost]] = {}  # model: (load key, cost)
         self._retiring: list[Engine] = []
         self._lock = threading.Lock()
 
+    def configure(self, load_timeout: float, memory_budget: int, memory_wait: float) -> None:
+        self.load_timeout = load_timeout
+        self.memory_budget = memory_budget
+        self.memory_wait = memory_wait
+
     # what the API asks
 
-    def engine_for(self, assistant: Assistant) -> Engine | None:
-        """The engine that answers for the assistant; an on-demand model starts loading.
-        None: there is none (a model offline or not defined)."""
+    def engine_for(self, assistant: Assistant, keep_alive: float | None = None) -> Engine | None:
+        """The engine that answers for the assistant; an on-demand model starts loading
+        (``keep_alive``: the request's own idle time before it unloads, <0 never).
+        None: there is none (a model offline or not defined); NoRoom or TooBig: it
+        does not fit the memory budget now."""
         if assistant.remote:
             return self.remotes.get(assistant.name)
         spec = self.state.models.get(assistant.model)
@@ -51,8 +90,13 @@ class Pool:
             return None
         with self._lock:
             self.used[spec.name] = time.monotonic()
+            if keep_alive is None:  # as Ollama: each request says, else the model's own
+                self.keep.pop(spec.name, None)
+            else:
+                self.keep[spec.name] = keep_alive
             worker = self.models.get(spec.name)
             if spec.load == "on-demand" and self._should_load(worker):
+                self._make_room(spec)
                 if worker is not None:
                     self._retire_model(spec.name)
                 log.info("loading model %s on demand", spec.name)
@@ -61,7 +105,8 @@ class Pool:
 
     def load(self, name: str) -> str:
         """An admin's load: the model's state after starting it (a failed one is tried
-        again); raises KeyError for a model not defined, ValueError for an offline one."""
+        again); raises KeyError for a model not defined, ValueError for an offline one,
+        NoRoom or TooBig for one that does not fit the memory budget."""
         spec = self.state.models[name]
         if spec.load == "offline":
             raise ValueError(f"model {name!r} is offline; 'vergeai model edit {name} --load …'")
@@ -72,6 +117,7 @@ class Pool:
                 self._retire_model(name)
                 worker = None
             if worker is None:
+                self._make_room(spec)
                 log.info("loading model %s (asked by an admin)", name)
                 self._start_model(spec)
         return self.model_state(name)
@@ -134,12 +180,117 @@ class Pool:
             return "busy" if worker.busy or worker.queued else "loaded"
         return str(state)
 
+    def model_info(self, name: str) -> dict[str, Any]:
+        """A model's state, memory (estimated before a load, measured after), when it was
+        last used and when it unloads if it stays idle (seconds from now)."""
+        spec = self.state.models[name]
+        worker = self.models.get(name)
+        now = time.monotonic()
+        used = self.used.get(name)
+        unloads_at = self.unloads_at(name)
+        estimated = worker.estimate if worker is not None else self.cost(spec)
+        measured = worker.measured if worker is not None else None
+        return {
+            "state": self.model_state(name),
+            "estimated_bytes": estimated.total,
+            "measured_bytes": measured.total if measured else None,
+            "last_used_seconds_ago": None if used is None else round(now - used, 1),
+            "unloads_in_seconds": (
+                None if unloads_at is None else round(max(0.0, unloads_at - now), 1)
+            ),
+        }
+
     def stats(self) -> list[dict[str, Any]]:
         """Each engine's figures, a model worker's with the assistants on it."""
         out = []
         for name, worker in sorted(self.models.items()):
             out.append({**worker.stats(), "assistants": self.state.assistants_on(name)})
         return out + [remote.stats() for _, remote in sorted(self.remotes.items())]
+
+    # the memory budget
+
+    def cost(self, spec: ModelRecord) -> Cost:
+        """What the model holds loaded: measured at its last load with these settings,
+        else estimated from its GGUF (nothing for a file that is not a whole GGUF: its
+        load fails at once)."""
+        known = self._known.get(spec.name)
+        if known is not None and known[0] == spec.load_key():
+            return known[1]
+        try:
+            cost = estimate(spec)
+        except GgufError:
+            cost = Cost(0, 0)
+        self._known[spec.name] = (spec.load_key(), cost)
+        return cost
+
+    def _holders(self) -> list[Worker]:
+        """Model workers that hold memory: loaded or loading, or unloading still."""
+        held = [w for w in self.models.values() if w.state != WorkerState.ERROR and w.alive()]
+        return held + [w for w in self._retiring if isinstance(w, Worker) and w.alive()]
+
+    @staticmethod
+    def _worker_cost(worker: Worker) -> Cost:
+        return worker.measured or worker.estimate
+
+    def _held(self, holders: list[Worker], spec: ModelRecord | None = None) -> int:
+        """Bytes the holders hold (and the model of ``spec`` would add): each file's
+        weights once, every context."""
+        weights: dict[tuple[str, int], int] = {}
+        total = 0
+        costs = [(w.spec, self._worker_cost(w)) for w in holders]
+        if spec is not None:
+            costs.append((spec, self.cost(spec)))
+        for s, cost in costs:
+            key = (str(Path(s.file).resolve()), s.gpu_layers)
+            weights[key] = max(weights.get(key, 0), cost.weights)
+            total += cost.context
+        return total + sum(weights.values())
+
+    def _make_room(self, spec: ModelRecord) -> None:
+        """Unload idle models until ``spec``'s model fits the budget; NoRoom if it does
+        not fit yet (``freeing``: models it unloaded are still freeing their memory),
+        TooBig if it never can."""
+        budget = self.memory_budget
+        if not budget:
+            return
+        need = self.cost(spec)
+        if self._held([], spec) > budget:
+            raise TooBig(
+                f"model {spec.name!r} needs {need.total / MiB:.0f} MiB, more than the "
+                f"memory_budget of {budget / MiB:.0f} MiB"
+            )
+        holders = self._holders()
+        if self._held(holders, spec) <= budget:
+            return
+        # models already unloading free their memory soon: unload more only if that is
+        # not enough
+        staying = [w for w in holders if self.models.get(w.name) is w]
+        if self._held(staying, spec) > budget:
+            idle = [w for w in staying if w.spec.load == "on-demand" and self._is_idle(w)]
+            idle.sort(key=lambda w: self.used.get(w.name, 0.0))
+            for n in range(1, len(idle) + 1):
+                kept = [w for w in staying if w not in idle[:n]]
+                if self._held(kept, spec) <= budget:
+                    for w in idle[:n]:
+                        log.info("unloading model %s to make room for %s", w.name, spec.name)
+                        self._retire_model(w.name)
+                    staying = kept
+                    break
+        freeing = self._held(staying, spec) <= budget
+        held = ", ".join(
+            f"{w.name} ({self._worker_cost(w).total / MiB:.0f} MiB, {self.model_state(w.name)})"
+            for w in holders
+        )
+        raise NoRoom(
+            f"model {spec.name!r} needs {need.total / MiB:.0f} MiB and the memory_budget of "
+            f"{budget / MiB:.0f} MiB is held by {held}",
+            freeing,
+        )
+
+    def memory(self) -> dict[str, int]:
+        """Bytes the loaded models hold, and the budget (0: none)."""
+        with self._lock:
+            return {"held": self._held(self._holders()), "budget": self.memory_budget}
 
     # kept in step
 
@@ -153,18 +304,32 @@ class Pool:
                     log.warning("restarting model %s (restart %d)", name, worker.restarts + 1)
                     self._start_model(spec, worker.restarts + 1)
                 elif spec is not None and spec.load == "on-demand" and self._idle(name, spec):
-                    log.info("unloading model %s: idle for %g s", name, spec.keep_alive)
+                    keep = self.keep.get(name, spec.keep_alive)
+                    log.info("unloading model %s: idle for %g s", name, keep)
                     self._retire_model(name)
             for remote in list(self.remotes.values()):
                 if remote.crashed and _due(remote):
                     self._start_remote(remote.assistant, remote.restarts + 1)
             self._retiring = [w for w in self._retiring if w.alive()]
 
+    @staticmethod
+    def _is_idle(worker: Worker) -> bool:
+        return worker.state == WorkerState.ONLINE and not worker.busy and not worker.queued
+
     def _idle(self, name: str, spec: ModelRecord) -> bool:
-        worker = self.models[name]
-        if worker.state != WorkerState.ONLINE or worker.busy or worker.queued:
+        """Idle past its keep-alive (the last request's, else the model's)."""
+        keep = self.keep.get(name, float(spec.keep_alive))
+        if keep < 0 or not self._is_idle(self.models[name]):
             return False
-        return time.monotonic() - self.used.get(name, 0.0) >= spec.keep_alive
+        return time.monotonic() - self.used.get(name, 0.0) >= keep
+
+    def unloads_at(self, name: str) -> float | None:
+        """When (time.monotonic()) an idle on-demand model unloads; None: not planned."""
+        spec = self.state.models.get(name)
+        keep = self.keep.get(name, float(spec.keep_alive if spec else -1))
+        if spec is None or spec.load != "on-demand" or keep < 0 or name not in self.models:
+            return None
+        return self.used.get(name, 0.0) + keep
 
     def reconcile(self, state: State, retry_failed: bool = False) -> None:
         """Load ``always`` models, unload models gone offline, changed, or that no online
@@ -193,6 +358,10 @@ class Pool:
                     worker.update(spec)
             for name, spec in state.models.items():
                 if spec.load == "always" and name in used and name not in self.models:
+                    try:
+                        self._make_room(spec)
+                    except Unavailable as exc:
+                        log.warning("%s; loading it anyway, as it is loaded always", exc)
                     log.info("loading model %s (%s)", name, spec.file)
                     self._start_model(spec)
             self._reconcile_remotes(state, retry_failed)
@@ -218,10 +387,11 @@ class Pool:
                 self._start_remote(wanted)
 
     def _start_model(self, spec: ModelRecord, restarts: int = 0) -> Worker:
-        worker = Worker(spec)
+        worker = Worker(spec, self.cost(spec))
         worker.restarts = restarts
         self.models[spec.name] = worker
         self.used.setdefault(spec.name, time.monotonic())
+        self.loads[spec.name] += 1
         worker.start()
         return worker
 
@@ -234,6 +404,11 @@ class Pool:
     def _retire_model(self, name: str) -> None:
         worker = self.models.pop(name)
         log.info("unloading model %s", name)
+        if worker.measured is not None:  # the next load is planned with what this one took
+            self._known[name] = (worker.spec.load_key(), worker.measured)
+        self.keep.pop(name, None)
+        if worker.state != WorkerState.ERROR:
+            self.unloads[name] += 1
         worker.stop()
         self._retiring.append(worker)
 

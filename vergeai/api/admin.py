@@ -16,21 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from vergeai import __version__
+from vergeai.errors import VergeError
+from vergeai.runtime.memory import resident_bytes
 from vergeai.service import Service
 from vergeai.state.admin_socket import SOCKET, ask
 
 log = logging.getLogger("vergeai.admin")
-
-
-def process_rss_bytes() -> int:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def workers_snapshot(service: Service, listen: list[str]) -> dict[str, Any]:
@@ -44,11 +35,15 @@ def workers_snapshot(service: Service, listen: list[str]) -> dict[str, Any]:
             "requests_served": c.requests,
             "in_flight": c.in_flight,
             "errors": c.errors,
-            "rss_bytes": process_rss_bytes(),
+            "rss_bytes": resident_bytes(),
             "requests_limited": service.limits.refused,
         },
         "workers": service.pool.stats(),
         "models": {name: service.pool.model_state(name) for name in sorted(service.state.models)},
+        "model_info": {
+            name: service.pool.model_info(name) for name in sorted(service.state.models)
+        },
+        "memory": service.pool.memory(),
         "assistants": {
             name: service.pool.state_of(a) for name, a in sorted(service.state.assistants.items())
         },
@@ -63,6 +58,8 @@ def load_or_unload(service: Service, verb: str, name: str) -> dict[str, Any]:
         state = service.pool.load(name) if verb == "load" else service.pool.unload(name)
     except ValueError as exc:
         return {"error": str(exc)}
+    except VergeError as exc:  # it does not fit the memory budget
+        return {"error": exc.message}
     return {"ok": True, "state": state}
 
 

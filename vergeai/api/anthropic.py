@@ -156,7 +156,7 @@ def to_chat(body: Any, count_only: bool = False) -> ChatRequest:
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
             raise bad("max_tokens", "is required: a positive integer")
         chat["max_tokens"] = tokens
-    for name in ("stream", "temperature", "top_p", "top_k"):
+    for name in ("stream", "temperature", "top_p", "top_k", "keep_alive"):
         if name in body:
             chat[name] = body[name]
     if "stop_sequences" in body:
@@ -208,7 +208,7 @@ async def _messages(request: Request) -> Response:
     req = to_chat(await read_json(request))
     check_assistant(caller, req.model, service.state)
     passage = gate(request, caller)
-    online = await online_engine(service, req.model)
+    online = await online_engine(service, req.model, keep_alive=req.keep_alive)
     gen = await dispatch.start(online, request.app.state.sessions, passage, req, None)
     reply = MessageReply(online.assistant.name, gen.jobs[0].prompt_tokens)
     if req.stream:

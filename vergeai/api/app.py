@@ -21,6 +21,8 @@ from vergeai.api.http import error_response
 from vergeai.api.metrics import Metrics, metrics
 from vergeai.api.models import get_model, list_models
 from vergeai.api.ops import health
+from vergeai.api.waiting import anthropic_error_event, responses_error_event
+from vergeai.api.waiting import streams_while_waiting as waits
 from vergeai.errors import InvalidRequest, NotFound, VergeError
 from vergeai.service import Service
 from vergeai.state.responses import Responses
@@ -61,11 +63,21 @@ def create_app(
     disable_created_metrics()  # type: ignore[no-untyped-call]
     stats = Metrics(service)
     routes = [
-        Route("/v1/chat/completions", guarded(chat_completions), methods=["POST"]),
-        Route("/v1/completions", guarded(completions), methods=["POST"]),
+        Route("/v1/chat/completions", guarded(waits(chat_completions)), methods=["POST"]),
+        Route("/v1/completions", guarded(waits(completions)), methods=["POST"]),
         Route("/v1/embeddings", guarded(embeddings), methods=["POST"]),
-        Route("/v1/messages", anthropic_guarded(anthropic.messages), methods=["POST"]),
-        Route("/v1/responses", guarded(responses.create_response), methods=["POST"]),
+        Route(
+            "/v1/messages",
+            anthropic_guarded(
+                waits(anthropic.messages, anthropic_error_event, anthropic.anthropic_error)
+            ),
+            methods=["POST"],
+        ),
+        Route(
+            "/v1/responses",
+            guarded(waits(responses.create_response, responses_error_event)),
+            methods=["POST"],
+        ),
         Route("/v1/responses/{id}", guarded(responses.get_response), methods=["GET"]),
         Route(
             "/v1/responses/{id}/input_items",

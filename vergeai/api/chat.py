@@ -53,7 +53,7 @@ async def chat_completions(request: Request) -> Response:
     session_id = session_id_of(request, req)
     check_assistant(caller, req.model, service.state)
     passage = gate(request, caller)
-    online = await online_engine(service, req.model)
+    online = await online_engine(service, req.model, keep_alive=req.keep_alive)
     gen = await dispatch.start(online, request.app.state.sessions, passage, req, session_id)
     reply = Reply(online.assistant.name, req.stream, bool(req.tools and req.tools.legacy))
     headers = {"X-Session-ID": session_id} if session_id else {}

@@ -153,7 +153,7 @@ async def completions(request: Request) -> Response:
     req = parse_completion_request(await read_json(request))
     check_assistant(caller, req.model, service.state)
     passage = gate(request, caller)
-    local = await local_engine(service, req.model, "/v1/completions")
+    local = await local_engine(service, req.model, "/v1/completions", keep_alive=req.keep_alive)
     grammar = await check_request(local.facts, req, grammar_spec(req))
     prompts = prompt_tokens(local, req)
     max_tokens = req.max_tokens or DEFAULT_MAX_TOKENS

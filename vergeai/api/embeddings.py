@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from vergeai.api.engines import Local, local_engine
-from vergeai.api.fields import FieldSpec, bad, check_fields, field_specs
+from vergeai.api.fields import FieldSpec, bad, check_fields, field_specs, keep_alive_field
 from vergeai.api.http import gate, read_json, unless_disconnected
 from vergeai.api.outputs import failure
 from vergeai.api.prompting import check_prompt
@@ -29,7 +29,7 @@ from vergeai.service import Service
 
 MAX_INPUTS = 2048  # OpenAI's
 EMBEDDING_FIELDS: tuple[FieldSpec, ...] = (
-    *field_specs("honoured", "model input encoding_format dimensions"),
+    *field_specs("honoured", "model input encoding_format dimensions keep_alive"),
     *field_specs("ignored", "user"),
 )
 FIELDS_BY_NAME = {f.name: f for f in EMBEDDING_FIELDS}
@@ -121,9 +121,10 @@ async def embeddings(request: Request) -> Response:
     encoding = body.get("encoding_format") or "float"
     if encoding not in ("float", "base64"):
         raise bad("encoding_format", "must be float or base64")
+    keep_alive = keep_alive_field(body.get("keep_alive"))
     check_assistant(caller, model, service.state)
     passage = gate(request, caller)
-    local = await local_engine(service, model, "/v1/embeddings", embedding=True)
+    local = await local_engine(service, model, "/v1/embeddings", True, keep_alive)
     n_embd = local.facts.model.n_embd
     dimensions = body.get("dimensions")
     if dimensions is not None and dimensions != n_embd:

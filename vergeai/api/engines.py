@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 from vergeai.errors import InvalidRequest, Unavailable
+from vergeai.pool import NoRoom
 from vergeai.runtime.engine import Engine, ModelFacts, WorkerState
 from vergeai.service import Service
 from vergeai.state.assistants import Assistant
@@ -41,11 +42,15 @@ class Local:
         return self.engine.name
 
 
-async def online_engine(service: Service, name: str, embedding: bool = False) -> Online:
+async def online_engine(
+    service: Service, name: str, embedding: bool = False, keep_alive: float | None = None
+) -> Online:
     """The assistant's engine, ready for this kind of request, or the error to answer.
 
-    A model that is loading (an on-demand model's first request starts it) is
-    waited for, up to the server's ``load_timeout``. A remote assistant's
+    A model that does not fit the memory budget yet is waited for, up to the
+    server's ``memory_wait``; one that is loading (an on-demand model's first
+    request starts it), up to its ``load_timeout``. ``keep_alive``: the
+    request's own idle time before its model unloads. A remote assistant's
     replicas are chosen per request (each attempt may find one recovered), so
     only a local engine's state is checked here.
     """
@@ -65,7 +70,7 @@ async def online_engine(service: Service, name: str, embedding: bool = False) ->
             f"assistant {name!r} is offline; an admin can bring it online with "
             f"'vergeai assistant online {name}'"
         )
-    engine = service.pool.engine_for(assistant)
+    engine = await _room(service, assistant, keep_alive)
     if engine is None:
         raise Unavailable(_missing(name, assistant.model, spec))
     if assistant.remote:
@@ -87,6 +92,23 @@ def _missing(name: str, model: str, spec: ModelRecord | None) -> str:
             f"with 'vergeai model edit {model} --load on-demand'"
         )
     return f"assistant {name!r} is offline: its model {model!r} is not loaded"
+
+
+async def _room(service: Service, assistant: Assistant, keep_alive: float | None) -> Engine | None:
+    """The assistant's engine, once its model fits the memory budget (NoRoom after
+    ``memory_wait`` seconds)."""
+    pool = service.pool
+    deadline = time.monotonic() + pool.memory_wait
+    while True:
+        try:
+            return pool.engine_for(assistant, keep_alive)
+        except NoRoom as exc:
+            if time.monotonic() >= deadline:
+                raise NoRoom(
+                    f"{exc.message}; waited {pool.memory_wait:g} s for one to become idle",
+                    exc.freeing,
+                ) from None
+            await asyncio.sleep(0.05 if exc.freeing else 0.25)
 
 
 async def _loaded(engine: Engine, name: str, timeout: float) -> None:
@@ -115,10 +137,14 @@ def _check_state(engine: Engine, name: str) -> None:
 
 
 async def local_engine(
-    service: Service, name: str, endpoint: str, embedding: bool = False
+    service: Service,
+    name: str,
+    endpoint: str,
+    embedding: bool = False,
+    keep_alive: float | None = None,
 ) -> Local:
     """:func:`online_engine` for endpoints that need the model here, not an upstream's."""
-    online = await online_engine(service, name, embedding)
+    online = await online_engine(service, name, embedding, keep_alive)
     if online.facts is None:
         raise InvalidRequest(
             f"assistant {name!r} is served by upstream servers, which get chat requests only; "

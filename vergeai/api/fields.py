@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -32,7 +33,7 @@ log = logging.getLogger("vergeai.api")
 SAMPLING_FIELDS = (
     "model stream stream_options max_tokens n_predict temperature top_p top_k min_p stop seed "
     "presence_penalty frequency_penalty repeat_penalty repeat_last_n logit_bias grammar n "
-    "cache_salt"
+    "cache_salt keep_alive"
 )
 # accepted for compatibility; they change nothing here
 IGNORED_FIELDS = (
@@ -93,6 +94,7 @@ class Sampled:
     top_logprobs: int | None = None  # None: no logprobs
     n: int = 1  # choices
     cache_salt: str | None = None  # vLLM's: cached prefixes are shared only under the same salt
+    keep_alive: float | None = None  # Ollama's: seconds the model stays loaded idle; <0 ever
 
 
 def sampled(body: dict[str, Any], table: dict[str, FieldSpec]) -> dict[str, Any]:
@@ -127,6 +129,7 @@ def sampled(body: dict[str, Any], table: dict[str, FieldSpec]) -> dict[str, Any]
         schema_param=param,
         n=integer(body, "n", 1, MAX_CHOICES) or 1,
         cache_salt=cache_salt_field(body.get("cache_salt")),
+        keep_alive=keep_alive_field(body.get("keep_alive")),
     )
 
 
@@ -271,6 +274,27 @@ def cache_salt_field(value: Any) -> str | None:
     if not isinstance(value, str) or not 1 <= len(value) <= MAX_SALT:
         raise bad("cache_salt", f"must be a string of 1-{MAX_SALT} characters")
     return value
+
+
+DURATION_RE = re.compile(r"(-?\d{1,9}(?:\.\d{1,6})?)(ms|s|m|h)?")
+DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+MAX_KEEP_ALIVE = 366 * 86_400.0
+
+
+def keep_alive_field(value: Any) -> float | None:
+    """Ollama's keep_alive: seconds, or a duration ("90s", "5m", "1h"); negative: kept
+    loaded until a request says otherwise; 0: unloaded once idle."""
+    if value is None:
+        return None
+    if isinstance(value, str) and (match := DURATION_RE.fullmatch(value.strip())):
+        seconds = float(match[1]) * DURATION_UNITS[match[2]]
+    elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        seconds = float(value)
+    else:
+        raise bad("keep_alive", 'must be seconds or a duration such as "5m" or "1h"')
+    if seconds > MAX_KEEP_ALIVE:
+        raise bad("keep_alive", "must be at most a year; a negative value keeps the model loaded")
+    return -1.0 if seconds < 0 else seconds
 
 
 def grammar_field(value: Any) -> str | None:

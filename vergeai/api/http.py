@@ -54,9 +54,11 @@ async def read_json(request: Request, limit: int = MAX_BODY) -> Any:
     if not body:
         raise InvalidRequest("the request body is empty; expected a JSON object")
     value = parse_json(bytes(body))
-    if isinstance(value, dict) and isinstance(value.get("model"), str):
-        # the log and the usage record name the assistant even if the request is refused
-        record_of(request).assistant = value["model"]
+    if isinstance(value, dict):
+        if isinstance(value.get("model"), str):
+            # the log and the usage record name the assistant even if the request is refused
+            record_of(request).assistant = value["model"]
+        record_of(request).streaming = value.get("stream") is True
     return value
 
 

@@ -40,12 +40,39 @@ class PoolCollector(Collector):
         loaded = GaugeMetricFamily(
             "vergeai:model_loaded", "1 when the model is loaded and serving.", labels=labels
         )
-        for name, worker in sorted(self.service.pool.models.items()):
+        memory = GaugeMetricFamily(
+            "vergeai:model_memory_bytes",
+            "Memory the loaded model holds: estimated before its load, measured after.",
+            labels=["model", "kind"],
+        )
+        pool = self.service.pool
+        for name, worker in sorted(pool.models.items()):
             processing.add_metric([name], worker.busy)
             deferred.add_metric([name], worker.queued)
             load.add_metric([name], worker.load_seconds)
             loaded.add_metric([name], 1.0 if worker.state == "online" else 0.0)
-        yield from (processing, deferred, load, loaded)
+            memory.add_metric([name, "estimated"], worker.estimate.total)
+            if worker.measured is not None:
+                memory.add_metric([name, "measured"], worker.measured.total)
+        yield from (processing, deferred, load, loaded, memory)
+        loads = CounterMetricFamily("vergeai:model_loads", "Loads of the model.", labels=labels)
+        unloads = CounterMetricFamily(
+            "vergeai:model_unloads", "Unloads of the model (idle, evicted or asked).", labels=labels
+        )
+        for name, count in sorted(pool.loads.items()):
+            loads.add_metric([name], count)
+        for name, count in sorted(pool.unloads.items()):
+            unloads.add_metric([name], count)
+        held = pool.memory()
+        yield from (loads, unloads)
+        yield GaugeMetricFamily(
+            "vergeai:memory_held_bytes", "Memory the loaded models hold.", value=held["held"]
+        )
+        yield GaugeMetricFamily(
+            "vergeai:memory_budget_bytes",
+            "The memory budget of the loaded models (0: none).",
+            value=held["budget"],
+        )
         yield from self._upstreams()
         limited = CounterMetricFamily(
             "vergeai:requests_limited",

@@ -26,7 +26,8 @@ def model_status(service: Service, name: str) -> dict[str, Any]:
     spec = service.state.models[name]
     pool = service.pool
     worker = pool.models.get(name)
-    status: dict[str, Any] = {"value": pool.model_state(name)}
+    info = pool.model_info(name)
+    status: dict[str, Any] = {"value": info.pop("state")}
     if worker is not None and worker.problem:
         status["failed"] = True
         status["error"] = worker.problem
@@ -39,6 +40,7 @@ def model_status(service: Service, name: str) -> dict[str, Any]:
         "load": spec.load,
         "assistants": service.state.assistants_on(name),
         "status": status,
+        **info,
     }
 
 

@@ -29,6 +29,7 @@ class RequestRecord:
     gate: Gate | None = None  # the caller's way through its limits, once checked
     usage: dict[str, Any] = field(default_factory=dict)  # OpenAI's usage of the answer
     ttft: float | None = None  # seconds to the first token
+    streaming: bool = False  # the body asks for a stream ("stream": true)
 
     @property
     def user(self) -> str:

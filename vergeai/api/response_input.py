@@ -8,7 +8,16 @@ from vergeai.api.fields import bad
 
 TEXT_PARTS = ("input_text", "output_text", "text")
 REFUSED = ("background", "conversation", "prompt")  # asynchronous runs, stored prompts
-PASSED = ("temperature", "top_p", "top_k", "min_p", "seed", "parallel_tool_calls", "stream")
+PASSED = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "parallel_tool_calls",
+    "stream",
+    "keep_alive",
+)
 
 
 def _content(value: Any, where: str) -> str:

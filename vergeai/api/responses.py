@@ -89,7 +89,7 @@ async def create_response(request: Request) -> Response:
     req = parse_chat_request(chat_body(body, system + conversation))
     check_assistant(caller, req.model, service.state)
     passage = gate(request, caller)
-    online = await online_engine(service, req.model)
+    online = await online_engine(service, req.model, keep_alive=req.keep_alive)
     gen = await dispatch.start(online, request.app.state.sessions, passage, req, None)
     reply = ResponseReply(reply_id, online.assistant.name, body, previous, store)
 

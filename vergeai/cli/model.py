@@ -164,11 +164,32 @@ def model_row(state: State, spec: ModelRecord) -> dict[str, Any]:
 @app.command("list")
 def list_models(json_: JsonOption = False, state_dir: StateDirOption = None) -> None:
     """List models, with the assistants on each."""
+    from vergeai.cli.workers import memory_text
+    from vergeai.state.admin_socket import ask
+
+    store = store_for(state_dir)
     with failures():
-        state = store_for(state_dir).load()
-    rows = [model_row(state, m) for _, m in sorted(state.models.items())]
-    columns = ["name", "file", "load", "ctx", "parallel", "embedding", "assistants"]
+        state = store.load()
+    running = ask(store.root, "workers", timeout=2.0) if store.root.exists() else None
+    infos = running.get("model_info", {}) if running else {}
+    rows = []
+    for name, spec in sorted(state.models.items()):
+        row = model_row(state, spec)
+        info = infos.get(name) or {"state": "not running", **_estimated(spec)}
+        row.update(info)
+        row["memory"] = memory_text(info)
+        rows.append(row)
+    columns = ["name", "file", "load", "ctx", "parallel", "assistants", "state", "memory"]
     print_rows("models", columns, rows, json_)
+
+
+def _estimated(spec: ModelRecord) -> dict[str, Any]:
+    from vergeai.runtime.memory import estimate
+
+    try:
+        return {"estimated_bytes": estimate(spec).total, "measured_bytes": None}
+    except GgufError:
+        return {"estimated_bytes": None, "measured_bytes": None}
 
 
 @app.command("show")

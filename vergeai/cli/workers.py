@@ -49,12 +49,33 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{s:02d}s"
 
 
+def _budget(memory: dict[str, int]) -> str:
+    held = _bytes(memory.get("held")) if memory.get("held") else "0"
+    return f"{held} of {_bytes(memory['budget'])}" if memory.get("budget") else f"{held}, no budget"
+
+
 def _limited(refused: dict[str, int]) -> str:
     """429s by limit: "requests 3, concurrency 1", or 0."""
     return ", ".join(f"{reason} {n}" for reason, n in refused.items() if n) or "0"
 
 
-def _worker_fields(w: dict[str, Any]) -> list[tuple[str, str]]:
+def memory_text(info: dict[str, Any]) -> str:
+    """Estimated before the load, measured after: "312.4 MiB (estimated 340.2 MiB)"."""
+    estimated = _bytes(info.get("estimated_bytes"))
+    if info.get("measured_bytes") is None:
+        return f"{estimated} estimated"
+    return f"{_bytes(info['measured_bytes'])} (estimated {estimated})"
+
+
+def _when(info: dict[str, Any]) -> tuple[str, str]:
+    used, unloads = info.get("last_used_seconds_ago"), info.get("unloads_in_seconds")
+    return (
+        "-" if used is None else f"{_duration(used)} ago",
+        "kept loaded" if unloads is None else f"in {_duration(unloads)} if idle",
+    )
+
+
+def _worker_fields(w: dict[str, Any], info: dict[str, Any]) -> list[tuple[str, str]]:
     state = w["state"] if not w["error"] else f"{w['state']}: {w['error']}"
     return [
         ("assistants", ", ".join(w["assistants"]) or "-"),
@@ -63,8 +84,11 @@ def _worker_fields(w: dict[str, Any]) -> list[tuple[str, str]]:
         ("context", f"{w['ctx']} tokens x {w['parallel']} slots"),
         ("CPU threads", str(w["threads"])),
         ("GPU layers", str(w["gpu_layers"])),
-        ("model memory", _bytes(w["model_bytes"])),
+        ("memory", memory_text(info)),
+        ("model weights", _bytes(w["model_bytes"])),
         ("KV cache", _bytes(w["kv_cache_bytes"])),
+        ("last used", _when(info)[0]),
+        ("unloads", _when(info)[1]),
         ("requests served", str(w["requests_served"])),
         ("busy slots", f"{w['busy_slots']}/{w['parallel']}"),
         ("queue depth", str(w["queue_depth"])),
@@ -92,6 +116,7 @@ def render(snapshot: dict[str, Any]) -> Group:
         ("errors", str(h["errors"])),
         ("refused for limits", _limited(h.get("requests_limited", {}))),
         ("process RSS", _bytes(h["rss_bytes"])),
+        ("models' memory", _budget(snapshot.get("memory", {}))),
     ]:
         helper.add_row(field, value)
     parts: list[Any] = [helper]
@@ -101,7 +126,8 @@ def render(snapshot: dict[str, Any]) -> Group:
     remote = [w for w in snapshot["workers"] if w.get("remote")]
     if local:
         heads = [w["model"] for w in local]
-        columns = [_worker_fields(w) for w in local]
+        infos = snapshot.get("model_info", {})
+        columns = [_worker_fields(w, infos.get(w["model"], {})) for w in local]
         parts.append(_fields_across("model workers", "model", heads, columns))
     shown = {w["model"] for w in local}
     idle = {n: s for n, s in snapshot.get("models", {}).items() if n not in shown}

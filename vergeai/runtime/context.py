@@ -17,13 +17,13 @@ import numpy as np
 import numpy.typing as npt
 
 from vergeai.runtime.llama import LoadError, Model, decode_lock
+from vergeai.runtime.memory import N_BATCH
 from vergeai.runtime.sampler import Sampler
 
-# a KV cache type: its ggml type, and bytes per element (q8_0 and q4_0 hold blocks of 32)
 KV_TYPES = {
-    "f16": (llama_cpp.GGML_TYPE_F16, 2.0),
-    "q8_0": (llama_cpp.GGML_TYPE_Q8_0, 34 / 32),
-    "q4_0": (llama_cpp.GGML_TYPE_Q4_0, 18 / 32),
+    "f16": llama_cpp.GGML_TYPE_F16,
+    "q8_0": llama_cpp.GGML_TYPE_Q8_0,
+    "q4_0": llama_cpp.GGML_TYPE_Q4_0,
 }
 FLASH_ATTN = {
     "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
@@ -52,7 +52,7 @@ class Context:
         """
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx_seq * n_seq
-        n_batch = 512 if pooling is None else max(512, n_ctx_seq)
+        n_batch = N_BATCH if pooling is None else max(N_BATCH, n_ctx_seq)
         params.n_batch = n_batch
         params.n_ubatch = n_batch
         if pooling is not None:
@@ -71,8 +71,7 @@ class Context:
         params.swa_full = False
         params.kv_unified = pooling is not None
         params.no_perf = True
-        ggml_type, kv_element_bytes = KV_TYPES[kv_type]
-        params.type_k = params.type_v = ggml_type
+        params.type_k = params.type_v = KV_TYPES[kv_type]
         params.flash_attn_type = FLASH_ATTN[flash_attn]
         ptr = llama_cpp.llama_init_from_model(model.ptr, params)
         if not ptr:
@@ -82,8 +81,6 @@ class Context:
         self.model = model
         self.n_seq = n_seq
         self.n_ctx_seq = llama_cpp.llama_n_ctx(ptr) // n_seq
-        f16_bytes = llama_cpp.llama_n_ctx(ptr) * model.kv_bytes_per_token()
-        self.kv_bytes = int(f16_bytes * kv_element_bytes / 2)
         self.n_batch = n_batch
         self.memory = llama_cpp.llama_get_memory(ptr)
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, n_seq)

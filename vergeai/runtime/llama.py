@@ -131,16 +131,6 @@ class Model:
             return int(llama_cpp.LLAMA_POOLING_TYPE_MEAN)
         return pooling
 
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of f16 K and V cache one token takes across all layers."""
-        arch = self.meta("general.architecture") or ""
-        n_head = max(1, llama_cpp.llama_model_n_head(self.ptr))
-        head = llama_cpp.llama_model_n_embd(self.ptr) // n_head
-        k = int(self.meta(f"{arch}.attention.key_length") or head)
-        v = int(self.meta(f"{arch}.attention.value_length") or head)
-        n_kv = llama_cpp.llama_model_n_head_kv(self.ptr)
-        return int(llama_cpp.llama_model_n_layer(self.ptr) * n_kv * (k + v) * 2)
-
     def chat_template(self) -> str | None:
         raw = llama_cpp.llama_model_chat_template(self.ptr, None)
         return raw.decode("utf-8", "replace") if raw else None

@@ -28,6 +28,7 @@ from vergeai.runtime.context import Context
 from vergeai.runtime.engine import ModelFacts, WorkerState
 from vergeai.runtime.job import Failed, Job, Task, hand_over, hold_events
 from vergeai.runtime.llama import Model, shared_models
+from vergeai.runtime.memory import Cost, buffer_bytes, kv_bytes, resident_bytes
 from vergeai.runtime.runner import Runner, Served
 from vergeai.runtime.scheduler import Scheduler
 from vergeai.runtime.templating import build_template
@@ -39,11 +40,16 @@ log = logging.getLogger("vergeai.worker")
 RESTART_RETRY_AFTER = 2
 # seconds one step (decode, masks, sampling) may take before the worker is degraded
 STEP_BOUND = 60.0
+# one model loads at a time, so that the resident memory a load adds is its own
+LOAD_LOCK = threading.Lock()
 
 
 class Worker:
-    def __init__(self, spec: ModelRecord) -> None:
+    def __init__(self, spec: ModelRecord, estimate: Cost) -> None:
         self.spec = spec  # the model record it loads; the pool updates what needs no reload
+        self.estimate = estimate  # its memory, before it loads
+        self.measured: Cost | None = None  # once loaded: what the load added (see _load)
+        self.kv_bytes = 0
         self.name = spec.name
         self.status = WorkerState.LOADING
         self.error: str | None = None
@@ -151,7 +157,9 @@ class Worker:
             "threads": a.threads or os.cpu_count() or 1,
             "gpu_layers": a.gpu_layers,
             "model_bytes": self.model.size_bytes if self.model else 0,
-            "kv_cache_bytes": self.ctx.kv_bytes if self.ctx else 0,
+            "kv_cache_bytes": self.kv_bytes,
+            "estimated_bytes": self.estimate.total,
+            "measured_bytes": self.measured.total if self.measured else None,
             "requests_served": self.served.requests,
             "busy_slots": self.busy,
             "queue_depth": self.queued,
@@ -226,20 +234,30 @@ class Worker:
         """Load the model (shared with other workers on its file) and make its context."""
         t0 = time.perf_counter()
         a = self.spec
-        check_gguf(a.file)
-        self.model = model = shared_models.acquire(a.file, a.gpu_layers)
-        keeper = model.n_swa > 0 and not a.embedding  # see Prefixes.keeper
-        template = None
-        if a.embedding:
-            ctx = Context(
-                model, a.ctx, a.parallel, a.threads, model.pooling(), a.kv_type, a.flash_attn
+        info = check_gguf(a.file)
+        with LOAD_LOCK:
+            before = resident_bytes()
+            self.model = model = shared_models.acquire(a.file, a.gpu_layers)
+            with_weights = resident_bytes()
+            keeper = model.n_swa > 0 and not a.embedding  # see Prefixes.keeper
+            template = None
+            if a.embedding:
+                ctx = Context(
+                    model, a.ctx, a.parallel, a.threads, model.pooling(), a.kv_type, a.flash_attn
+                )
+            else:
+                template = build_template(a, model)
+                ctx = Context(
+                    model, a.ctx, a.parallel + keeper, a.threads, None, a.kv_type, a.flash_attn
+                )
+            self.ctx = ctx
+            # the weights a load of the same file shares add nothing; the compute and
+            # output buffers are resident only once the largest steps have run
+            self.measured = Cost(
+                max(0, with_weights - before),
+                max(0, resident_bytes() - with_weights) + buffer_bytes(info, a),
             )
-        else:
-            template = build_template(a, model)
-            ctx = Context(
-                model, a.ctx, a.parallel + keeper, a.threads, None, a.kv_type, a.flash_attn
-            )
-        self.ctx = ctx
+        self.kv_bytes = kv_bytes(info, a)
         self.sched = Scheduler(ctx, a.parallel, keeper)
         self.load_seconds = time.perf_counter() - t0
         self._facts = ModelFacts(ctx.n_ctx_seq, model, template, a.embedding)

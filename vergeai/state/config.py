@@ -31,6 +31,8 @@ class ServerConfig:
     cache_scope: str = "user"
     store_mb_per_user: int = 256  # of chat history, and of stored responses, each
     load_timeout: float = 300.0  # seconds a request waits for its model to load
+    memory_budget: int = 0  # bytes the loaded models may hold together; 0: no budget
+    memory_wait: float = 60.0  # seconds a request waits for room in the memory budget
 
     def check(self, where: str) -> ServerConfig:
         def bad(name: str, why: str) -> StateError:
@@ -54,6 +56,10 @@ class ServerConfig:
             raise bad("store_mb_per_user", "must be between 1 and 1000000")
         if not 1 <= self.load_timeout <= 86_400:
             raise bad("load_timeout", "must be between 1 and 86400")
+        if not 0 <= self.memory_budget <= 1 << 50:
+            raise bad("memory_budget", "must be a number of bytes, 0 for none")
+        if not 0 <= self.memory_wait <= 3600:
+            raise bad("memory_wait", "must be between 0 and 3600")
         if not 1 <= self.usage_days <= 36_500:
             raise bad("usage_days", "must be between 1 and 36500")
         if (self.certfile is None) != (self.keyfile is None):
