@@ -235,6 +235,7 @@ FIELDS: dict[str, Any] = {
     "tools": [WEATHER],
     "tool_choice": {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True},
     "metadata": {"user_id": "u-1"},
+    "keep_alive": "20m",
 }
 
 

@@ -180,6 +180,7 @@ CASES: dict[str, Any] = {
     "response_format": {"type": "json_object"},
     "json_schema": {"type": "object", "properties": {"a": {"type": "integer"}}},
     "cache_salt": "tenant-7",
+    "keep_alive": "20m",
     # ignored
     "user": "alice",
     "cache_prompt": False,

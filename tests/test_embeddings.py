@@ -7,6 +7,7 @@ mean of its token outputs, L2-normalised.
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,7 +44,9 @@ def env(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Iterator[E
     state = root / "state"
     cli_ok(state, "user", "create", "u")
     common = ["--model", model_path, "--threads", "2", "--ctx", "128"]
-    cli_ok(state, "assistant", "create", "emb", *common, "--embedding", "--parallel", "2")
+    cli_ok(state, "model", "add", "emb", "--file", model_path, "--threads", "2", "--ctx", "128",
+           "--embedding", "--parallel", "2")  # fmt: skip
+    cli_ok(state, "assistant", "create", "emb", "--model", "emb")  # loaded on demand
     cli_ok(state, "assistant", "create", "gemma", *common, "--chat-format", "gemma")
     token = cli_ok(state, "key", "create", "--user", "u", "--name", "k").strip()
     server = Server(state_dir=state, port=free_port(), log_path=root / "serve.log")
@@ -107,13 +110,17 @@ def test_many_inputs_come_back_in_order(env: Env) -> None:
 def test_every_field_while_another_request_embeds(env: Env) -> None:
     tokens = env.model.tokenize(TAX, add_special=True)
     fields = {"input": [CAT, tokens], "encoding_format": "base64",
-              "dimensions": env.model.n_embd, "user": "alice"}  # fmt: skip
+              "dimensions": env.model.n_embd, "user": "alice", "keep_alive": "45m"}  # fmt: skip
     with ThreadPoolExecutor(1) as pool:
         other = pool.submit(env.post, input=[f"Line {i} of a long list." for i in range(24)])
         response = env.post(**fields)
         assert response.status_code == 200, response.text
         assert other.result().status_code == 200
     assert len(response.json()["data"]) == 2
+    assert env.post(input=CAT, keep_alive="45m").status_code == 200  # alone: it is the last
+    snapshot = json.loads(cli_ok(env.server.state_dir, "workers", "--json"))
+    unloads_in = snapshot["model_info"]["emb"]["unloads_in_seconds"]
+    assert 2600 < unloads_in <= 2700  # the request's keep_alive, not the model's 900 s
 
 
 def test_langchain_embeddings(env: Env) -> None:
@@ -159,6 +166,7 @@ def test_models_say_which_kind(env: Env) -> None:
         ({"input": ["a", "word " * 400]}, "input[1]"),
         ({"input": "a", "encoding_format": "hex"}, "encoding_format"),
         ({"input": "a", "dimensions": 5}, "dimensions"),
+        ({"input": "a", "keep_alive": "soon"}, "keep_alive"),
         ({"input": "a", "model": ""}, "model"),
         ({"input": "a", "model": "gemma"}, "model"),
     ],

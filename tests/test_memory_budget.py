@@ -146,24 +146,25 @@ def test_a_streamed_request_waiting_for_room_gets_comment_lines_then_tokens(
         for name in ("a", "b")
     ]
     lines: list[str] = []
-    with streams[0], streams[1]:  # both models busy: c waits for one to become idle
-        with (
-            budgeted.server.http(budgeted.token) as http,
-            http.stream(
-                "POST",
-                "/v1/chat/completions",
-                json={
-                    "model": "c",
-                    "messages": [{"role": "user", "content": "Say hello."}],
-                    "max_tokens": 3,
-                    "logit_bias": NO_EOS,
-                    "stream": True,
-                },
-            ) as response,
-        ):
-            assert response.status_code == 200
-            assert response.headers["content-type"].startswith("text/event-stream")
-            lines = [line for line in response.iter_lines() if line]
+    with (
+        streams[0],  # both models busy: c waits for one to become idle
+        streams[1],
+        budgeted.server.http(budgeted.token) as http,
+        http.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={
+                "model": "c",
+                "messages": [{"role": "user", "content": "Say hello."}],
+                "max_tokens": 3,
+                "logit_bias": NO_EOS,
+                "stream": True,
+            },
+        ) as response,
+    ):
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
     assert all(s.completed() for s in streams)
     assert lines[0] == ": waiting", lines[:3]
     data = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
@@ -278,9 +279,7 @@ def test_a_request_sets_how_long_its_model_stays_loaded(
 def test_keep_alive_zero_unloads_the_model_once_idle(budgeted: Budgeted) -> None:
     budgeted.settle("a", "b")
     with budgeted.server.http(budgeted.token) as http:
-        reply = http.post(
-            "/v1/embeddings", json={"model": "a", "input": "x", "keep_alive": 0}
-        )
+        reply = http.post("/v1/embeddings", json={"model": "a", "input": "x", "keep_alive": 0})
         assert reply.status_code == 400  # a chat model: refused, and nothing changes
     assert budgeted.workers()["model_info"]["a"]["unloads_in_seconds"] > 500
     assert budgeted.chat("a", keep_alive=0).status_code == 200

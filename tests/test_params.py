@@ -79,6 +79,7 @@ CASES: dict[str, Any] = {
     "session_id": "matrix-session",
     "grammar": 'root ::= "yes" | "no"',
     "cache_salt": "tenant-7",
+    "keep_alive": "20m",
     "response_format": {
         "type": "json_schema",
         "json_schema": {

@@ -407,6 +407,7 @@ FIELDS: dict[str, Any] = {
     },
     "reasoning": {"effort": "none"},
     "metadata": {"team": "search"},
+    "keep_alive": "20m",
 }
 COMPANIONS: dict[str, dict[str, Any]] = {
     "tool_choice": {"tools": [WEATHER]},
