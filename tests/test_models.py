@@ -439,3 +439,52 @@ def test_model_load_and_unload_from_the_shell(served: Served, tmp_path: Path) ->
     assert code == 1 and "no model named 'nope'" in err
     code, _, err = run_cli(tmp_path / "nothing", "model", "load", "q8")
     assert code == 3 and "not running" in err
+
+
+SYSTEM = " ".join(f"Rule {i}: answer in plain words, briefly and kindly." for i in range(20))
+
+
+def test_cached_prefixes_survive_an_unload(served: Served) -> None:
+    def ask(question: str) -> dict[str, Any]:
+        with served.server.http(served.token) as http:
+            reply = http.post(
+                "/v1/chat/completions",
+                json={
+                    "model": "lazy",
+                    "messages": [
+                        {"role": "system", "content": SYSTEM},
+                        {"role": "user", "content": question},
+                    ],
+                    "max_tokens": 2,
+                },
+            )
+        assert reply.status_code == 200, reply.text
+        body: dict[str, Any] = reply.json()
+        return body
+
+    first = ask("What is a cat?")
+    system_tokens = first["usage"]["prompt_tokens"] - 10  # all but the question and framing
+    assert system_tokens > 150
+    cli_ok(served.state, "model", "unload", "lazy")
+    eventually(lambda: "lazy" not in served.loaded(), timeout=10, what="lazy unloaded")
+    assert "model lazy: 1 cached prefixes saved" in served.server.log()
+    saved = served.state / "prefixes" / "lazy"
+    assert (saved / "saved.json").exists() and oct((saved / "seq-0.bin").stat().st_mode)[-3:] == "600"
+
+    again = ask("What is a dog?")  # loads it again: the system prompt is not evaluated again
+    assert "model lazy: 1 cached prefixes restored" in served.server.log()
+    assert again["timings"]["cache_n"] >= system_tokens, again["timings"]
+    assert not saved.exists()  # the slots hold it now
+
+    # saved with one KV type, the cache is not loaded into another: it is deleted
+    cli_ok(served.state, "model", "unload", "lazy")
+    eventually(lambda: (saved / "saved.json").exists(), timeout=10, what="saved again")
+    cli_ok(served.state, "model", "edit", "lazy", "--kv-type", "q8_0")
+    try:
+        eventually(lambda: served.workers()["models"]["lazy"] == "unloaded", timeout=10)
+        third = ask("What is a bird?")
+        assert third["timings"]["cache_n"] == 0
+        assert "model lazy: saved prefixes no longer match it; deleted" in served.server.log()
+        assert not saved.exists()
+    finally:
+        cli_ok(served.state, "model", "edit", "lazy", "--kv-type", "f16")

@@ -417,6 +417,15 @@ def test_bad_config_file_is_a_clear_error(tmp_path: Path) -> None:
     (state / "config.toml").write_text("store_mb_per_user = 0\n")
     result = vergeai(state, "serve")
     assert result.returncode == 1 and "store_mb_per_user: must be between" in result.stderr
+    for line, said in [
+        ("memory_budget = -1", "memory_budget: must be a number of bytes"),
+        ("memory_budget = '8GiB'", "memory_budget: expected int"),
+        ("memory_wait = 99999", "memory_wait: must be between 0 and 3600"),
+        ("saved_prefix_mb = -5", "saved_prefix_mb: must be a number of MiB"),
+    ]:
+        (state / "config.toml").write_text(line + "\n")
+        result = vergeai(state, "serve")
+        assert result.returncode == 1 and said in result.stderr, (line, result.stderr)
     assert vergeai(state, "serve", "--log-format", "xml").returncode == 2
     assert vergeai(state, "serve", "--certfile", "x.pem").returncode == 2
 

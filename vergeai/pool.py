@@ -28,6 +28,7 @@ from vergeai.errors import Unavailable
 from vergeai.gguf import GgufError
 from vergeai.runtime.engine import Engine, WorkerState
 from vergeai.runtime.memory import Cost, estimate
+from vergeai.runtime.saved import SavedPrefixes
 from vergeai.runtime.worker import Worker
 from vergeai.state.assistants import Assistant
 from vergeai.state.models import ModelRecord
@@ -68,13 +69,18 @@ class Pool:
         self.loads: Counter[str] = Counter()  # by model: loads since start, and unloads
         self.unloads: Counter[str] = Counter()
         self._known: dict[str, tuple[tuple[Any, ...], Cost]] = {}  # model: (load key, cost)
+        self.saved: SavedPrefixes | None = None  # where unloaded models' prefixes are kept
         self._retiring: list[Engine] = []
         self._lock = threading.Lock()
 
-    def configure(self, load_timeout: float, memory_budget: int, memory_wait: float) -> None:
+    def configure(
+        self, load_timeout: float, memory_budget: int, memory_wait: float, saved_prefix_mb: int
+    ) -> None:
         self.load_timeout = load_timeout
         self.memory_budget = memory_budget
         self.memory_wait = memory_wait
+        if self.root is not None:
+            self.saved = SavedPrefixes(self.root / "prefixes", saved_prefix_mb << 20)
 
     # what the API asks
 
@@ -387,7 +393,7 @@ class Pool:
                 self._start_remote(wanted)
 
     def _start_model(self, spec: ModelRecord, restarts: int = 0) -> Worker:
-        worker = Worker(spec, self.cost(spec))
+        worker = Worker(spec, self.cost(spec), self.saved)
         worker.restarts = restarts
         self.models[spec.name] = worker
         self.used.setdefault(spec.name, time.monotonic())

@@ -215,7 +215,9 @@ async def run(service: Service, opts: ServerConfig) -> None:
     service.store.ensure()
     admin = await start_admin_server(service, state_dir, [listen_url(opts)])
     migrate(service)
-    service.pool.configure(opts.load_timeout, opts.memory_budget, opts.memory_wait)
+    service.pool.configure(
+        opts.load_timeout, opts.memory_budget, opts.memory_wait, opts.saved_prefix_mb
+    )
     service.refresh(force=True)
     await housekeeping(service, opts.usage_days)
     await seed_quotas(service)

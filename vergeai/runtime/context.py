@@ -9,6 +9,7 @@ is read-only once loaded and may be read from any thread.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 
@@ -109,6 +110,23 @@ class Context:
         ``dst``'s own cells are dropped); the data is copied at the next decode."""
         self._check_thread()
         llama_cpp.llama_memory_seq_cp(self.memory, src, dst, 0, -1)
+
+    def seq_state(self, seq: int) -> bytes:
+        """The sequence's KV cache, as llama.cpp's sequence-state API writes it."""
+        self._check_thread()
+        size = llama_cpp.llama_state_seq_get_size(self.ptr, seq)
+        buf = (ctypes.c_uint8 * size)()
+        n = int(llama_cpp.llama_state_seq_get_data(self.ptr, buf, size, seq))
+        return bytes(buf)[:n]
+
+    def set_seq_state(self, seq: int, data: bytes) -> bool:
+        """Load a sequence's KV cache written by :meth:`seq_state` (False: it did not fit
+        or was not one)."""
+        self._check_thread()
+        self.clear_from(seq, 0)
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        n = int(llama_cpp.llama_state_seq_set_data(self.ptr, buf, len(data), seq))
+        return n == len(data)
 
     def decode(self, entries: list[tuple[int, int, int, bool]]) -> int:
         """entries: (token, pos, seq, wants_logits). Returns llama_decode's status."""

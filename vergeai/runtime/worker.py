@@ -30,7 +30,9 @@ from vergeai.runtime.job import Failed, Job, Task, hand_over, hold_events
 from vergeai.runtime.llama import Model, shared_models
 from vergeai.runtime.memory import Cost, buffer_bytes, kv_bytes, resident_bytes
 from vergeai.runtime.runner import Runner, Served
+from vergeai.runtime.saved import SavedPrefixes
 from vergeai.runtime.scheduler import Scheduler
+from vergeai.runtime.slots import Slot
 from vergeai.runtime.templating import build_template
 from vergeai.state.models import ModelRecord
 
@@ -45,8 +47,9 @@ LOAD_LOCK = threading.Lock()
 
 
 class Worker:
-    def __init__(self, spec: ModelRecord, estimate: Cost) -> None:
+    def __init__(self, spec: ModelRecord, estimate: Cost, saved: SavedPrefixes | None) -> None:
         self.spec = spec  # the model record it loads; the pool updates what needs no reload
+        self.saved = saved  # where its cached prefixes go when it unloads idle
         self.estimate = estimate  # its memory, before it loads
         self.measured: Cost | None = None  # once loaded: what the load added (see _load)
         self.kv_bytes = 0
@@ -227,6 +230,8 @@ class Worker:
                 if self.status == WorkerState.ONLINE and self.stopping:
                     self.status = WorkerState.OFFLINE
             hand_over()
+            if self.status == WorkerState.OFFLINE:
+                self._save(runner)
             self._release()
             self.ended_at = time.monotonic()
 
@@ -259,10 +264,31 @@ class Worker:
             )
         self.kv_bytes = kv_bytes(info, a)
         self.sched = Scheduler(ctx, a.parallel, keeper)
+        if self.saved is not None and not a.embedding:
+            restored = self.saved.restore(a, ctx, self._caches(self.sched))
+            if restored:
+                log.info("model %s: %d cached prefixes restored", self.name, restored)
         self.load_seconds = time.perf_counter() - t0
         self._facts = ModelFacts(ctx.n_ctx_seq, model, template, a.embedding)
         self.runner = Runner(self.name, model, ctx, self.sched, a.speculate == "ngram", self.served)
         return self.runner
+
+    @staticmethod
+    def _caches(sched: Scheduler) -> list[Slot]:
+        keeper = sched.prefixes.keeper
+        return [*sched.slots, *([keeper] if keeper is not None else [])]
+
+    def _save(self, runner: Runner) -> None:
+        """An unload: what the slots' caches hold is kept on disk for the next load."""
+        if self.saved is None or self.spec.embedding or self.ctx is None:
+            return
+        try:
+            n = self.saved.save(self.spec, self.ctx, self._caches(runner.sched))
+        except OSError as exc:
+            log.warning("model %s: cached prefixes not saved: %s", self.name, exc)
+            return
+        if n:
+            log.info("model %s: %d cached prefixes saved", self.name, n)
 
     def update(self, spec: ModelRecord) -> None:
         """Settings that need no reload (queue, speculation, when it loads) take effect."""

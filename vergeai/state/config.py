@@ -33,6 +33,7 @@ class ServerConfig:
     load_timeout: float = 300.0  # seconds a request waits for its model to load
     memory_budget: int = 0  # bytes the loaded models may hold together; 0: no budget
     memory_wait: float = 60.0  # seconds a request waits for room in the memory budget
+    saved_prefix_mb: int = 1024  # disk for unloaded models' cached prefixes; 0: none kept
 
     def check(self, where: str) -> ServerConfig:
         def bad(name: str, why: str) -> StateError:
@@ -58,6 +59,8 @@ class ServerConfig:
             raise bad("load_timeout", "must be between 1 and 86400")
         if not 0 <= self.memory_budget <= 1 << 50:
             raise bad("memory_budget", "must be a number of bytes, 0 for none")
+        if not 0 <= self.saved_prefix_mb <= 1 << 30:
+            raise bad("saved_prefix_mb", "must be a number of MiB, 0 for none")
         if not 0 <= self.memory_wait <= 3600:
             raise bad("memory_wait", "must be between 0 and 3600")
         if not 1 <= self.usage_days <= 36_500:
