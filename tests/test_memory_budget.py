@@ -302,3 +302,25 @@ def test_concurrent_cold_requests_under_the_budget_load_once(budgeted: Budgeted)
     assert [r.status_code for r in replies] == [200] * 16, [r.text for r in replies]
     assert budgeted.server.log().count("loading model c on demand") == log_before + 1
     assert budgeted.loaded() == {"b", "c"}
+
+
+def test_three_clients_on_three_models_take_turns_in_room_for_two(budgeted: Budgeted) -> None:
+    # each client sends its next request as soon as its last is answered: its model is
+    # idle only for a moment, which is when a model waiting to load gets the room
+    budgeted.settle("a", "b")
+    codes: dict[str, list[int]] = {name: [] for name in ("a", "b", "c")}
+    errors: list[str] = []
+
+    def client(name: str) -> None:
+        for _ in range(3):
+            reply = budgeted.chat(name, max_tokens=8)
+            codes[name].append(reply.status_code)
+            if reply.status_code != 200:
+                errors.append(reply.text)
+
+    threads = [threading.Thread(target=client, args=(name,)) for name in codes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert codes == {name: [200, 200, 200] for name in codes}, (codes, errors)

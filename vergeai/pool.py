@@ -41,6 +41,8 @@ log = logging.getLogger("vergeai.pool")
 MAX_RESTART_DELAY = 60.0
 FAILED_RETRY_DELAY = 30.0  # seconds before a request loads an on-demand model that failed again
 MiB = 1 << 20
+WANT_TIMEOUT = 2.0  # seconds after its last request asked before a model leaves the line
+CLAIM_GRACE = 0.5  # seconds after a request is routed to a model before it may be unloaded
 
 
 class NoRoom(Unavailable):
@@ -70,6 +72,9 @@ class Pool:
         self.unloads: Counter[str] = Counter()
         self._known: dict[str, tuple[tuple[Any, ...], Cost]] = {}  # model: (load key, cost)
         self.saved: SavedPrefixes | None = None  # where unloaded models' prefixes are kept
+        # models requests wait room for: [since, last asked]; the first in line makes room
+        self.wanting: dict[str, list[float]] = {}
+        self.draining: dict[str, str] = {}  # model: whom it makes room for once idle
         self._retiring: list[Engine] = []
         self._lock = threading.Lock()
 
@@ -101,13 +106,56 @@ class Pool:
             else:
                 self.keep[spec.name] = keep_alive
             worker = self.models.get(spec.name)
+            if spec.name in self.draining and worker is not None:
+                raise NoRoom(
+                    f"model {spec.name!r} is being unloaded to make room for another model; "
+                    "it loads again when there is room",
+                    freeing=True,
+                )
             if spec.load == "on-demand" and self._should_load(worker):
-                self._make_room(spec)
+                if self.memory_budget:  # in line for room, unless there is room now
+                    now = time.monotonic()
+                    self.wanting.setdefault(spec.name, [now, now])[1] = now
+                try:
+                    self._make_room(spec)
+                except TooBig:
+                    self.wanting.pop(spec.name, None)
+                    raise
                 if worker is not None:
                     self._retire_model(spec.name)
                 log.info("loading model %s on demand", spec.name)
                 worker = self._start_model(spec)
             return worker
+
+    def _first_in_line(self) -> str | None:
+        """The model whose requests have waited longest for room (those that stopped
+        asking are forgotten, and what was drained for them)."""
+        now = time.monotonic()
+        for name, (_, last) in list(self.wanting.items()):
+            if now - last > WANT_TIMEOUT or name in self.models or name not in self.state.models:
+                del self.wanting[name]
+        for drained, beneficiary in list(self.draining.items()):
+            if beneficiary not in self.wanting:
+                del self.draining[drained]
+        return min(self.wanting, key=lambda n: self.wanting[n][0], default=None)
+
+    def _idle_now(self, worker: Worker) -> None:
+        """A model worker has just become idle (its thread calls this): the model first
+        in line for room gets it now, before the next request makes this one busy again
+        (between a client's back-to-back requests it is idle for a moment)."""
+        with self._lock:
+            if self.models.get(worker.name) is not worker:
+                return
+            first = self._first_in_line()
+            if first is None:
+                return
+            spec = self.state.models[first]
+            try:
+                self._make_room(spec)
+            except Unavailable:
+                return  # what it unloaded frees its memory; its request loads it then
+            log.info("loading model %s on demand", first)
+            self._start_model(spec)
 
     def load(self, name: str) -> str:
         """An admin's load: the model's state after starting it (a failed one is tried
@@ -238,14 +286,13 @@ class Pool:
     def _worker_cost(worker: Worker) -> Cost:
         return worker.measured or worker.estimate
 
-    def _held(self, holders: list[Worker], spec: ModelRecord | None = None) -> int:
-        """Bytes the holders hold (and the model of ``spec`` would add): each file's
+    def _held(self, holders: list[Worker], *specs: ModelRecord) -> int:
+        """Bytes the holders hold (and the models of ``specs`` would add): each file's
         weights once, every context."""
         weights: dict[tuple[str, int], int] = {}
         total = 0
         costs = [(w.spec, self._worker_cost(w)) for w in holders]
-        if spec is not None:
-            costs.append((spec, self.cost(spec)))
+        costs += [(spec, self.cost(spec)) for spec in specs]
         for s, cost in costs:
             key = (str(Path(s.file).resolve()), s.gpu_layers)
             weights[key] = max(weights.get(key, 0), cost.weights)
@@ -266,32 +313,53 @@ class Pool:
                 f"memory_budget of {budget / MiB:.0f} MiB"
             )
         holders = self._holders()
-        if self._held(holders, spec) <= budget:
+        first = self._first_in_line()
+        # the room the first in line waits for is kept for it
+        ahead = [self.state.models[first]] if first is not None and first != spec.name else []
+        if self._held(holders, spec, *ahead) <= budget:
             return
-        # models already unloading free their memory soon: unload more only if that is
-        # not enough
-        staying = [w for w in holders if self.models.get(w.name) is w]
-        if self._held(staying, spec) > budget:
-            idle = [w for w in staying if w.spec.load == "on-demand" and self._is_idle(w)]
-            idle.sort(key=lambda w: self.used.get(w.name, 0.0))
-            for n in range(1, len(idle) + 1):
-                kept = [w for w in staying if w not in idle[:n]]
-                if self._held(kept, spec) <= budget:
-                    for w in idle[:n]:
-                        log.info("unloading model %s to make room for %s", w.name, spec.name)
-                        self._retire_model(w.name)
-                    staying = kept
-                    break
-        freeing = self._held(staying, spec) <= budget
         held = ", ".join(
             f"{w.name} ({self._worker_cost(w).total / MiB:.0f} MiB, {self.model_state(w.name)})"
             for w in holders
         )
-        raise NoRoom(
+        message = (
             f"model {spec.name!r} needs {need.total / MiB:.0f} MiB and the memory_budget of "
-            f"{budget / MiB:.0f} MiB is held by {held}",
-            freeing,
+            f"{budget / MiB:.0f} MiB is held by {held}"
         )
+        if ahead:
+            raise NoRoom(f"{message}; model {first!r} waits for room first", freeing=False)
+        # models already unloading free their memory soon: unload more only if that is
+        # not enough
+        staying = [w for w in holders if self.models.get(w.name) is w]
+        if self._held(staying, spec) > budget:
+            on_demand = [w for w in staying if w.spec.load == "on-demand"]
+            on_demand.sort(key=lambda w: self.used.get(w.name, 0.0))
+            idle = self._fitting(staying, [w for w in on_demand if self._is_idle(w)], spec)
+            for w in idle or []:
+                log.info("unloading model %s to make room for %s", w.name, spec.name)
+                self._retire_model(w.name)
+                staying.remove(w)
+            # else busy models finish what they have, take nothing new, and unload then:
+            # a client's next request would make its model busy again at once
+            drain = self._fitting(staying, on_demand, spec) if idle is None else None
+            for w in drain or []:
+                if w.name not in self.draining:
+                    log.info("model %s takes no new requests: it makes room for %s once idle",
+                             w.name, spec.name)  # fmt: skip
+                    self.draining[w.name] = spec.name
+        freeing = self._held([w for w in staying if w.name not in self.draining], spec) <= budget
+        raise NoRoom(message, freeing)
+
+    def _fitting(
+        self, staying: list[Worker], candidates: list[Worker], spec: ModelRecord
+    ) -> list[Worker] | None:
+        """The fewest of ``candidates``, first ones first, whose unloading makes room for
+        ``spec``'s model; None if all of them do not."""
+        for n in range(1, len(candidates) + 1):
+            kept = [w for w in staying if w not in candidates[:n]]
+            if self._held(kept, spec) <= self.memory_budget:
+                return candidates[:n]
+        return None
 
     def memory(self) -> dict[str, int]:
         """Bytes the loaded models hold, and the budget (0: none)."""
@@ -318,9 +386,13 @@ class Pool:
                     self._start_remote(remote.assistant, remote.restarts + 1)
             self._retiring = [w for w in self._retiring if w.alive()]
 
-    @staticmethod
-    def _is_idle(worker: Worker) -> bool:
-        return worker.state == WorkerState.ONLINE and not worker.busy and not worker.queued
+    def _is_idle(self, worker: Worker) -> bool:
+        """Nothing in flight or queued, and no request just routed to it (between a
+        request's routing and its job's submission, the worker looks idle)."""
+        if worker.state != WorkerState.ONLINE or worker.busy or worker.queued:
+            return False
+        claimed = max(self.used.get(worker.name, 0.0), worker.ready_at)  # its waiters' too
+        return time.monotonic() - claimed >= CLAIM_GRACE
 
     def _idle(self, name: str, spec: ModelRecord) -> bool:
         """Idle past its keep-alive (the last request's, else the model's)."""
@@ -393,7 +465,11 @@ class Pool:
                 self._start_remote(wanted)
 
     def _start_model(self, spec: ModelRecord, restarts: int = 0) -> Worker:
-        worker = Worker(spec, self.cost(spec), self.saved)
+        worker = Worker(spec, self.cost(spec), self.saved, self._idle_now)
+        self.wanting.pop(spec.name, None)
+        for drained, beneficiary in list(self.draining.items()):
+            if beneficiary == spec.name:  # room was made otherwise: it may go on
+                del self.draining[drained]
         worker.restarts = restarts
         self.models[spec.name] = worker
         self.used.setdefault(spec.name, time.monotonic())
@@ -413,6 +489,7 @@ class Pool:
         if worker.measured is not None:  # the next load is planned with what this one took
             self._known[name] = (worker.spec.load_key(), worker.measured)
         self.keep.pop(name, None)
+        self.draining.pop(name, None)
         if worker.state != WorkerState.ERROR:
             self.unloads[name] += 1
         worker.stop()

@@ -20,6 +20,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from vergeai.errors import QueueFull, Unavailable
@@ -47,9 +48,16 @@ LOAD_LOCK = threading.Lock()
 
 
 class Worker:
-    def __init__(self, spec: ModelRecord, estimate: Cost, saved: SavedPrefixes | None) -> None:
+    def __init__(
+        self,
+        spec: ModelRecord,
+        estimate: Cost,
+        saved: SavedPrefixes | None,
+        on_idle: Callable[[Worker], None] | None = None,
+    ) -> None:
         self.spec = spec  # the model record it loads; the pool updates what needs no reload
         self.saved = saved  # where its cached prefixes go when it unloads idle
+        self.on_idle = on_idle  # told, from its thread, each time it has nothing left to do
         self.estimate = estimate  # its memory, before it loads
         self.measured: Cost | None = None  # once loaded: what the load added (see _load)
         self.kv_bytes = 0
@@ -68,6 +76,7 @@ class Worker:
         self.served = Served()
         self.started_at = time.time()
         self.load_seconds = 0.0
+        self.ready_at = 0.0  # time.monotonic() when it loaded
         self.step_bound = STEP_BOUND
         self.step_since = 0.0  # time.monotonic() when the running step began; 0: none runs
         self.runner: Runner | None = None  # once loaded
@@ -208,6 +217,7 @@ class Worker:
             self._release()
             self.ended_at = time.monotonic()
             return
+        self.ready_at = time.monotonic()
         self._set_status(WorkerState.ONLINE)
         log.info("model %s loaded in %.2fs", self.name, self.load_seconds)
         hold_events()
@@ -315,6 +325,7 @@ class Worker:
     def _step(self, runner: Runner) -> bool:
         """Admit waiting jobs, then decode one batch; False once stopped and idle."""
         sched = runner.sched
+        told = False
         with self.cond:
             while True:
                 for slot in sched.cancelled():
@@ -330,6 +341,14 @@ class Worker:
                 if self.stopping:
                     return False
                 hand_over()
+                if self.on_idle is not None and not told:
+                    told = True
+                    self.cond.release()  # the pool's lock is taken before a worker's
+                    try:
+                        self.on_idle(self)
+                    finally:
+                        self.cond.acquire()
+                    continue
                 self.cond.wait()
         self.step_since = time.monotonic()
         try:
