@@ -12,8 +12,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "vergeai"
 # lowest first: a package may import only those before it (and itself)
-LAYERS = ("errors", "gguf", "logs", "state", "auth", "limits", "runtime", "upstream", "pool",
-          "service", "api", "server", "cli", "__main__")  # fmt: skip
+LAYERS = ("errors", "gguf", "logs", "state", "auth", "limits", "runtime", "upstream", "room",
+          "pool", "service", "api", "server", "cli", "__main__")  # fmt: skip
 
 
 def modules() -> Iterator[tuple[str, ast.Module, int]]:

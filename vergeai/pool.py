@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from vergeai.errors import Unavailable
-from vergeai.gguf import GgufError
+from vergeai.room import NoRoom, Room, TooBig
 from vergeai.runtime.engine import Engine, WorkerState
-from vergeai.runtime.memory import Cost, estimate
 from vergeai.runtime.saved import SavedPrefixes
 from vergeai.runtime.worker import Worker
 from vergeai.state.assistants import Assistant
@@ -40,21 +39,6 @@ log = logging.getLogger("vergeai.pool")
 
 MAX_RESTART_DELAY = 60.0
 FAILED_RETRY_DELAY = 30.0  # seconds before a request loads an on-demand model that failed again
-MiB = 1 << 20
-WANT_TIMEOUT = 2.0  # seconds after its last request asked before a model leaves the line
-CLAIM_GRACE = 0.5  # seconds after a request is routed to a model before it may be unloaded
-
-
-class NoRoom(Unavailable):
-    """A model does not fit the memory budget beside the models loaded now."""
-
-    def __init__(self, message: str, freeing: bool) -> None:
-        super().__init__(message, retry_after=5)
-        self.freeing = freeing  # models are being unloaded for it: it may fit shortly
-
-
-class TooBig(Unavailable):
-    """A model that does not fit the memory budget even alone."""
 
 
 class Pool:
@@ -66,15 +50,10 @@ class Pool:
         self.used: dict[str, float] = {}  # model name: time.monotonic() of its last request
         self.keep: dict[str, float] = {}  # model name: the last request's keep_alive, if any
         self.load_timeout = 300.0  # seconds a request waits for its model to load
-        self.memory_budget = 0  # bytes the loaded models may hold; 0: no budget
-        self.memory_wait = 60.0  # seconds a request waits for room in the budget
+        self.room = Room(self)
         self.loads: Counter[str] = Counter()  # by model: loads since start, and unloads
         self.unloads: Counter[str] = Counter()
-        self._known: dict[str, tuple[tuple[Any, ...], Cost]] = {}  # model: (load key, cost)
         self.saved: SavedPrefixes | None = None  # where unloaded models' prefixes are kept
-        # models requests wait room for: [since, last asked]; the first in line makes room
-        self.wanting: dict[str, list[float]] = {}
-        self.draining: dict[str, str] = {}  # model: whom it makes room for once idle
         self._retiring: list[Engine] = []
         self._lock = threading.Lock()
 
@@ -82,8 +61,8 @@ class Pool:
         self, load_timeout: float, memory_budget: int, memory_wait: float, saved_prefix_mb: int
     ) -> None:
         self.load_timeout = load_timeout
-        self.memory_budget = memory_budget
-        self.memory_wait = memory_wait
+        self.room.budget = memory_budget
+        self.room.wait = memory_wait
         if self.root is not None:
             self.saved = SavedPrefixes(self.root / "prefixes", saved_prefix_mb << 20)
 
@@ -106,56 +85,26 @@ class Pool:
             else:
                 self.keep[spec.name] = keep_alive
             worker = self.models.get(spec.name)
-            if spec.name in self.draining and worker is not None:
+            if spec.name in self.room.draining and worker is not None:
                 raise NoRoom(
                     f"model {spec.name!r} is being unloaded to make room for another model; "
                     "it loads again when there is room",
                     freeing=True,
                 )
             if spec.load == "on-demand" and self._should_load(worker):
-                if self.memory_budget:  # in line for room, unless there is room now
+                if self.room.budget:  # in line for room, unless there is room now
                     now = time.monotonic()
-                    self.wanting.setdefault(spec.name, [now, now])[1] = now
+                    self.room.wanting.setdefault(spec.name, [now, now])[1] = now
                 try:
-                    self._make_room(spec)
+                    self.room.make_room(spec)
                 except TooBig:
-                    self.wanting.pop(spec.name, None)
+                    self.room.wanting.pop(spec.name, None)
                     raise
                 if worker is not None:
                     self._retire_model(spec.name)
                 log.info("loading model %s on demand", spec.name)
                 worker = self._start_model(spec)
             return worker
-
-    def _first_in_line(self) -> str | None:
-        """The model whose requests have waited longest for room (those that stopped
-        asking are forgotten, and what was drained for them)."""
-        now = time.monotonic()
-        for name, (_, last) in list(self.wanting.items()):
-            if now - last > WANT_TIMEOUT or name in self.models or name not in self.state.models:
-                del self.wanting[name]
-        for drained, beneficiary in list(self.draining.items()):
-            if beneficiary not in self.wanting:
-                del self.draining[drained]
-        return min(self.wanting, key=lambda n: self.wanting[n][0], default=None)
-
-    def _idle_now(self, worker: Worker) -> None:
-        """A model worker has just become idle (its thread calls this): the model first
-        in line for room gets it now, before the next request makes this one busy again
-        (between a client's back-to-back requests it is idle for a moment)."""
-        with self._lock:
-            if self.models.get(worker.name) is not worker:
-                return
-            first = self._first_in_line()
-            if first is None:
-                return
-            spec = self.state.models[first]
-            try:
-                self._make_room(spec)
-            except Unavailable:
-                return  # what it unloaded frees its memory; its request loads it then
-            log.info("loading model %s on demand", first)
-            self._start_model(spec)
 
     def load(self, name: str) -> str:
         """An admin's load: the model's state after starting it (a failed one is tried
@@ -171,7 +120,7 @@ class Pool:
                 self._retire_model(name)
                 worker = None
             if worker is None:
-                self._make_room(spec)
+                self.room.make_room(spec)
                 log.info("loading model %s (asked by an admin)", name)
                 self._start_model(spec)
         return self.model_state(name)
@@ -234,26 +183,6 @@ class Pool:
             return "busy" if worker.busy or worker.queued else "loaded"
         return str(state)
 
-    def model_info(self, name: str) -> dict[str, Any]:
-        """A model's state, memory (estimated before a load, measured after), when it was
-        last used and when it unloads if it stays idle (seconds from now)."""
-        spec = self.state.models[name]
-        worker = self.models.get(name)
-        now = time.monotonic()
-        used = self.used.get(name)
-        unloads_at = self.unloads_at(name)
-        estimated = worker.estimate if worker is not None else self.cost(spec)
-        measured = worker.measured if worker is not None else None
-        return {
-            "state": self.model_state(name),
-            "estimated_bytes": estimated.total,
-            "measured_bytes": measured.total if measured else None,
-            "last_used_seconds_ago": None if used is None else round(now - used, 1),
-            "unloads_in_seconds": (
-                None if unloads_at is None else round(max(0.0, unloads_at - now), 1)
-            ),
-        }
-
     def stats(self) -> list[dict[str, Any]]:
         """Each engine's figures, a model worker's with the assistants on it."""
         out = []
@@ -261,110 +190,10 @@ class Pool:
             out.append({**worker.stats(), "assistants": self.state.assistants_on(name)})
         return out + [remote.stats() for _, remote in sorted(self.remotes.items())]
 
-    # the memory budget
-
-    def cost(self, spec: ModelRecord) -> Cost:
-        """What the model holds loaded: measured at its last load with these settings,
-        else estimated from its GGUF (nothing for a file that is not a whole GGUF: its
-        load fails at once)."""
-        known = self._known.get(spec.name)
-        if known is not None and known[0] == spec.load_key():
-            return known[1]
-        try:
-            cost = estimate(spec)
-        except GgufError:
-            cost = Cost(0, 0)
-        self._known[spec.name] = (spec.load_key(), cost)
-        return cost
-
-    def _holders(self) -> list[Worker]:
-        """Model workers that hold memory: loaded or loading, or unloading still."""
-        held = [w for w in self.models.values() if w.state != WorkerState.ERROR and w.alive()]
-        return held + [w for w in self._retiring if isinstance(w, Worker) and w.alive()]
-
-    @staticmethod
-    def _worker_cost(worker: Worker) -> Cost:
-        return worker.measured or worker.estimate
-
-    def _held(self, holders: list[Worker], *specs: ModelRecord) -> int:
-        """Bytes the holders hold (and the models of ``specs`` would add): each file's
-        weights once, every context."""
-        weights: dict[tuple[str, int], int] = {}
-        total = 0
-        costs = [(w.spec, self._worker_cost(w)) for w in holders]
-        costs += [(spec, self.cost(spec)) for spec in specs]
-        for s, cost in costs:
-            key = (str(Path(s.file).resolve()), s.gpu_layers)
-            weights[key] = max(weights.get(key, 0), cost.weights)
-            total += cost.context
-        return total + sum(weights.values())
-
-    def _make_room(self, spec: ModelRecord) -> None:
-        """Unload idle models until ``spec``'s model fits the budget; NoRoom if it does
-        not fit yet (``freeing``: models it unloaded are still freeing their memory),
-        TooBig if it never can."""
-        budget = self.memory_budget
-        if not budget:
-            return
-        need = self.cost(spec)
-        if self._held([], spec) > budget:
-            raise TooBig(
-                f"model {spec.name!r} needs {need.total / MiB:.0f} MiB, more than the "
-                f"memory_budget of {budget / MiB:.0f} MiB"
-            )
-        holders = self._holders()
-        first = self._first_in_line()
-        # the room the first in line waits for is kept for it
-        ahead = [self.state.models[first]] if first is not None and first != spec.name else []
-        if self._held(holders, spec, *ahead) <= budget:
-            return
-        held = ", ".join(
-            f"{w.name} ({self._worker_cost(w).total / MiB:.0f} MiB, {self.model_state(w.name)})"
-            for w in holders
-        )
-        message = (
-            f"model {spec.name!r} needs {need.total / MiB:.0f} MiB and the memory_budget of "
-            f"{budget / MiB:.0f} MiB is held by {held}"
-        )
-        if ahead:
-            raise NoRoom(f"{message}; model {first!r} waits for room first", freeing=False)
-        # models already unloading free their memory soon: unload more only if that is
-        # not enough
-        staying = [w for w in holders if self.models.get(w.name) is w]
-        if self._held(staying, spec) > budget:
-            on_demand = [w for w in staying if w.spec.load == "on-demand"]
-            on_demand.sort(key=lambda w: self.used.get(w.name, 0.0))
-            idle = self._fitting(staying, [w for w in on_demand if self._is_idle(w)], spec)
-            for w in idle or []:
-                log.info("unloading model %s to make room for %s", w.name, spec.name)
-                self._retire_model(w.name)
-                staying.remove(w)
-            # else busy models finish what they have, take nothing new, and unload then:
-            # a client's next request would make its model busy again at once
-            drain = self._fitting(staying, on_demand, spec) if idle is None else None
-            for w in drain or []:
-                if w.name not in self.draining:
-                    log.info("model %s takes no new requests: it makes room for %s once idle",
-                             w.name, spec.name)  # fmt: skip
-                    self.draining[w.name] = spec.name
-        freeing = self._held([w for w in staying if w.name not in self.draining], spec) <= budget
-        raise NoRoom(message, freeing)
-
-    def _fitting(
-        self, staying: list[Worker], candidates: list[Worker], spec: ModelRecord
-    ) -> list[Worker] | None:
-        """The fewest of ``candidates``, first ones first, whose unloading makes room for
-        ``spec``'s model; None if all of them do not."""
-        for n in range(1, len(candidates) + 1):
-            kept = [w for w in staying if w not in candidates[:n]]
-            if self._held(kept, spec) <= self.memory_budget:
-                return candidates[:n]
-        return None
-
     def memory(self) -> dict[str, int]:
         """Bytes the loaded models hold, and the budget (0: none)."""
         with self._lock:
-            return {"held": self._held(self._holders()), "budget": self.memory_budget}
+            return {"held": self.room.held(self.room.holders()), "budget": self.room.budget}
 
     # kept in step
 
@@ -386,18 +215,10 @@ class Pool:
                     self._start_remote(remote.assistant, remote.restarts + 1)
             self._retiring = [w for w in self._retiring if w.alive()]
 
-    def _is_idle(self, worker: Worker) -> bool:
-        """Nothing in flight or queued, and no request just routed to it (between a
-        request's routing and its job's submission, the worker looks idle)."""
-        if worker.state != WorkerState.ONLINE or worker.busy or worker.queued:
-            return False
-        claimed = max(self.used.get(worker.name, 0.0), worker.ready_at)  # its waiters' too
-        return time.monotonic() - claimed >= CLAIM_GRACE
-
     def _idle(self, name: str, spec: ModelRecord) -> bool:
         """Idle past its keep-alive (the last request's, else the model's)."""
         keep = self.keep.get(name, float(spec.keep_alive))
-        if keep < 0 or not self._is_idle(self.models[name]):
+        if keep < 0 or not self.room.is_idle(self.models[name]):
             return False
         return time.monotonic() - self.used.get(name, 0.0) >= keep
 
@@ -437,7 +258,7 @@ class Pool:
             for name, spec in state.models.items():
                 if spec.load == "always" and name in used and name not in self.models:
                     try:
-                        self._make_room(spec)
+                        self.room.make_room(spec)
                     except Unavailable as exc:
                         log.warning("%s; loading it anyway, as it is loaded always", exc)
                     log.info("loading model %s (%s)", name, spec.file)
@@ -465,11 +286,11 @@ class Pool:
                 self._start_remote(wanted)
 
     def _start_model(self, spec: ModelRecord, restarts: int = 0) -> Worker:
-        worker = Worker(spec, self.cost(spec), self.saved, self._idle_now)
-        self.wanting.pop(spec.name, None)
-        for drained, beneficiary in list(self.draining.items()):
+        worker = Worker(spec, self.room.cost(spec), self.saved, self.room.idle_now)
+        self.room.wanting.pop(spec.name, None)
+        for drained, beneficiary in list(self.room.draining.items()):
             if beneficiary == spec.name:  # room was made otherwise: it may go on
-                del self.draining[drained]
+                del self.room.draining[drained]
         worker.restarts = restarts
         self.models[spec.name] = worker
         self.used.setdefault(spec.name, time.monotonic())
@@ -487,9 +308,9 @@ class Pool:
         worker = self.models.pop(name)
         log.info("unloading model %s", name)
         if worker.measured is not None:  # the next load is planned with what this one took
-            self._known[name] = (worker.spec.load_key(), worker.measured)
+            self.room._known[name] = (worker.spec.load_key(), worker.measured)
         self.keep.pop(name, None)
-        self.draining.pop(name, None)
+        self.room.draining.pop(name, None)
         if worker.state != WorkerState.ERROR:
             self.unloads[name] += 1
         worker.stop()
@@ -513,3 +334,24 @@ def _due(engine: Engine) -> bool:
     """A dead engine's successor starts after a delay that doubles with each restart."""
     delay = min(MAX_RESTART_DELAY, 0.5 * 2.0**engine.restarts)
     return time.monotonic() - engine.ended_at >= delay
+
+
+def model_info(pool: Pool, name: str) -> dict[str, Any]:
+    """A model's state, memory (estimated before a load, measured after), when it was
+    last used and when it unloads if it stays idle (seconds from now)."""
+    spec = pool.state.models[name]
+    worker = pool.models.get(name)
+    now = time.monotonic()
+    used = pool.used.get(name)
+    unloads_at = pool.unloads_at(name)
+    estimated = worker.estimate if worker is not None else pool.room.cost(spec)
+    measured = worker.measured if worker is not None else None
+    return {
+        "state": pool.model_state(name),
+        "estimated_bytes": estimated.total,
+        "measured_bytes": measured.total if measured else None,
+        "last_used_seconds_ago": None if used is None else round(now - used, 1),
+        "unloads_in_seconds": (
+            None if unloads_at is None else round(max(0.0, unloads_at - now), 1)
+        ),
+    }

@@ -17,6 +17,7 @@ from typing import Any
 
 from vergeai import __version__
 from vergeai.errors import VergeError
+from vergeai.pool import model_info
 from vergeai.runtime.memory import resident_bytes
 from vergeai.service import Service
 from vergeai.state.admin_socket import SOCKET, ask
@@ -41,7 +42,7 @@ def workers_snapshot(service: Service, listen: list[str]) -> dict[str, Any]:
         "workers": service.pool.stats(),
         "models": {name: service.pool.model_state(name) for name in sorted(service.state.models)},
         "model_info": {
-            name: service.pool.model_info(name) for name in sorted(service.state.models)
+            name: model_info(service.pool, name) for name in sorted(service.state.models)
         },
         "memory": service.pool.memory(),
         "assistants": {

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from vergeai.errors import InvalidRequest, Unavailable
-from vergeai.pool import NoRoom
+from vergeai.room import NoRoom
 from vergeai.runtime.engine import Engine, ModelFacts, WorkerState
 from vergeai.service import Service
 from vergeai.state.assistants import Assistant
@@ -98,14 +98,14 @@ async def _room(service: Service, assistant: Assistant, keep_alive: float | None
     """The assistant's engine, once its model fits the memory budget (NoRoom after
     ``memory_wait`` seconds)."""
     pool = service.pool
-    deadline = time.monotonic() + pool.memory_wait
+    deadline = time.monotonic() + pool.room.wait
     while True:
         try:
             return pool.engine_for(assistant, keep_alive)
         except NoRoom as exc:
             if time.monotonic() >= deadline:
                 raise NoRoom(
-                    f"{exc.message}; waited {pool.memory_wait:g} s for one to become idle",
+                    f"{exc.message}; waited {pool.room.wait:g} s for one to become idle",
                     exc.freeing,
                 ) from None
             await asyncio.sleep(0.05 if exc.freeing else 0.25)

@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse
 from vergeai.api.http import read_json
 from vergeai.api.record import caller_of
 from vergeai.errors import InvalidRequest, NotFound, PermissionDenied
+from vergeai.pool import model_info
 from vergeai.service import Service
 
 
@@ -26,7 +27,7 @@ def model_status(service: Service, name: str) -> dict[str, Any]:
     spec = service.state.models[name]
     pool = service.pool
     worker = pool.models.get(name)
-    info = pool.model_info(name)
+    info = model_info(pool, name)
     status: dict[str, Any] = {"value": info.pop("state")}
     if worker is not None and worker.problem:
         status["failed"] = True

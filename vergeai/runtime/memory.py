@@ -15,8 +15,7 @@ import os
 from dataclasses import dataclass
 
 from vergeai.gguf import GgufInfo, check_gguf
-from vergeai.runtime.scheduler import MAX_DRAFTING
-from vergeai.runtime.speculate import MAX_DRAFT
+from vergeai.runtime.speculate import MAX_DRAFT, MAX_DRAFTING
 from vergeai.state.models import ModelRecord
 
 # bytes per KV element; q8_0 and q4_0 hold blocks of 32 with an f16 scale

@@ -26,11 +26,10 @@ from dataclasses import dataclass
 from vergeai.runtime.job import Job
 from vergeai.runtime.prefix import KvCache, Prefixes
 from vergeai.runtime.slots import Slot, SlotState
-from vergeai.runtime.speculate import MAX_DRAFT
+from vergeai.runtime.speculate import MAX_DRAFT, MAX_DRAFTING
 from vergeai.runtime.stepcost import StepCost
 
 LONG_PROMPT = 128  # prompt tokens still to decode beside which a step may carry a few drafts
-MAX_DRAFTING = 4  # generating sequences beyond which a step carries no drafts
 PROMPTING_DRAFT = 16  # draft tokens, all slots together, in a step that decodes a long prompt
 
 Batch = list[tuple[Slot, list[int]]]  # each slot's tokens in one llama_decode

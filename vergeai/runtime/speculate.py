@@ -26,6 +26,7 @@ N = 3  # tokens of the n-gram looked up
 MIN_DRAFT = 4
 FIRST_DRAFT = 32
 MAX_DRAFT = 64
+MAX_DRAFTING = 4  # generating sequences beyond which a step carries no drafts
 MAX_COOLDOWN = 64  # tokens without drafting after misses in a row, at most
 CONFIDENT = 0.7  # share of drafted tokens kept, to draft while other sequences decode
 

@@ -240,8 +240,8 @@ class Worker:
                 if self.status == WorkerState.ONLINE and self.stopping:
                     self.status = WorkerState.OFFLINE
             hand_over()
-            if self.status == WorkerState.OFFLINE:
-                self._save(runner)
+            if self.status == WorkerState.OFFLINE and self.saved is not None:
+                save_prefixes(self.saved, self.spec, self.ctx, runner.sched)
             self._release()
             self.ended_at = time.monotonic()
 
@@ -275,30 +275,13 @@ class Worker:
         self.kv_bytes = kv_bytes(info, a)
         self.sched = Scheduler(ctx, a.parallel, keeper)
         if self.saved is not None and not a.embedding:
-            restored = self.saved.restore(a, ctx, self._caches(self.sched))
+            restored = self.saved.restore(a, ctx, caches(self.sched))
             if restored:
                 log.info("model %s: %d cached prefixes restored", self.name, restored)
         self.load_seconds = time.perf_counter() - t0
         self._facts = ModelFacts(ctx.n_ctx_seq, model, template, a.embedding)
         self.runner = Runner(self.name, model, ctx, self.sched, a.speculate == "ngram", self.served)
         return self.runner
-
-    @staticmethod
-    def _caches(sched: Scheduler) -> list[Slot]:
-        keeper = sched.prefixes.keeper
-        return [*sched.slots, *([keeper] if keeper is not None else [])]
-
-    def _save(self, runner: Runner) -> None:
-        """An unload: what the slots' caches hold is kept on disk for the next load."""
-        if self.saved is None or self.spec.embedding or self.ctx is None:
-            return
-        try:
-            n = self.saved.save(self.spec, self.ctx, self._caches(runner.sched))
-        except OSError as exc:
-            log.warning("model %s: cached prefixes not saved: %s", self.name, exc)
-            return
-        if n:
-            log.info("model %s: %d cached prefixes saved", self.name, n)
 
     def update(self, spec: ModelRecord) -> None:
         """Settings that need no reload (queue, speculation, when it loads) take effect."""
@@ -356,3 +339,24 @@ class Worker:
         finally:
             self.step_since = 0.0
         return True
+
+
+def caches(sched: Scheduler) -> list[Slot]:
+    """Every sequence that holds a cached prefix: the slots, and the keeper."""
+    keeper = sched.prefixes.keeper
+    return [*sched.slots, *([keeper] if keeper is not None else [])]
+
+
+def save_prefixes(
+    saved: SavedPrefixes, spec: ModelRecord, ctx: Context | None, sched: Scheduler
+) -> None:
+    """An unload: what the slots' caches hold is kept on disk for the next load."""
+    if spec.embedding or ctx is None:
+        return
+    try:
+        n = saved.save(spec, ctx, caches(sched))
+    except OSError as exc:
+        log.warning("model %s: cached prefixes not saved: %s", spec.name, exc)
+        return
+    if n:
+        log.info("model %s: %d cached prefixes saved", spec.name, n)
