@@ -205,7 +205,7 @@ def sse_events(response: httpx.Response) -> list[Any]:
     """The data payloads of an event stream, JSON-decoded; '[DONE]' stays a string."""
     events: list[Any] = []
     for line in response.iter_lines():
-        if not line:
+        if not line or line.startswith(":"):  # blank, or a comment (": waiting")
             continue
         assert line.startswith("data: "), line
         payload = line[len("data: ") :]
